@@ -1,0 +1,41 @@
+"""The ``vllm-indexcache`` command.
+
+Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``main(args) -> int``;
+modules are imported only when their subcommand runs, so ``vllm-indexcache pattern`` never imports vLLM or torch
+training code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pattern": ("vllm_indexcache.commands.pattern", "resolve and validate an IndexCache configuration for a model"),
+    "build-toy": ("vllm_indexcache.toy", "write a small random-weight DSA model (for tests and smoke runs)"),
+    "train": ("vllm_indexcache.training.cli", "train a small DSA model: dense, indexer warm-up, sparse stages"),
+    "eval": ("vllm_indexcache.training.evaluate", "held-out LM loss and retrieval accuracy of a DSA model"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vllm-indexcache`` console script; returns the process exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="vllm-indexcache", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.print_help()
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    cmd_parser = argparse.ArgumentParser(prog=f"vllm-indexcache {name}", description=COMMANDS[name][1])
+    module.add_arguments(cmd_parser)
+    args = cmd_parser.parse_args(argv[1:])
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

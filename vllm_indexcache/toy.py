@@ -1,0 +1,162 @@
+"""Small random-weight DSA models, written locally (no hub), for tests and smoke runs.
+
+``build_toy_model`` writes a Hugging Face model directory (``config.json`` + safetensors, and optionally a
+byte-level tokenizer with a chat template) of either DSA architecture that vLLM and transformers both load:
+
+* ``DeepseekV32ForCausalLM`` — indexer RoPE non-interleaved (NeoX), as DeepSeek-V3.2;
+* ``GlmMoeDsaForCausalLM`` — indexer RoPE interleaved (``indexer_rope_interleave: true``), as GLM-5.
+
+The first ``first_k_dense_replace`` layers use a dense MLP, the rest MoE (``topk_method: noaux_tc`` so that vLLM
+loads ``e_score_correction_bias``). ``index_head_dim`` is 128 because vLLM 0.32 hard-codes the indexer's
+quantisation block to 128 (``deepseek_v2.py`` ``Indexer.quant_block_size``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ARCHITECTURES = ("DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM")
+
+#: Geometry shared by both toy architectures: small enough for CPU CI, every DSA code path present.
+TOY_GEOMETRY = dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    moe_intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=64,
+    kv_lora_rank=64,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=32,
+    v_head_dim=32,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    n_group=1,
+    topk_group=1,
+    topk_method="noaux_tc",
+    routed_scaling_factor=1.0,
+    norm_topk_prob=True,
+    index_n_heads=4,
+    index_head_dim=128,
+    index_topk=32,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+
+
+def toy_config(architecture: str = "DeepseekV32ForCausalLM", num_layers: int = 4, first_k_dense_replace: int = 1,
+               **overrides):
+    """Return a transformers config for a toy DSA model.
+
+    Args:
+        architecture: one of :data:`ARCHITECTURES`.
+        num_layers: number of decoder (DSA) layers.
+        first_k_dense_replace: layers ``[0, k)`` get a dense MLP, the rest MoE.
+        **overrides: any config field (e.g. ``index_topk=16``).
+
+    Raises:
+        ValueError: unknown ``architecture``.
+    """
+    from transformers import DeepseekV32Config, GlmMoeDsaConfig
+
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
+    kwargs = dict(TOY_GEOMETRY, num_hidden_layers=num_layers, first_k_dense_replace=first_k_dense_replace)
+    kwargs["mlp_layer_types"] = (["dense"] * first_k_dense_replace
+                                 + ["sparse"] * (num_layers - first_k_dense_replace))
+    kwargs.update(overrides)
+    if architecture == "GlmMoeDsaForCausalLM":
+        cfg = GlmMoeDsaConfig(**kwargs)
+        cfg.indexer_rope_interleave = True
+    else:
+        cfg = DeepseekV32Config(**kwargs)
+        cfg.indexer_rope_interleave = False
+    # vLLM reads these (deepseek_v2.py); transformers ignores them.
+    cfg.topk_method = kwargs["topk_method"]
+    cfg.scoring_func = "sigmoid"
+    cfg.architectures = [architecture]
+    return cfg
+
+
+def write_byte_tokenizer(out_dir: str | Path) -> None:
+    """Write a byte-level BPE tokenizer (vocab 512: 3 specials, 256 bytes, merges learnt on this package's source)
+    with a minimal chat template, so that toy models can be served through vLLM's OpenAI endpoints."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOY_GEOMETRY["vocab_size"], special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    sources = [p.read_text() for p in sorted(Path(__file__).parent.rglob("*.py"))]
+    tok.train_from_iterator(sources, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+
+
+#: A plain chat template: "<role>: <content>\n" per message, then "assistant:" when a reply is wanted.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def build_toy_model(out_dir: str | Path, architecture: str = "DeepseekV32ForCausalLM", num_layers: int = 4,
+                    first_k_dense_replace: int = 1, seed: int = 0, tokenizer: bool = True,
+                    init_std: float = 0.08, **overrides) -> Path:
+    """Write a random-weight toy DSA model to ``out_dir`` and return the path.
+
+    Weights are float32, drawn with ``torch.manual_seed(seed)``; ``init_std`` is larger than transformers' default
+    (0.02) so that logits are not near-uniform and the indexer's scores are far from ties.
+
+    Raises:
+        ValueError: unknown ``architecture``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = toy_config(architecture, num_layers, first_k_dense_replace, initializer_range=init_std, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "e_score_correction_bias" in name:
+                p.zero_()
+    model.save_pretrained(str(out))
+    # save_pretrained drops attributes the config class does not declare; vLLM needs them.
+    cfg_path = out / "config.json"
+    data = json.loads(cfg_path.read_text())
+    data.update(topk_method=cfg.topk_method, scoring_func=cfg.scoring_func,
+                indexer_rope_interleave=cfg.indexer_rope_interleave, architectures=[architecture])
+    cfg_path.write_text(json.dumps(data, indent=2) + "\n")
+    if tokenizer:
+        write_byte_tokenizer(out)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--arch", default="DeepseekV32ForCausalLM", choices=ARCHITECTURES)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--dense-layers", type=int, default=1, help="first_k_dense_replace")
+    parser.add_argument("--index-topk", type=int, default=TOY_GEOMETRY["index_topk"])
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    path = build_toy_model(args.out, args.arch, args.layers, args.dense_layers, args.seed,
+                           index_topk=args.index_topk)
+    print(f"wrote {args.arch} with {args.layers} DSA layers to {path}")
+    return 0
