@@ -1,0 +1,183 @@
+"""IndexCacheConfig: key reading, precedence, hf-config application, one-line errors, and the `pattern` CLI."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vllm_indexcache.config import (IndexCacheConfig, IndexCacheError, apply_to_hf_config, resolve_hf_config,
+                                    summary)
+from vllm_indexcache.patterns import load_preset
+from vllm_indexcache.toy import toy_config
+
+V32, GLM = "DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"
+GLM4 = load_preset("glm5-searched-1of4").pattern
+
+
+def dsa_dict(arch=V32, layers=4, **keys):
+    """A minimal config.json of a DSA model (index_topk present), plus IndexCache keys."""
+    return dict(architectures=[arch], num_hidden_layers=layers, index_topk=2048, num_nextn_predict_layers=1, **keys)
+
+
+def one_line_error(fn, *fragments):
+    with pytest.raises(IndexCacheError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for f in fragments:
+        assert f in msg, msg
+    return msg
+
+
+def test_defaults_all_f():
+    assert IndexCacheConfig().resolve(5) == "FFFFF"
+    assert resolve_hf_config(dsa_dict(layers=5)) == "FFFFF"  # MTP layer (num_nextn_predict_layers) not counted
+
+
+def test_freq_offset():
+    assert IndexCacheConfig(index_topk_freq=4).resolve(16) == "FFSSSFSSSFSSSFSS"
+    assert IndexCacheConfig(index_topk_freq=4, index_skip_topk_offset=3).resolve(8) == "FFFSSSFS"
+
+
+def test_precedence_preset_over_pattern_over_freq():
+    assert IndexCacheConfig(index_topk_pattern="FSFF", index_topk_freq=2).resolve(4) == "FSFF"
+    cfg = IndexCacheConfig(index_cache_preset="glm5-searched-1of4", index_topk_pattern=GLM4)  # agreeing: fine
+    assert cfg.resolve(78, GLM) == GLM4
+    same = IndexCacheConfig(index_cache_preset="glm5.2-uniform-freq4-offset3", index_topk_freq=4,
+                            index_skip_topk_offset=3)
+    assert same.resolve(78, GLM) == load_preset("glm5.2-uniform-freq4-offset3").pattern
+
+
+def test_from_hf_config_object_and_dict():
+    obj = toy_config(GLM, 8, index_topk_freq=2, index_skip_topk_offset=3)
+    for src in (obj, obj.to_dict()):
+        cfg = IndexCacheConfig.from_hf_config(src)
+        assert (cfg.index_topk_freq, cfg.index_skip_topk_offset, cfg.index_topk_pattern) == (2, 3, None)
+    assert IndexCacheConfig.from_hf_config({"index_topk_pattern": ["full", "shared"]}).index_topk_pattern == "FS"
+
+
+def test_resolve_hf_config_non_dsa():
+    llama = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 4}
+    assert resolve_hf_config(llama) is None
+    assert apply_to_hf_config(llama) is None and "index_topk_pattern" not in llama
+
+
+def test_apply_to_glm_config_sets_indexer_types_and_is_idempotent():
+    cfg = toy_config(GLM, 16, index_topk_freq=4)
+    assert apply_to_hf_config(cfg) == "FFSSSFSSSFSSSFSS"
+    assert cfg.index_topk_pattern == "FFSSSFSSSFSSSFSS"
+    assert cfg.indexer_types[:6] == ["full", "full", "shared", "shared", "shared", "full"]
+    assert apply_to_hf_config(cfg) == "FFSSSFSSSFSSSFSS"
+
+
+def test_apply_preset_to_dict_removes_preset():
+    d = dsa_dict(GLM, 78, index_cache_preset="glm5-searched-1of4", indexer_types=["full"] * 78)
+    assert apply_to_hf_config(d) == GLM4
+    assert d["index_topk_pattern"] == GLM4 and "index_cache_preset" not in d
+    assert [i for i, t in enumerate(d["indexer_types"]) if t == "full"] == load_preset("glm5-searched-1of4").f_layers
+    assert apply_to_hf_config(d) == GLM4  # idempotent
+
+
+def test_apply_preset_to_object_removes_preset():
+    cfg = toy_config(V32, 61, index_cache_preset="deepseek-v3.2-uniform-1of4")
+    assert apply_to_hf_config(cfg) == load_preset("deepseek-v3.2-uniform-1of4").pattern
+    assert not hasattr(cfg, "index_cache_preset") and not hasattr(cfg, "indexer_types")
+
+
+def test_summary_exact():
+    assert summary("FFSSSFSSSFSSSFSS") == "IndexCache: 16 DSA layers, 5 F / 11 S: FFSSSFSSSFSSSFSS"
+
+
+@pytest.mark.parametrize("fn, fragments", [
+    (lambda: IndexCacheConfig(index_topk_pattern="FFS").resolve(4, V32),
+     ["index_topk_pattern='FFS'", "length 3 != 4 DSA layers of DeepseekV32ForCausalLM"]),
+    (lambda: IndexCacheConfig(index_topk_pattern="FfS"), ["index_topk_pattern='FfS'", "'f'"]),
+    (lambda: IndexCacheConfig(index_topk_pattern="FXS"), ["index_topk_pattern='FXS'", "'X'"]),
+    (lambda: IndexCacheConfig(index_topk_pattern="SFFF"), ["index_topk_pattern='SFFF'", "layer 0 is S"]),
+    (lambda: IndexCacheConfig(index_topk_freq=0), ["index_topk_freq=0"]),
+    (lambda: IndexCacheConfig(index_topk_freq="4"), ["index_topk_freq='4'"]),
+    (lambda: IndexCacheConfig(index_topk_freq=2.5), ["index_topk_freq=2.5"]),
+    (lambda: IndexCacheConfig(index_skip_topk_offset=0), ["index_skip_topk_offset=0"]),
+    (lambda: IndexCacheConfig(index_skip_topk_offset=None), ["index_skip_topk_offset=None"]),
+    (lambda: IndexCacheConfig(index_cache_preset="glm6"),
+     ["index_cache_preset='glm6'", "unknown preset", "glm5-searched-1of4", "deepseek-v3.2-uniform-1of2"]),
+    (lambda: IndexCacheConfig(index_cache_preset="glm5-searched-1of4").resolve(61, V32),
+     ["index_cache_preset='glm5-searched-1of4'", "GlmMoeDsaForCausalLM with 78", "DeepseekV32ForCausalLM with 61"]),
+    (lambda: IndexCacheConfig(index_cache_preset="glm5-searched-1of4").resolve(77, GLM),
+     ["index_cache_preset='glm5-searched-1of4'", "77 DSA layers"]),
+    (lambda: IndexCacheConfig(index_cache_preset="glm5-searched-1of4", index_topk_pattern="F" * 78).resolve(78, GLM),
+     ["index_cache_preset='glm5-searched-1of4'", "conflicts with index_topk_pattern='FFF"]),
+    (lambda: IndexCacheConfig(index_cache_preset="glm5-searched-1of4", index_topk_freq=4,
+                              index_skip_topk_offset=3).resolve(78, GLM),
+     ["index_cache_preset='glm5-searched-1of4'", "index_topk_freq=4", "index_skip_topk_offset=3"]),
+    (lambda: resolve_hf_config({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 4,
+                                "index_topk_freq": 4}),
+     ["index_topk_freq=4", "LlamaForCausalLM", "no lightning indexer"]),
+    (lambda: resolve_hf_config({"num_hidden_layers": 4, "index_topk_pattern": "FFSF"}),
+     ["index_topk_pattern='FFSF'", "no lightning indexer"]),
+    (lambda: resolve_hf_config(dsa_dict(layers=4, index_topk_pattern="FFSFS")),
+     ["index_topk_pattern='FFSFS'", "length 5 != 4"]),
+])
+def test_errors_are_one_line_with_key_and_value(fn, fragments):
+    one_line_error(fn, *fragments)
+
+
+def test_error_is_value_error():
+    assert issubclass(IndexCacheError, ValueError)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------------
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "vllm_indexcache.cli", "pattern", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def glm52_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dsa_dict(GLM, 78, index_topk_freq=4, index_skip_topk_offset=3)))
+    return tmp_path
+
+
+def test_cli_model_keys(glm52_dir):
+    r = run_cli(glm52_dir)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("IndexCache: 78 DSA layers, 21 F / 57 S: FFFSSSFSSS")
+    assert lines[1] == "F layers: " + " ".join(map(str, [0, 1] + list(range(2, 75, 4))))
+
+
+def test_cli_options_replace_model_keys(glm52_dir):
+    r = run_cli(glm52_dir, "--preset", "glm5-searched-1of4")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == f"IndexCache: 78 DSA layers, 22 F / 56 S: {GLM4}"
+    r = run_cli(glm52_dir / "config.json", "--freq", "4", "--offset", "2")
+    assert r.returncode == 0, r.stderr
+    assert "21 F / 57 S" in r.stdout and r.stdout.splitlines()[1].startswith("F layers: 0 1 5 9 ")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--pattern", "FFS"], "index_topk_pattern='FFS': length 3 != 78 DSA layers of GlmMoeDsaForCausalLM"),
+    (["--freq", "0"], "index_topk_freq=0"),
+    (["--preset", "deepseek-v3.2-uniform-1of2"], "index_cache_preset='deepseek-v3.2-uniform-1of2'"),
+    (["--preset", "nope"], "available: "),
+    (["--offset", "3"], "index_skip_topk_offset=3"),
+])
+def test_cli_errors_exit_2(glm52_dir, args, fragment):
+    r = run_cli(glm52_dir, *args)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr
+
+
+def test_cli_missing_config_exit_2(tmp_path):
+    r = run_cli(tmp_path / "nowhere")
+    assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_cli_non_dsa_model(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2}))
+    assert run_cli(tmp_path).returncode == 0
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2,
+                                                      "index_topk_freq": 2}))
+    r = run_cli(tmp_path)
+    assert r.returncode == 2 and "no lightning indexer" in r.stderr

@@ -1,0 +1,60 @@
+"""``vllm-indexcache pattern MODEL [--freq N [--offset N] | --pattern S | --preset NAME]``.
+
+Resolves and validates the IndexCache pattern of a local model (its ``config.json``, read with plain ``json``: no
+vLLM or torch import) and prints the summary line and the F layer ids. Without options the model's own keys are
+used; any option *replaces* all of the model's IndexCache keys (so ``--preset`` works on GLM-5.2, whose checkpoint
+sets freq 4). Exit status: 0 on success, 2 on an invalid configuration (one-line error on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vllm_indexcache.config import KEYS, IndexCacheError, resolve_hf_config, summary
+from vllm_indexcache.patterns import f_layers, list_presets
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register MODEL and the mutually exclusive --freq/--pattern/--preset options (plus --offset for --freq)."""
+    parser.add_argument("model", metavar="MODEL", help="local model directory (or its config.json)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--freq", type=int, help="index_topk_freq: uniform rule, every N-th layer F (1 = off)")
+    group.add_argument("--pattern", help="index_topk_pattern: explicit F/S string, one char per DSA layer")
+    group.add_argument("--preset", help=f"index_cache_preset: one of {', '.join(list_presets())}, or a .json path")
+    parser.add_argument("--offset", type=int, help="index_skip_topk_offset for --freq (default 2)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the resolved pattern of ``args.model``; return 0, or 2 with a one-line error on stderr."""
+    try:
+        config = _read_config(Path(args.model))
+        if args.offset is not None and args.freq is None:
+            raise IndexCacheError(f"index_skip_topk_offset={args.offset!r}: --offset needs --freq")
+        overrides = {"index_topk_freq": args.freq, "index_skip_topk_offset": args.offset,
+                     "index_topk_pattern": args.pattern, "index_cache_preset": args.preset}
+        if any(v is not None for v in overrides.values()):
+            config = {k: v for k, v in config.items() if k not in KEYS}
+            config.update({k: v for k, v in overrides.items() if v is not None})
+        pattern = resolve_hf_config(config)
+    except IndexCacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if pattern is None:
+        print(f"{args.model}: no lightning indexer (no index_topk); IndexCache does not apply")
+        return 0
+    print(summary(pattern))
+    print("F layers: " + " ".join(map(str, f_layers(pattern))))
+    return 0
+
+
+def _read_config(path: Path) -> dict:
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise IndexCacheError(f"MODEL={str(path)!r}: cannot read {file}: {e}") from None
+    if not isinstance(data, dict):
+        raise IndexCacheError(f"MODEL={str(path)!r}: {file} is not a JSON object")
+    return data
