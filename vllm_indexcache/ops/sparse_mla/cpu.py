@@ -28,8 +28,8 @@ def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
         max_chunk_bytes: bound, in bytes, on one chunk's float32 intermediates.
 
     Returns:
-        ``[T, N, L]`` latent output in ``q_latent.dtype`` (float32 accumulation); zeros for a row without valid
-        slots.
+        ``[T, N, L]`` latent output in ``q_latent.dtype`` (float32 accumulation, float64 for float64 inputs);
+        zeros for a row without valid slots.
 
     Raises:
         ValueError: invalid shapes or slot ids (see
@@ -39,14 +39,15 @@ def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     T, N, L = q_latent.shape
     K = slots.shape[1]
     D = kv_cache.shape[1]
+    acc = torch.promote_types(q_latent.dtype, torch.float32)       # float32, or float64 for float64 inputs
     out = torch.empty((T, N, L), dtype=q_latent.dtype, device=q_latent.device)
-    step = max(1, int(max_chunk_bytes) // max(1, 4 * (K * D + 2 * N * K + N * D)))
+    step = max(1, int(max_chunk_bytes) // max(1, acc.itemsize * (K * D + 2 * N * K + N * D)))
     for a in range(0, T, step):
         b = min(T, a + step)
         sl = slots[a:b].long()
         valid = sl >= 0                                                  # [C, K]
-        rows = kv_cache[sl.clamp_min(0)].float()                         # [C, K, L+R]
-        q = torch.cat([q_latent[a:b], q_pe[a:b]], dim=-1).float()        # [C, N, L+R]
+        rows = kv_cache[sl.clamp_min(0)].to(acc)                         # [C, K, L+R]
+        q = torch.cat([q_latent[a:b], q_pe[a:b]], dim=-1).to(acc)        # [C, N, L+R]
         score = torch.bmm(q, rows.transpose(1, 2)) * softmax_scale       # [C, N, K] = q_latent·kv_c + q_pe·k_pe
         score.masked_fill_(~valid[:, None, :], float("-inf"))
         p = torch.softmax(score, dim=-1)

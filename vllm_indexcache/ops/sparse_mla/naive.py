@@ -60,22 +60,23 @@ def sparse_mla_naive(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch
         softmax_scale: multiplies the logits (vLLM: ``qk_head_dim^-0.5``, times the YaRN mscale² if any).
 
     Returns:
-        ``[T, N, L]`` latent attention output in ``q_latent.dtype`` (accumulated in float32). A row with no valid
-        slot is all zeros.
+        ``[T, N, L]`` latent attention output in ``q_latent.dtype`` (accumulated in float32, or float64 for
+        float64 inputs). A row with no valid slot is all zeros.
 
     Raises:
         ValueError: see :func:`check_sparse_mla_inputs`.
     """
     check_sparse_mla_inputs(q_latent, q_pe, kv_cache, slots)
     T, N, L = q_latent.shape
-    out = torch.zeros((T, N, L), dtype=torch.float32, device=q_latent.device)
+    acc = torch.promote_types(q_latent.dtype, torch.float32)       # float32, or float64 for float64 inputs
+    out = torch.zeros((T, N, L), dtype=acc, device=q_latent.device)
     for t in range(T):
         valid = [int(s) for s in slots[t].tolist() if s >= 0]
         if not valid:
             continue
-        rows = kv_cache[valid].float()                  # [n, L+R]
+        rows = kv_cache[valid].to(acc)                  # [n, L+R]
         kv_c, k_pe = rows[:, :L], rows[:, L:]
-        score = (q_latent[t].float() @ kv_c.T + q_pe[t].float() @ k_pe.T) * softmax_scale   # [N, n]
+        score = (q_latent[t].to(acc) @ kv_c.T + q_pe[t].to(acc) @ k_pe.T) * softmax_scale   # [N, n]
         p = torch.softmax(score, dim=-1)
         out[t] = p @ kv_c
     return out.to(q_latent.dtype)

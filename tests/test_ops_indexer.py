@@ -1,0 +1,165 @@
+"""Lightning indexer: vectorised CPU kernel vs the naive reference, and the naive reference vs transformers' own
+indexer modules (``DeepseekV32Indexer``, ``GlmMoeDsaIndexer``) on the same weights.
+
+Tolerances: scores are float32 in both implementations and differ only by the summation order of the matmuls:
+``rtol = atol = 1e-5`` (bf16 inputs are upcast exactly, so the same bound holds). Top-k indices must be identical
+(random inputs are far from ties; exact ties are tested with small integers, where float32 arithmetic is exact).
+
+Against transformers the selected *sets* must match except among keys with exactly equal scores: with ReLU, a key
+whose dot products are negative for every head scores exactly 0 (probability 2^-H; the toy has H = 4), and
+``torch.topk`` breaks ties in an unspecified order, so such rows may pick different zero-score keys.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_indexcache.ops.indexer.cpu import indexer_scores, indexer_topk
+from vllm_indexcache.ops.indexer.naive import indexer_scores_naive, indexer_topk_naive
+from vllm_indexcache.reference import indexer_qkw
+from vllm_indexcache.toy import build_toy_model
+
+RTOL = ATOL = 1e-5
+
+
+def _inputs(T, S, H, D, dtype, seed, positions=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, H, D, generator=g).to(dtype)
+    k = torch.randn(S, D, generator=g).to(dtype)
+    w = (torch.randn(T, H, generator=g) * (H ** -0.5) * (D ** -0.5)).to(dtype)
+    pos = torch.arange(S - T, S) if positions is None else positions
+    return q, k, w, pos
+
+
+# (T, S, H, D, topk): prefill with T < topk, T > topk, T == S (whole prompt), chunked prefill (last T of S),
+# a single decode token, topk > S.
+SHAPES = [
+    (8, 8, 4, 32, 16),
+    (40, 40, 4, 32, 16),
+    (64, 96, 8, 64, 32),
+    (17, 300, 4, 128, 64),
+    (1, 50, 2, 16, 8),
+    (5, 5, 2, 16, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cpu_matches_naive(shape, dtype):
+    T, S, H, D, topk = shape
+    q, k, w, pos = _inputs(T, S, H, D, dtype, seed=T * 1000 + S)
+    ref_scores = indexer_scores_naive(q, k, w, pos)
+    scores = indexer_scores(q, k, w, pos)
+    assert ref_scores.dtype == scores.dtype == torch.float32
+    assert torch.equal(torch.isinf(ref_scores), torch.isinf(scores))
+    finite = torch.isfinite(ref_scores)
+    torch.testing.assert_close(scores[finite], ref_scores[finite], rtol=RTOL, atol=ATOL)
+
+    ref = indexer_topk_naive(q, k, w, pos, topk)
+    assert ref.dtype == torch.int32 and ref.shape == (T, topk)
+    assert torch.equal(indexer_topk(q, k, w, pos, topk), ref)
+    # Tiny chunks (one row at a time) give the same answer.
+    assert torch.equal(indexer_topk(q, k, w, pos, topk, max_chunk_bytes=1), ref)
+    # Row counts: min(topk, visible) keys, then -1; every index visible and distinct.
+    n_valid = (ref >= 0).sum(1)
+    assert torch.equal(n_valid, torch.clamp(pos + 1, max=topk).to(n_valid.dtype))
+    for t in range(T):
+        row = ref[t, : n_valid[t]]
+        assert int(row.max()) <= int(pos[t]) and len(set(row.tolist())) == len(row)
+        assert torch.all(ref[t, n_valid[t]:] == -1)
+
+
+def test_several_requests_positions():
+    """Tokens of several requests in one batch: each request is scored against its own keys and positions
+    (decode tokens, a chunked prefill, a fresh prefill), as the backend does per request."""
+    H, D, topk = 4, 32, 16
+    reqs = [(torch.tensor([57]), 58), (torch.arange(20, 45), 45), (torch.arange(0, 12), 12), (torch.tensor([3]), 4)]
+    for r, (pos, S) in enumerate(reqs):
+        q, k, w, _ = _inputs(len(pos), S, H, D, torch.float32, seed=r)
+        assert torch.equal(indexer_topk(q, k, w, pos, topk), indexer_topk_naive(q, k, w, pos, topk))
+    # Non-monotonic positions inside one call are fine too (each row is independent).
+    q, k, w, _ = _inputs(6, 40, H, D, torch.float32, seed=9)
+    pos = torch.tensor([39, 0, 15, 16, 2, 31])
+    assert torch.equal(indexer_topk(q, k, w, pos, topk), indexer_topk_naive(q, k, w, pos, topk))
+
+
+def test_ties_go_to_lower_position():
+    # Hand example: all weights zero -> every visible score is 0 -> the first min(topk, visible) positions.
+    q = torch.randn(3, 2, 4)
+    k = torch.randn(6, 4)
+    w = torch.zeros(3, 2)
+    pos = torch.tensor([1, 4, 5])
+    expected = torch.tensor([[0, 1, -1], [0, 1, 2], [0, 1, 2]], dtype=torch.int32)
+    assert torch.equal(indexer_topk_naive(q, k, w, pos, 3), expected)
+    assert torch.equal(indexer_topk(q, k, w, pos, 3), expected)
+    # Many exact ties from small integers (exact in float32, whatever the summation order).
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-2, 3, (60, 3, 8), generator=g).float()
+    k = torch.randint(-2, 3, (60, 8), generator=g).float()
+    w = torch.randint(0, 3, (60, 3), generator=g).float()
+    pos = torch.arange(60)
+    scores = indexer_scores_naive(q, k, w, pos)
+    ref = indexer_topk_naive(q, k, w, pos, 7)
+    assert torch.equal(indexer_topk(q, k, w, pos, 7), ref)
+    assert torch.equal(indexer_topk(q, k, w, pos, 7, max_chunk_bytes=1), ref)
+    for t in range(60):
+        row = [s for s in ref[t].tolist() if s >= 0]
+        keys = [(-float(scores[t, s]), s) for s in row]
+        assert keys == sorted(keys)                       # descending score, then ascending position
+    # There really are ties at the selection boundary: the 7th and 8th best of some row are equal.
+    boundary_ties = [t for t in range(7, 60) if scores[t].sort(descending=True).values[6] ==
+                     scores[t].sort(descending=True).values[7]]
+    assert len(boundary_ties) > 5
+
+
+def test_errors():
+    q, k, w, pos = _inputs(4, 10, 2, 8, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="topk"):
+        indexer_topk(q, k, w, pos, 0)
+    with pytest.raises(ValueError, match="q_positions"):
+        indexer_topk_naive(q, k, w, torch.tensor([0, 1, 2, 10]), 4)
+    with pytest.raises(ValueError, match="weights"):
+        indexer_topk(q, k, w[:, :1], pos, 4)
+    with pytest.raises(ValueError, match="head dim"):
+        indexer_scores(q, k[:, :4], w, pos)
+
+
+@pytest.fixture(scope="module", params=["DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"])
+def toy_model(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = build_toy_model(tmp_path_factory.mktemp(request.param), request.param, num_layers=2, tokenizer=False)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("seq_len", [20, 90])
+def test_naive_matches_transformers_indexer(toy_model, seq_len):
+    """Same weights, same inputs: the naive top-k set equals the transformers indexer's, row by row."""
+    cfg = toy_model.config
+    attn = toy_model.model.layers[1].self_attn
+    indexer = attn.indexer
+    g = torch.Generator().manual_seed(seq_len)
+    x = torch.randn(1, seq_len, cfg.hidden_size, generator=g)
+    q_resid = attn.q_a_layernorm(attn.q_a_proj(x))
+    position_ids = torch.arange(seq_len)[None]
+    cos_sin = toy_model.model.rotary_emb(x, position_ids)
+    causal = torch.full((seq_len, seq_len), torch.finfo(torch.float32).min).triu(1)[None]   # like transformers
+    with torch.no_grad():
+        hf = indexer(x, q_resid, cos_sin, causal, position_ids)[0]                          # [S, min(topk, S)]
+        q, k, w = indexer_qkw(indexer, x, q_resid, cos_sin)
+    topk = cfg.index_topk
+    pos = position_ids[0]
+    ours = indexer_topk_naive(q, k, w, pos, topk)
+    assert torch.equal(indexer_topk(q, k, w, pos, topk), ours)
+    scores = indexer_scores_naive(q, k, w, pos)
+    tie_rows = 0
+    for t in range(seq_len):
+        n = min(topk, t + 1)
+        row = hf[t].tolist()
+        assert all(s > t for s in row[n:])                # transformers pads short rows with future keys
+        mine, theirs = set(ours[t, :n].tolist()), set(row[:n])
+        if mine != theirs:                                # only exact ties at the boundary may differ
+            tie_rows += 1
+            kth = scores[t, ours[t, n - 1]]
+            assert all(scores[t, s] == kth for s in mine ^ theirs), f"row {t}"
+    assert tie_rows <= seq_len // 10
