@@ -1,0 +1,133 @@
+"""The lightning indexer of F layers on CPU: unquantised keys in a paged K-cache, top-k per query token.
+
+DeepSeek-V3.2 report §2.1: ``I[t,s] = Σ_h w[t,h] · ReLU(q[t,h] · k[s])`` with ``q = wq_b(q_latent)`` (MLA's query
+latent after ``q_a_layernorm``), ``k = LayerNorm(wk(x))`` (one shared key head), ``w = weights_proj(x) · H^-½ · D^-½``,
+RoPE on the first ``qk_rope_head_dim`` dims of q and k (NeoX unless ``indexer_rope_interleave``); causal; the
+``index_topk`` best keys per query token become the sparse attention's selection.
+
+vLLM 0.32's ``deepseek_v2.Indexer`` computes q and k the same way but quantises both to FP8 (UE8M0 scales) and scores
+them with DeepGEMM/Triton kernels that do not exist on CPU (``model_executor/layers/sparse_attn_indexer.py``; its
+``forward_cpu`` is DeepSeek-V4's ``index_topk == 512`` path). Here the F layer's ``Indexer`` and its
+``DeepseekV32IndexerCache`` are switched (``adopt_indexer``) to subclasses that keep keys in the model dtype —
+so selections match transformers' reference — and score with :func:`vllm_indexcache.ops.indexer.cpu.indexer_topk`.
+Only F layers own an ``Indexer``, so S layers allocate no indexer K-cache at all.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.models.deepseek_v2 import DeepseekV32IndexerCache, Indexer
+from vllm.v1.attention.backend import AttentionBackend, MultipleOf
+from vllm.v1.kv_cache_interface import MLAAttentionSpec, SparseCacheRole
+
+from vllm_indexcache.backend.metadata import IndexCacheMetadata, IndexCacheMetadataBuilder
+from vllm_indexcache.ops.indexer.cpu import indexer_topk
+
+
+class IndexCacheIndexerBackend(AttentionBackend):
+    """Metadata-only backend of the indexer K-cache (the indexer itself runs inside the MLA layer's forward)."""
+
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float32, torch.bfloat16, torch.float16]
+
+    @staticmethod
+    def get_name() -> str:
+        return "INDEXCACHE_INDEXER"
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @staticmethod
+    def get_impl_cls():
+        raise NotImplementedError("the indexer K-cache has no attention impl")
+
+    @staticmethod
+    def get_builder_cls() -> type[IndexCacheMetadataBuilder]:
+        return IndexCacheMetadataBuilder
+
+
+class IndexCacheIndexerKCache(DeepseekV32IndexerCache):
+    """Indexer K-cache ``[num_blocks, block_size, index_head_dim]`` in the model dtype (vLLM's holds 132 B FP8+scale
+    per token); bound by vLLM through ``bind_kv_cache``."""
+
+    def get_kv_cache_spec(self, vllm_config) -> MLAAttentionSpec:
+        return MLAAttentionSpec(block_size=self.cache_config.block_size, num_kv_heads=1, max_tp_shards=1,
+                                head_size=self.head_dim, dtype=self.dtype, cache_role=SparseCacheRole.INDEXER)
+
+    def get_attn_backend(self) -> type[AttentionBackend]:
+        return IndexCacheIndexerBackend
+
+
+class IndexCacheIndexer(Indexer):
+    """vLLM's ``Indexer`` with an unquantised forward on CPU (weights and module layout unchanged)."""
+
+    def forward(self, hidden_states: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor,
+                rotary_emb) -> None:
+        """Score and select keys for every token of the step; writes ``topk_indices_buffer[:T]``.
+
+        Args:
+            hidden_states: ``[T, hidden_size]`` layer input.
+            qr: ``[T, q_lora_rank]`` MLA query latent after ``q_a_layernorm``.
+            positions: ``[T]`` int64 token positions.
+            rotary_emb: the indexer's RoPE module.
+        """
+        num_heads, head_dim, rope_dim = self.n_head, self.head_dim, self.rope_dim
+        q, _ = self.wq_b(qr)
+        q = q.view(-1, num_heads, head_dim)
+        q_pe, q_nope = torch.split(q, [rope_dim, head_dim - rope_dim], dim=-1)
+        kw, _ = self.wk_weights_proj(hidden_states)
+        k = self.k_norm(kw[:, :head_dim])
+        weights = kw[:, head_dim:].float() * (self.softmax_scale * self.n_head_scale)
+        k_pe, k_nope = torch.split(k, [rope_dim, head_dim - rope_dim], dim=-1)
+        # forward_native: vLLM's CPU rotary kernel mis-rotates these layouts (see vllm_glue/model.py)
+        q_pe, k_pe = rotary_emb.forward_native(positions, q_pe.contiguous(), k_pe.unsqueeze(1).contiguous())
+        q = torch.cat([q_pe.reshape(-1, num_heads, rope_dim), q_nope], dim=-1)
+        k = torch.cat([k_pe.reshape(-1, rope_dim), k_nope], dim=-1)
+        run_lightning_indexer(q, k, weights, self.k_cache, self.topk_indices_buffer, self.topk_tokens)
+
+
+def run_lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
+                          k_cache: IndexCacheIndexerKCache, topk_buffer: torch.Tensor, topk: int) -> None:
+    """Insert this step's keys into the paged indexer K-cache, then write each query token's top-k.
+
+    Args:
+        q: ``[T, H, D]`` indexer queries (RoPE applied), model dtype.
+        k: ``[T, D]`` indexer keys of this step's tokens (RoPE applied), model dtype.
+        weights: ``[T, H]`` float32 head weights, scales included.
+        k_cache: the layer's K-cache module (``kv_cache`` bound to ``[num_blocks, block_size, D]``).
+        topk_buffer: ``[max_num_batched_tokens, index_topk]`` int32; rows ``[0, T)`` are overwritten with
+            request-local key positions, -1 where fewer than ``topk`` keys are visible.
+        topk: ``index_topk``.
+    """
+    attn_metadata = get_forward_context().attn_metadata
+    if not isinstance(attn_metadata, dict):  # profile / dummy run: nothing cached, nothing read
+        return
+    m: IndexCacheMetadata = attn_metadata[k_cache.prefix]
+    num_tokens = m.num_actual_tokens
+    cache = k_cache.kv_cache.view(-1, k_cache.kv_cache.shape[-1])
+    slots = m.slot_mapping[:num_tokens].long()
+    valid = slots >= 0
+    cache[slots[valid]] = k[:num_tokens][valid].to(cache.dtype)
+    topk_buffer[:num_tokens] = -1
+    qsl, seq_lens, bs = m.query_start_loc_host, m.seq_lens_host, m.block_size
+    for r in range(m.num_reqs):
+        start, end = qsl[r], qsl[r + 1]
+        if end == start:
+            continue
+        pos = torch.arange(seq_lens[r], device=cache.device)
+        key_slots = m.block_table[r, pos // bs].long() * bs + pos % bs
+        topk_buffer[start:end] = indexer_topk(q[start:end], cache[key_slots], weights[start:end],
+                                              m.positions[start:end], topk)
+
+
+def adopt_indexer(indexer: Indexer) -> None:
+    """Switch an F layer's vLLM ``Indexer`` (and its K-cache) to the unquantised CPU implementation, in place.
+
+    Must run before vLLM collects KV-cache specs (it does: called from the layer's attention impl constructor)."""
+    indexer.__class__ = IndexCacheIndexer
+    cache = indexer.k_cache
+    cache.__class__ = IndexCacheIndexerKCache
+    cache.head_dim = indexer.head_dim
+    cache.dtype = torch.get_default_dtype()

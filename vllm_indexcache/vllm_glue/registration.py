@@ -1,0 +1,41 @@
+"""Registration of the ``INDEXCACHE`` attention backend in vLLM's backend registry.
+
+vLLM source: ``vllm/v1/attention/backends/registry.py`` (``register_backend``, ``AttentionBackendEnum.register``).
+
+Pickling pitfall (vLLM 0.32, Python 3.11): the ``VllmConfig`` holding ``AttentionBackendEnum.INDEXCACHE`` is pickled
+into the spawned EngineCore and worker processes and unpickled *before* their plugins load; plain ``Enum`` pickling
+then fails with ``ValueError: '<path>' is not a valid AttentionBackendEnum``. The member therefore reduces to
+:func:`_indexcache_member`, which registers it on demand in the child.
+"""
+from __future__ import annotations
+
+from vllm_indexcache import BACKEND_NAME
+
+BACKEND_PATH = "vllm_indexcache.backend.sparse_mla.IndexCacheSparseMLABackend"
+
+
+def _indexcache_member():
+    """Unpickling target: return ``AttentionBackendEnum.INDEXCACHE``, registering it first if needed."""
+    register_backend()
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum[BACKEND_NAME]
+
+
+def register_backend() -> None:
+    """Register ``INDEXCACHE`` (idempotent) so that ``--attention-backend indexcache`` parses and selects it."""
+    from vllm.v1.attention.backends import registry
+
+    enum_cls = registry.AttentionBackendEnum
+    if BACKEND_NAME not in enum_cls._member_map_:
+        registry.register_backend(BACKEND_NAME, BACKEND_PATH)
+    if not getattr(enum_cls, "_indexcache_pickle_patched", False):
+        original = enum_cls.__reduce_ex__
+
+        def __reduce_ex__(self, protocol):
+            if self._name_ == BACKEND_NAME:
+                return (_indexcache_member, ())
+            return original(self, protocol)
+
+        enum_cls.__reduce_ex__ = __reduce_ex__
+        enum_cls._indexcache_pickle_patched = True
