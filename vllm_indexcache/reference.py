@@ -251,29 +251,46 @@ def load_reference(model_dir, pattern: str | None = None, dtype: torch.dtype = t
         ValueError: invalid pattern (its length is checked against ``num_hidden_layers``) or unknown ``ties``.
         TypeError: unsupported architecture.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if ties not in TIES:
         raise ValueError(f"ties={ties!r}: expected one of {TIES}")
-    config = AutoConfig.from_pretrained(model_dir)
+    model_cls = _model_class(model_dir)
+    config = model_cls.config_class.from_pretrained(model_dir)
     if pattern is not None:
         check_pattern(pattern, config.num_hidden_layers)
     kwargs = dict(dtype=dtype, attn_implementation="eager")
     if getattr(config, "model_type", None) == "glm_moe_dsa":
         # Build an indexer on every layer; those without weights in the checkpoint are dropped below.
         config.indexer_types = ["full"] * config.num_hidden_layers
-        model, info = AutoModelForCausalLM.from_pretrained(model_dir, config=config, output_loading_info=True,
+        model, info = model_cls.from_pretrained(model_dir, config=config, output_loading_info=True,
                                                            **kwargs)
         missing = {int(m.group(1)) for key in info.get("missing_keys", ())
                    if (m := re.search(r"layers\.(\d+)\.self_attn\.indexer\.", key))}
         for i in sorted(missing):
             model.model.layers[i].self_attn.indexer = None
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, **kwargs)
+        model = model_cls.from_pretrained(model_dir, config=config, **kwargs)
     model.eval()
     set_ties(model, ties)
     set_pattern(model, pattern)
     return model
+
+
+def _model_class(model_dir):
+    """transformers class named by ``config.json``'s ``architectures`` (explicit, because importing vLLM re-maps
+    transformers' ``AutoConfig`` for ``deepseek_v32`` to its own config class).
+
+    Raises:
+        TypeError: the architecture is not a DSA model transformers ships.
+    """
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    arch = (json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or [None])[0]
+    if arch not in (_ARCH_DEEPSEEK, _ARCH_GLM):
+        raise TypeError(f"architectures={arch!r}: expected {_ARCH_DEEPSEEK} or {_ARCH_GLM}")
+    return getattr(transformers, arch)
 
 
 def _input_ids(model, token_ids) -> torch.Tensor:
