@@ -12,10 +12,13 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("vllm_indexcache.commands.serve", "vllm serve with the INDEXCACHE backend (default: the shipped model)"),
     "pattern": ("vllm_indexcache.commands.pattern", "resolve and validate an IndexCache configuration for a model"),
     "build-toy": ("vllm_indexcache.toy", "write a small random-weight DSA model (for tests and smoke runs)"),
     "train": ("vllm_indexcache.training.cli", "train a small DSA model: dense, indexer warm-up, sparse stages"),
     "eval": ("vllm_indexcache.training.evaluate", "held-out LM loss and retrieval accuracy of a DSA model"),
+    "search": ("vllm_indexcache.search.cli", "greedy IndexCache layer search (Algorithm 1), resumable"),
+    "analyze": ("vllm_indexcache.analyze", "cross-layer top-k overlap heatmap and per-layer indexer time share"),
 }
 
 
@@ -31,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
+    if hasattr(module, "main_argv"):  # commands that hand their arguments to vLLM's own parser
+        return int(module.main_argv(argv[1:]) or 0)
     cmd_parser = argparse.ArgumentParser(prog=f"vllm-indexcache {name}", description=COMMANDS[name][1])
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])

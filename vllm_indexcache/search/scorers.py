@@ -1,0 +1,183 @@
+"""Scorers for the greedy search: pattern → loss on the fixed calibration set (lower is better).
+
+Objectives:
+
+* ``lm-loss`` — mean next-token negative log-likelihood (nats/token) of the calibration tokens under the unchanged
+  model run with the pattern (paper §3.1.2). Token-weighted over all sequences.
+* ``kl`` — mean over calibration positions of ``KL(p_allF ‖ p_pattern)`` between the all-F model's next-token
+  distribution and the pattern's. Needs no labels (the tokens only condition the model), so a user's own prompts
+  will do. The all-F log-probabilities are computed once, at construction.
+
+Engines:
+
+* :class:`HFScorer` (``--engine hf``) — the transformers reference (:mod:`vllm_indexcache.reference`) with
+  ``ties="lower"`` (deterministic top-k), patterns switched in place with ``set_pattern``.
+* :class:`VLLMScorer` (``--engine vllm``) — vLLM with the INDEXCACHE plugin, prompt log-probabilities. The engine is
+  built once with every layer F; a pattern is applied by setting each DSA layer's ``skip_topk`` (vLLM 0.32's own
+  IndexCache switch, read at run time in ``MultiHeadLatentAttentionWrapper.forward``: with ``skip_topk`` the layer
+  does not call its indexer and attends over the top-k buffer as the preceding F layer left it) through
+  ``LLM.apply_model`` — no weight reload, and it reaches every tensor/pipeline-parallel worker. No file of the
+  backend is changed. ``apply_model`` ships a function to the workers, which vLLM allows only with
+  ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``; the scorer sets it for the engine it builds. The KL objective is not
+  available on this engine: vLLM hands back log-probs of chosen tokens, not full distributions.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+OBJECTIVES = ("lm-loss", "kl")
+ENGINES = ("hf", "vllm")
+
+
+class HFScorer:
+    """Transformers scorer (see module docstring).
+
+    Args:
+        model_dir: DeepSeek-V3.2 / GLM-5 style checkpoint directory.
+        seqs: calibration token-id lists (each ≥ 2 tokens).
+        objective: one of :data:`OBJECTIVES`.
+        device: torch device ("cpu", "cuda", ...).
+        dtype: parameter dtype name ("float32", "bfloat16").
+    """
+
+    engine = "hf"
+
+    def __init__(self, model_dir, seqs, objective: str = "lm-loss", device: str = "cpu", dtype: str = "float32",
+                 model=None):
+        import torch
+
+        from vllm_indexcache.reference import load_reference
+
+        if objective not in OBJECTIVES:
+            raise ValueError(f"--objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        self.torch = torch
+        self.objective = objective
+        self.model = model if model is not None else load_reference(str(model_dir), dtype=getattr(torch, dtype),
+                                                                     ties="lower").to(device)
+        self.device = next(self.model.parameters()).device
+        self.num_layers = self.model.config.num_hidden_layers
+        self.index_topk = int(self.model.config.index_topk)
+        self.seqs = [torch.tensor([s], dtype=torch.long, device=self.device) for s in seqs]
+        self.reference = None
+        if objective == "kl":
+            self.reference = [self._logp("F" * self.num_layers, x) for x in self.seqs]
+
+    def _logp(self, pattern: str, x):
+        from vllm_indexcache.reference import set_pattern
+
+        set_pattern(self.model, pattern)
+        with self.torch.no_grad():
+            logits = self.model(input_ids=x, use_cache=False).logits[0, :-1].float()
+        return self.torch.log_softmax(logits, dim=-1)
+
+    def __call__(self, pattern: str) -> float:
+        torch = self.torch
+        total, count = 0.0, 0
+        for i, x in enumerate(self.seqs):
+            logp = self._logp(pattern, x)
+            if self.objective == "lm-loss":
+                total += float(-logp.gather(1, x[0, 1:, None]).sum(dtype=torch.float64))
+            else:
+                ref = self.reference[i]
+                total += float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
+            count += x.shape[1] - 1
+        return total / count
+
+    def close(self) -> None:
+        pass
+
+
+def _apply_pattern(pattern: str, model) -> str:
+    """Worker side of :class:`VLLMScorer`: set ``skip_topk`` of every DSA layer of this worker's stage.
+
+    Returns the applied local pattern (``"."`` for layers not on this worker). Raises on a layer without an
+    indexer made F (engine not built all-F) or a stage whose first layer would be S.
+    """
+    local = ["."] * len(pattern)
+    for name, module in model.named_modules():
+        if not (hasattr(module, "skip_topk") and hasattr(module, "indexer") and hasattr(module, "is_sparse")):
+            continue
+        m = re.search(r"layers\.(\d+)\.", name + ".")
+        if m is None:
+            continue
+        i = int(m.group(1))
+        if i >= len(pattern):  # MTP / NextN layers always compute their own top-k
+            continue
+        skip = pattern[i] == "S"
+        if module.indexer is None and not skip:
+            raise RuntimeError(f"layer {i} has no indexer in this engine; build it all-F to search")
+        module.skip_topk = skip
+        local[i] = pattern[i]
+    first = next((c for c in local if c != "."), "F")
+    if first == "S":
+        raise RuntimeError("the first layer of a pipeline stage cannot be S; use --pp-blocks equal to the "
+                           "pipeline-parallel size")
+    return "".join(local)
+
+
+class VLLMScorer:
+    """vLLM scorer (see module docstring); ``lm-loss`` only.
+
+    Args:
+        model_dir: checkpoint directory.
+        seqs: calibration token-id lists.
+        objective: must be ``"lm-loss"``.
+        dtype: model dtype for vLLM.
+        tensor_parallel_size, pipeline_parallel_size: passed to ``vllm.LLM``.
+        llm_kwargs: more ``vllm.LLM`` keyword arguments (e.g. ``kv_cache_memory_bytes`` on CPU).
+    """
+
+    engine = "vllm"
+
+    def __init__(self, model_dir, seqs, objective: str = "lm-loss", dtype: str = "float32",
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, **llm_kwargs):
+        import json
+        from pathlib import Path
+
+        if objective != "lm-loss":
+            raise ValueError(f"--objective={objective!r}: --engine vllm supports lm-loss only (vLLM returns the "
+                             "log-probs of the prompt tokens, not full distributions); use --engine hf for kl")
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        from vllm import LLM, SamplingParams
+
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        self.num_layers = int(config["num_hidden_layers"])
+        self.index_topk = int(config["index_topk"])
+        self.objective = objective
+        self.seqs = [list(map(int, s)) for s in seqs]
+        kwargs = dict(attention_backend="indexcache", dtype=dtype, enforce_eager=True,
+                      max_model_len=max(len(s) for s in self.seqs) + 8,
+                      max_num_batched_tokens=max(2048, max(len(s) for s in self.seqs) + 8),
+                      hf_overrides={"index_topk_pattern": "F" * self.num_layers},
+                      tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                      seed=0)
+        kwargs.update(llm_kwargs)
+        self.llm = LLM(model=str(model_dir), **kwargs)
+        self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        self.pattern = None
+
+    def set_pattern(self, pattern: str) -> list[str]:
+        """Apply ``pattern`` on every worker (no reload); returns each worker's local pattern."""
+        out = self.llm.apply_model(functools.partial(_apply_pattern, pattern))
+        self.pattern = pattern
+        return out
+
+    def __call__(self, pattern: str) -> float:
+        self.set_pattern(pattern)
+        outs = self.llm.generate([{"prompt_token_ids": s} for s in self.seqs], self.params, use_tqdm=False)
+        total, count = 0.0, 0
+        for seq, out in zip(self.seqs, outs):
+            for tok, entry in zip(seq[1:], out.prompt_logprobs[1:]):
+                total -= float(entry[tok].logprob)
+                count += 1
+        return total / count
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            del self.llm
+            import gc
+
+            gc.collect()
