@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-toy": ("vllm_indexcache.toy", "write a small random-weight DSA model (for tests and smoke runs)"),
     "train": ("vllm_indexcache.training.cli", "train a small DSA model: dense, indexer warm-up, sparse stages"),
     "eval": ("vllm_indexcache.training.evaluate", "held-out LM loss and retrieval accuracy of a DSA model"),
+    "distill": ("vllm_indexcache.distill.cli", "training-aware IndexCache: multi-layer indexer distillation (Eq. 1)"),
     "search": ("vllm_indexcache.search.cli", "greedy IndexCache layer search (Algorithm 1), resumable"),
     "analyze": ("vllm_indexcache.analyze", "cross-layer top-k overlap heatmap and per-layer indexer time share"),
 }
