@@ -1,0 +1,219 @@
+"""``vllm-indexcache analyze MODEL --data FILE --out DIR``: why layers can share top-k, and what the indexer costs.
+
+1. **Cross-layer top-k overlap** (IndexCache paper §2): for DSA layers ``i, j`` and query token ``t``,
+   ``|T_i(t) ∩ T_j(t)| / k`` where ``T_l(t)`` is the set of key positions layer ``l``'s own lightning indexer
+   selects for ``t`` (every layer F: each layer runs its own indexer) and ``k = index_topk``. Averaged over the
+   query tokens that see *more* than ``k`` keys (position ``t ≥ k``): for earlier tokens every visible key is
+   selected by every layer and the overlap says nothing. The matrix is symmetric with 1 on the diagonal.
+   Written as ``overlap.json`` (matrix, adjacent-layer overlaps, identities) and ``overlap.png`` (heatmap).
+2. **Indexer share of prefill time**, per layer: wall time of the layer's indexer forward divided by the wall time
+   of the whole decoder layer, measured with forward hooks on the transformers reference
+   (:mod:`vllm_indexcache.reference`, ``ties="lower"``: the indexer scores with
+   :func:`vllm_indexcache.ops.indexer.cpu.indexer_topk`) on the calibration sequences, median over ``--repeats``
+   runs after one warm-up. A proxy on this device and implementation (eager attention, no fused kernels), not a
+   vLLM serving measurement. Written to ``overlap.json`` under ``"timing"`` and as ``indexer_time.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def overlap_matrix(topks: list[dict[int, torch.Tensor]], index_topk: int) -> tuple[torch.Tensor, int]:
+    """Mean pairwise top-k overlap over sparse query tokens.
+
+    Args:
+        topks: per sequence, ``{layer: [S, index_topk] int}`` as :func:`vllm_indexcache.reference.record_topk`
+            returns (key positions, ``-1`` = none).
+        index_topk: ``k``.
+
+    Returns:
+        ``(O [L, L] float64, number of query tokens averaged over)``; ``O[i, j]`` is the mean over query tokens
+        ``t ≥ k`` of ``|T_i(t) ∩ T_j(t)| / k``.
+
+    Raises:
+        ValueError: no sequence is longer than ``index_topk`` (no query token has a sparse selection).
+    """
+    layers = sorted(topks[0])
+    L = len(layers)
+    inter = torch.zeros(L, L, dtype=torch.float64)
+    queries = 0
+    for rec in topks:
+        S = rec[layers[0]].shape[0]
+        if S <= index_topk:
+            continue
+        rows = slice(index_topk, S)
+        n = S - index_topk
+        masks = torch.zeros(L, n, S, dtype=torch.bool)
+        for a, layer in enumerate(layers):
+            idx = rec[layer][rows].long()
+            if (idx < 0).any():
+                raise ValueError(f"layer {layer}: query rows t >= index_topk have unselected (-1) entries")
+            masks[a].scatter_(1, idx, True)
+        for a in range(L):
+            inter[a] += (masks[a][None] & masks).sum(dim=(1, 2)).double()
+        queries += n
+    if queries == 0:
+        raise ValueError(f"no calibration sequence is longer than index_topk={index_topk}: every layer selects "
+                         "every key; use longer sequences (--seq-len)")
+    return inter / (queries * index_topk), queries
+
+
+def indexer_time_share(model, seqs: list[list[int]], repeats: int = 3) -> dict:
+    """Per-layer indexer and decoder-layer wall time (ms, median over ``repeats``, all sequences summed) and share.
+
+    Runs the model all-F (every layer runs its indexer).
+    """
+    from vllm_indexcache.reference import set_pattern
+
+    layers = model.model.layers[: model.config.num_hidden_layers]
+    set_pattern(model, "F" * len(layers))
+    dev = next(model.parameters()).device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    acc = {"layer": [0.0] * len(layers), "indexer": [0.0] * len(layers)}
+    starts: dict = {}
+    handles = []
+    for i, layer in enumerate(layers):
+        for kind, module in (("layer", layer), ("indexer", layer.self_attn.indexer)):
+            def pre(mod, args, kind=kind, i=i):
+                sync()
+                starts[(kind, i)] = time.perf_counter()
+
+            def post(mod, args, out, kind=kind, i=i):
+                sync()
+                acc[kind][i] += time.perf_counter() - starts.pop((kind, i))
+
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+    runs = []
+    total = []
+    try:
+        with torch.no_grad():
+            for r in range(repeats + 1):
+                for k in acc:
+                    acc[k] = [0.0] * len(layers)
+                t0 = time.perf_counter()
+                for s in seqs:
+                    model(input_ids=torch.tensor([s], device=dev), use_cache=False)
+                sync()
+                if r > 0:           # run 0 is a warm-up
+                    runs.append({k: list(v) for k, v in acc.items()})
+                    total.append(time.perf_counter() - t0)
+    finally:
+        for h in handles:
+            h.remove()
+    med = {k: [statistics.median(run[k][i] for run in runs) * 1e3 for i in range(len(layers))] for k in acc}
+    return {"layer_ms": med["layer"], "indexer_ms": med["indexer"],
+            "share": [ix / ly if ly > 0 else None for ix, ly in zip(med["indexer"], med["layer"])],
+            "model_forward_ms": statistics.median(total) * 1e3,
+            "indexer_share_of_forward": sum(med["indexer"]) / (statistics.median(total) * 1e3),
+            "repeats": repeats, "device": str(dev), "tokens": sum(len(s) for s in seqs),
+            "implementation": "transformers reference, eager attention, vllm_indexcache.ops.indexer.cpu top-k"}
+
+
+def plot_overlap(O: torch.Tensor, png, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L = O.shape[0]
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    im = ax.imshow(O.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
+    fig.colorbar(im, ax=ax, label="|T_i ∩ T_j| / k")
+    if L <= 24:
+        for i in range(L):
+            for j in range(L):
+                ax.text(j, i, f"{O[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if O[i, j] < 0.6 else "black")
+    ax.set_xlabel("layer j")
+    ax.set_ylabel("layer i")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def plot_timing(timing: dict, png) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    share = [s or 0.0 for s in timing["share"]]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(range(len(share)), [100 * s for s in share])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("indexer share of layer time (%)")
+    ax.set_title(f"prefill, {timing['tokens']} tokens on {timing['device']}; indexers = "
+                 f"{100 * timing['indexer_share_of_forward']:.1f} % of the forward", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def analyze(model_dir, data, out_dir, *, seq_len: int = 2048, num_seqs: int = 4, start: int = 0,
+            device: str = "cpu", dtype: str = "float32", repeats: int = 3, timing: bool = True,
+            model=None) -> dict:
+    """Run both analyses and write ``out_dir/overlap.json``, ``overlap.png`` (and ``indexer_time.png``)."""
+    from vllm_indexcache.reference import load_reference, record_topk, set_pattern
+    from vllm_indexcache.search.state import calibration_identity, load_calibration, model_identity
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seqs = load_calibration(data, model_dir, seq_len=seq_len, num_seqs=num_seqs, start=start)
+    if model is None:
+        model = load_reference(str(model_dir), dtype=getattr(torch, dtype), ties="lower").to(device)
+    L = model.config.num_hidden_layers
+    k = int(model.config.index_topk)
+    set_pattern(model, "F" * L)
+    O, queries = overlap_matrix([record_topk(model, s) for s in seqs], k)
+    res = {"model": model_identity(model_dir), "calibration": calibration_identity(seqs, data), "num_layers": L,
+           "index_topk": k, "queries": queries, "overlap": O.tolist(),
+           "adjacent": [float(O[i, i + 1]) for i in range(L - 1)],
+           "definition": "mean over query tokens t >= index_topk of |T_i(t) & T_j(t)| / index_topk, all layers F"}
+    if timing:
+        res["timing"] = indexer_time_share(model, seqs, repeats)
+        plot_timing(res["timing"], out / "indexer_time.png")
+    (out / "overlap.json").write_text(json.dumps(res, indent=1) + "\n")
+    plot_overlap(O, out / "overlap.png", f"top-k overlap, {Path(str(model_dir)).name}, k={k}, {queries} queries")
+    return res
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="local DSA model directory")
+    parser.add_argument("--data", required=True, help="calibration data (formats of `search --data`)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--num-seqs", type=int, default=4)
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (after one warm-up)")
+    parser.add_argument("--no-timing", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    from vllm_indexcache.search.state import StateError
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        res = analyze(args.model, args.data, args.out, seq_len=args.seq_len, num_seqs=args.num_seqs,
+                      start=args.start, device=device, dtype=args.dtype, repeats=args.repeats,
+                      timing=not args.no_timing)
+    except (StateError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = {"adjacent_overlap": [round(x, 3) for x in res["adjacent"]], "queries": res["queries"],
+               "out": str(args.out)}
+    if "timing" in res:
+        summary["indexer_share_per_layer"] = [round(s, 3) for s in res["timing"]["share"]]
+        summary["indexer_share_of_forward"] = round(res["timing"]["indexer_share_of_forward"], 3)
+    print(json.dumps(summary, indent=1))
+    return 0
