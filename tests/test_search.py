@@ -270,3 +270,23 @@ def test_kl_objective_is_zero_at_all_f_and_positive_after_flips(toy):
     assert abs(res["baseline_loss"]) < 1e-6
     assert all(s["loss"] > 1e-5 for s in res["steps"])
     assert res["target_f"] == 3 and res["final_pattern"].count("F") == 3
+
+
+def test_vllm_engine_matches_hf_engine_on_toy(full_run, toy):
+    """``--engine vllm`` (INDEXCACHE plugin on CPU, pattern switched through ``skip_topk`` without reloading) scores
+    every candidate like the transformers reference and picks the same flips. vLLM runs in a subprocess (importing
+    it re-maps transformers' AutoConfig)."""
+    out = toy["root"] / "vllm" / "search.json"
+    cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
+           "--retain", "1/8", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
+           "--engine", "vllm", "--kv-cache-memory-bytes", str(256 << 20), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["engine"] == "vllm"
+    assert [s["flipped"] for s in res["steps"]] == [s["flipped"] for s in full_run["steps"]]
+    assert res["baseline_loss"] == pytest.approx(full_run["baseline_loss"], abs=1e-5)
+    for a, b in zip(res["steps"], full_run["steps"]):
+        assert a["candidates"].keys() == b["candidates"].keys()
+        for k in a["candidates"]:
+            assert a["candidates"][k] == pytest.approx(b["candidates"][k], abs=1e-5)

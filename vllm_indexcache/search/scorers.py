@@ -127,6 +127,8 @@ class VLLMScorer:
         dtype: model dtype for vLLM.
         tensor_parallel_size, pipeline_parallel_size: passed to ``vllm.LLM``.
         llm_kwargs: more ``vllm.LLM`` keyword arguments (e.g. ``kv_cache_memory_bytes`` on CPU).
+
+    The engine is built with ``skip_tokenizer_init=True`` (calibration is token ids; no detokenization).
     """
 
     engine = "vllm"
@@ -152,10 +154,10 @@ class VLLMScorer:
                       max_num_batched_tokens=max(2048, max(len(s) for s in self.seqs) + 8),
                       hf_overrides={"index_topk_pattern": "F" * self.num_layers},
                       tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-                      seed=0)
+                      seed=0, skip_tokenizer_init=True)
         kwargs.update(llm_kwargs)
         self.llm = LLM(model=str(model_dir), **kwargs)
-        self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
         self.pattern = None
 
     def set_pattern(self, pattern: str) -> list[str]:
