@@ -1,0 +1,141 @@
+"""vLLM (CPU) with the INDEXCACHE backend against transformers' DSA models with index reuse.
+
+The oracle is :func:`vllm_indexcache.reference.load_reference` (transformers' own ``DeepseekV32ForCausalLM`` /
+``GlmMoeDsaForCausalLM``, S layers reusing the preceding F layer's top-k; ``ties="lower"`` = the backend's tie
+rule), run unchunked, one request at a time. Random-weight logits have near-ties, so tokens alone prove little:
+prompt log-probabilities must agree within ``LOGPROB_ATOL`` (float32 everywhere).
+"""
+from __future__ import annotations
+
+import gc
+import random
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+#: Prompt log-prob tolerance, nats (float32 engine vs float32 transformers; observed ~5e-6).
+LOGPROB_ATOL = 1e-4
+#: Prompt lengths; index_topk is 32, so all but the first make the selection really sparse.
+PROMPT_LENS = (12, 45, 90, 130, 200)
+MAX_TOKENS = 8
+#: Short sequences: prompt + generated <= index_topk, where every pattern is exactly dense.
+SHORT_LENS = (6, 14)
+SHORT_MAX_TOKENS = 16
+
+
+def _prompts(lengths, seed):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 512) for _ in range(n)] for n in lengths]
+
+
+def _reference(model_dir, pattern, prompts, max_tokens):
+    from vllm_indexcache.reference import greedy_generate, load_reference, prompt_logprobs
+
+    hf = load_reference(model_dir, pattern, ties="lower")
+    return [(greedy_generate(hf, p, max_tokens), prompt_logprobs(hf, p)) for p in prompts]
+
+
+@contextmanager
+def engine(model_dir, pattern=None, **kwargs):
+    from vllm import LLM
+
+    overrides = {"index_topk_pattern": pattern} if pattern else None
+    args = dict(model=model_dir, attention_backend="indexcache", dtype="float32", max_model_len=1024,
+                kv_cache_memory_bytes=128 << 20, enforce_eager=True, seed=0, max_num_seqs=8,
+                hf_overrides=overrides, skip_tokenizer_init=True)
+    args.update(kwargs)
+    llm = LLM(**args)
+    try:
+        yield llm
+    finally:
+        del llm
+        gc.collect()
+
+
+def _generate(llm, prompts, max_tokens, prompt_logprobs=True):
+    """Greedy generation; with ``prompt_logprobs`` False, log-probs of the generated tokens instead (vLLM serves
+    requests that ask for prompt log-probs without prefix-cache hits)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, detokenize=False, ignore_eos=True,
+                            **({"prompt_logprobs": 0} if prompt_logprobs else {"logprobs": 0}))
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+
+def _logprobs(output):
+    return torch.tensor([next(iter(d.values())).logprob for d in output.prompt_logprobs[1:]])
+
+
+def _assert_match(outputs, reference, what):
+    for i, (out, (ref_tokens, ref_lp)) in enumerate(zip(outputs, reference)):
+        n = len(out.prompt_token_ids)
+        assert list(out.outputs[0].token_ids) == ref_tokens, f"{what}: prompt {i} ({n} tokens): greedy tokens"
+        err = (_logprobs(out) - ref_lp).abs().max().item()
+        assert err <= LOGPROB_ATOL, f"{what}: prompt {i} ({n} tokens): prompt log-prob error {err:.2e}"
+
+
+def _assert_generated_match(outputs, prompts, reference, model_dir, pattern, what):
+    """Generated tokens and their log-probs against transformers scoring prompt + reference continuation."""
+    from vllm_indexcache.reference import load_reference, prompt_logprobs
+
+    hf = load_reference(model_dir, pattern, ties="lower")
+    for i, (out, prompt, (ref_tokens, _)) in enumerate(zip(outputs, prompts, reference)):
+        assert list(out.outputs[0].token_ids) == ref_tokens, f"{what}: prompt {i}: greedy tokens"
+        got = torch.tensor([d[t].logprob for d, t in zip(out.outputs[0].logprobs, ref_tokens)])
+        want = prompt_logprobs(hf, prompt + ref_tokens)[-len(ref_tokens):]
+        err = (got - want).abs().max().item()
+        assert err <= LOGPROB_ATOL, f"{what}: prompt {i}: generated-token log-prob error {err:.2e}"
+
+
+def _indexer_layout(model):
+    """Per layer: (has an indexer module, indexer K-cache elements bound by vLLM)."""
+    out = []
+    for layer in model.model.layers:
+        indexer = layer.self_attn.indexer
+        out.append((indexer is not None, 0 if indexer is None else indexer.k_cache.kv_cache.numel()))
+    return out
+
+
+@pytest.mark.parametrize("arch,pattern", [("deepseek", None), ("glm", None), ("deepseek", "FSSF"),
+                                          ("glm", "FFSS")])
+def test_engine_matches_transformers(toy_models, arch, pattern):
+    model = toy_models[arch]
+    prompts, short = _prompts(PROMPT_LENS, seed=10), _prompts(SHORT_LENS, seed=11)
+    reference = _reference(model, pattern, prompts, MAX_TOKENS)
+    short_reference_all_f = _reference(model, None, short, SHORT_MAX_TOKENS)
+    with engine(model, pattern) as llm:
+        _assert_match(_generate(llm, prompts, MAX_TOKENS), reference, f"{arch} {pattern or 'all-F'}")
+        # seq_len <= index_topk: selection is dense, so any pattern equals all-F.
+        _assert_match(_generate(llm, short, SHORT_MAX_TOKENS), short_reference_all_f,
+                      f"{arch} {pattern or 'all-F'} short sequences vs all-F")
+        layout = llm.apply_model(_indexer_layout)[0]
+    expected = pattern or "FFFF"
+    assert [has for has, _ in layout] == [c == "F" for c in expected], "S layers must hold no indexer"
+    assert all(numel > 0 for has, numel in layout if has), "F layers' indexer K-cache must be bound"
+
+
+def test_chunked_prefill_batching_and_prefix_cache(toy_models):
+    """8 concurrent requests of mixed lengths, prefill chunks of 32 tokens (< most prompts), mixed with decodes,
+    then the same batch again (prefix-cache hits): every request equals its unchunked, single-request reference."""
+    model, pattern = toy_models["deepseek"], "FSSF"
+    prompts = _prompts((9, 33, 70, 150, 240, 51), seed=20)
+    shared = _prompts((96,), seed=21)[0]
+    prompts += [shared + _prompts((20,), seed=22)[0], shared + _prompts((45,), seed=23)[0]]
+    reference = _reference(model, pattern, prompts, MAX_TOKENS)
+    with engine(model, pattern, max_num_batched_tokens=32, enable_chunked_prefill=True,
+                enable_prefix_caching=True, block_size=16) as llm:
+        first = _generate(llm, prompts, MAX_TOKENS)
+        _assert_match(first, reference, "chunked+batched")
+        second = _generate(llm, prompts, MAX_TOKENS, prompt_logprobs=False)
+    _assert_generated_match(second, prompts, reference, model, pattern, "prefix-cache hits")
+    assert sum(o.num_cached_tokens or 0 for o in second) >= 96, "the second round must hit the prefix cache"
+
+
+def test_invalid_pattern_refused_before_loading(toy_models):
+    from vllm import LLM
+
+    with pytest.raises(Exception) as err:
+        LLM(model=toy_models["deepseek"], attention_backend="indexcache", hf_overrides={"index_topk_pattern": "FSF"},
+            skip_tokenizer_init=True)
+    assert "index_topk_pattern='FSF'" in str(err.value)
