@@ -107,13 +107,38 @@ class TrainBatches:
     Each row is ``context + 1`` tokens (inputs and shifted targets): with probability ``retrieval_fraction`` a
     retrieval document (1..``max_needles`` needles, 1..``max_questions`` questions), otherwise a random window of
     the training text.
+
+    With ``pack_lengths`` (e.g. ``[256, 512, 1024, 2048]``), a retrieval row is instead packed with retrieval
+    sub-documents whose lengths are drawn from that list (until the row is full; the last one takes the rest),
+    separated by the EOS id, each asking about *every* one of its needles: many more answer tokens per row, and
+    short-range examples to learn the copy from before it has to work a whole context away.
     """
 
     def __init__(self, tokens: np.ndarray, tokenizer, context: int, batch_size: int, seed: int = 0,
-                 retrieval_fraction: float = 0.25, max_needles: int = 8, max_questions: int = 4):
+                 retrieval_fraction: float = 0.25, max_needles: int = 8, max_questions: int = 4,
+                 pack_lengths: list[int] | None = None, eos_id: int = 2):
         self.tokens, self.context, self.batch_size, self.seed = tokens, context, batch_size, seed
         self.retrieval_fraction, self.max_needles, self.max_questions = retrieval_fraction, max_needles, max_questions
+        self.pack_lengths, self.eos_id = (sorted(pack_lengths) if pack_lengths else None), eos_id
         self.builder = RetrievalBuilder(tokenizer) if retrieval_fraction > 0 else None
+
+    def _packed(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        parts, left = [], n
+        while left > 0:
+            length = int(rng.choice(self.pack_lengths))
+            if left - length - 1 < self.pack_lengths[0]:
+                length = left  # the last sub-document takes what is left
+            else:
+                length = min(length, left - 1)
+            k = int(rng.integers(1, self.max_needles + 1))
+            while k > 1 and length < 60 * k + 64:  # keep room for haystack between needles and questions
+                k -= 1
+            parts.append(self.builder.make_document(rng, self.tokens, length, k, k).ids)
+            left -= length
+            if left > 0:
+                parts.append(np.array([self.eos_id], dtype=np.int64))
+                left -= 1
+        return np.concatenate(parts)
 
     def get(self, step: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, step])
@@ -121,6 +146,9 @@ class TrainBatches:
         rows = np.empty((self.batch_size, n), dtype=np.int64)
         for b in range(self.batch_size):
             if self.builder is not None and rng.random() < self.retrieval_fraction:
+                if self.pack_lengths:
+                    rows[b] = self._packed(rng, n)
+                    continue
                 k = int(rng.integers(1, self.max_needles + 1))
                 q = int(rng.integers(1, min(k, self.max_questions) + 1))
                 rows[b] = self.builder.make_document(rng, self.tokens, n, k, q).ids

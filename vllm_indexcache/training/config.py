@@ -51,6 +51,8 @@ class DataConfig(_Strict):
     retrieval_fraction: float = Field(0.25, ge=0, le=1)
     max_needles: int = 8
     max_questions: int = 4
+    pack_lengths: list[int] | None = Field(None, description="pack retrieval rows with sub-documents of these "
+                                           "lengths, every needle asked (see data.retrieval.TrainBatches)")
 
 
 class StageConfig(_Strict):

@@ -183,7 +183,8 @@ def run_stage(cfg: TrainConfig, index: int, *, deadline: float | None = None, st
     tok = Tokenizer.from_file(str(data_dir / "tokenizer" / "tokenizer.json"))
     batches = TrainBatches(load_tokens(data_dir, "train"), tok, cfg.data.context, stage.batch_size,
                            seed=cfg.seed * 1000 + index, retrieval_fraction=cfg.data.retrieval_fraction,
-                           max_needles=cfg.data.max_needles, max_questions=cfg.data.max_questions)
+                           max_needles=cfg.data.max_needles, max_questions=cfg.data.max_questions,
+                           pack_lengths=cfg.data.pack_lengths)
     use_amp = cfg.autocast_dtype == "bfloat16"
     fwd = torch.compile(dsa_forward) if cfg.compile else dsa_forward
     log = open(sdir / "log.jsonl", "a")
