@@ -12,13 +12,13 @@ from vllm_indexcache.distill.loss import (MultiLayerIndexerDistiller, attention_
 PATTERN = "FSSF"  # layer 0 serves layers 0, 1, 2; layer 3 serves itself
 
 
-def _toy(dtype=torch.float64, seed=0, pattern=PATTERN, index_topk=8):
+def _toy(dtype=torch.float64, seed=0, pattern=PATTERN, index_topk=8, arch="DeepseekV32ForCausalLM"):
     from transformers import AutoModelForCausalLM
 
     from vllm_indexcache.reference import set_pattern
     from vllm_indexcache.toy import toy_config
 
-    cfg = toy_config("DeepseekV32ForCausalLM", num_layers=len(pattern), first_k_dense_replace=len(pattern),
+    cfg = toy_config(arch, num_layers=len(pattern), first_k_dense_replace=len(pattern),
                      index_topk=index_topk, initializer_range=0.08)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").to(dtype)
@@ -43,10 +43,11 @@ def test_served_layers():
         served_layers("SF")
 
 
+@pytest.mark.parametrize("arch", ["DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"])
 @pytest.mark.parametrize("variant", ["dense", "sparse"])
-def test_proposition_1_gradient_float64(variant):
+def test_proposition_1_gradient_float64(variant, arch):
     """∇ Eq. 1 == ∇ KL(p̄ || q), p̄ the mean of the served layers' (renormalised) p, to 1e-6 in float64."""
-    model = _toy()
+    model = _toy(arch=arch)
     ids = _ids()
     with MultiLayerIndexerDistiller(model, variant=variant, reduction="sum") as dist:
         with torch.no_grad():
@@ -89,10 +90,11 @@ def test_proposition_1_gradient_float64(variant):
     assert max(float((a - b).abs().max()) for a, b in zip(g_single, g_multi)) > 1e-6
 
 
+@pytest.mark.parametrize("arch", ["DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"])
 @pytest.mark.parametrize("variant", ["dense", "sparse"])
-def test_gradient_only_into_f_layer_indexers(variant):
+def test_gradient_only_into_f_layer_indexers(variant, arch):
     """Forward *with* grad enabled (as in the sparse stage): the indexer loss reaches F-layer indexers only."""
-    model = _toy(dtype=torch.float32)
+    model = _toy(dtype=torch.float32, arch=arch)
     model.train()
     with MultiLayerIndexerDistiller(model, variant=variant) as dist:
         model(input_ids=_ids(), use_cache=False)
