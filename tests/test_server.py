@@ -1,0 +1,102 @@
+"""The OpenAI-compatible server (``vllm-indexcache serve`` = ``vllm serve … --attention-backend indexcache``) on
+loopback: completions and chat completions, streaming included, and bad IndexCache input refused at start-up."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+SERVE = [sys.executable, "-m", "vllm_indexcache.cli", "serve"]
+SERVER_ARGS = ["--max-model-len", "1024", "--kv-cache-memory-bytes", str(128 << 20), "--dtype", "float32",
+               "--enforce-eager"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(toy_models, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    model = toy_models["deepseek"]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([*SERVE, model, "--port", str(port), "--hf-overrides",
+                                 json.dumps({"index_topk_pattern": "FSFS"}), *SERVER_ARGS],
+                                stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    import requests
+
+    deadline = time.time() + 300
+    while True:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    yield {"port": port, "model": model, "log": log}
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key="none")
+
+
+def test_startup_report_logged(server):
+    text = server["log"].read_text()
+    assert "IndexCache: 4 DSA layers, 2 F / 2 S: FSFS" in text
+    assert "B/token saved" in text
+
+
+def test_completions_streaming_equals_non_streaming(server):
+    client = _client(server)
+    prompt = "def attention(q, k, v):\n    return"
+    full = client.completions.create(model=server["model"], prompt=prompt, max_tokens=24, temperature=0)
+    text = full.choices[0].text
+    assert full.usage.completion_tokens > 0 and text
+    chunks = client.completions.create(model=server["model"], prompt=prompt, max_tokens=24, temperature=0,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+
+
+def test_chat_completions_streaming_equals_non_streaming(server):
+    client = _client(server)
+    messages = [{"role": "user", "content": "Which layers keep their indexer?"}]
+    full = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=24, temperature=0)
+    text = full.choices[0].message.content
+    assert full.usage.completion_tokens > 0 and text
+    stream = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=24,
+                                            temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"index_topk_pattern": "SFFF"}, "index_topk_pattern='SFFF'"),
+    ({"index_topk_pattern": "FFS"}, "index_topk_pattern='FFS'"),
+    ({"index_topk_freq": 0}, "index_topk_freq=0"),
+    ({"index_cache_preset": "no-such-preset"}, "index_cache_preset='no-such-preset'"),
+    ({"index_cache_preset": "glm5-searched-1of4"}, "index_cache_preset='glm5-searched-1of4'"),
+])
+def test_bad_indexcache_settings_exit_before_loading(toy_models, overrides, expected):
+    proc = subprocess.run([*SERVE, toy_models["deepseek"], "--port", str(_free_port()), "--hf-overrides",
+                           json.dumps(overrides), *SERVER_ARGS], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR: ")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert "EngineCore" not in proc.stdout + proc.stderr, "no engine may start for a bad configuration"
