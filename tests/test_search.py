@@ -290,3 +290,40 @@ def test_vllm_engine_matches_hf_engine_on_toy(full_run, toy):
         assert a["candidates"].keys() == b["candidates"].keys()
         for k in a["candidates"]:
             assert a["candidates"][k] == pytest.approx(b["candidates"][k], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- tiny-dsa presets
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "examples" / "models" / "tiny-dsa"
+TINY_SEARCH = REPO / "docs" / "tiny-dsa-table2" / "heldout-calib" / "search.json"
+
+
+def test_tiny_presets_match_the_model_and_are_nested():
+    from vllm_indexcache.patterns import load_preset
+
+    config = json.loads((TINY / "config.json").read_text())
+    presets = {r: load_preset(f"tiny-dsa-searched-1of{r}") for r in (2, 4, 8)}
+    for r, p in presets.items():
+        assert (p.architecture, p.num_layers) == (config["architectures"][0], config["num_hidden_layers"]) \
+            == ("DeepseekV32ForCausalLM", 12)
+        assert p.retention == f"1/{r}" and len(p.f_layers) == alg.target_f_count(12, alg.parse_retention(p.retention))
+        assert p.f_layers[0] == 0
+    assert set(presets[8].f_layers) < set(presets[4].f_layers) < set(presets[2].f_layers)
+    assert presets[4].f_layers == [0, 2, 3] and presets[8].f_layers == [0, 2]
+
+
+def test_tiny_presets_come_from_the_recorded_search_of_the_shipped_model():
+    from vllm_indexcache.patterns import load_preset
+    from vllm_indexcache.search.state import model_identity
+
+    search = json.loads(TINY_SEARCH.read_text())
+    assert search["model"]["sha256"] == model_identity(TINY)["sha256"], (
+        "examples/models/tiny-dsa changed since the search: re-run the table2 command in docs/search.md")
+    for r in (2, 4, 8):
+        assert load_preset(f"tiny-dsa-searched-1of{r}").pattern == search["levels"][f"1/{r}"]["pattern"]
+    assert search["evaluations"] == 1 + sum(range(2, 12))   # baseline + 11 + 10 + ... + 2 candidates (down to 2 F)
+    table = json.loads((TINY_SEARCH.parent / "table2.json").read_text())
+    loss = {(row["method"], row["retention"]): row["lm"]["2048"]["loss"] for row in table["rows"]}
+    for r in ("1/2", "1/4", "1/8"):
+        assert loss[("searched", r)] <= loss[("uniform", r)]
+    assert loss[("searched", "1/4")] <= 1.01 * loss[("original", "1")]

@@ -26,10 +26,9 @@ RETENTIONS = ("1/2", "1/4", "1/8")
 
 
 def uniform_for(num_layers: int, retention: str) -> str:
-    from vllm_indexcache.patterns import uniform_pattern
-
+    # vllm_indexcache.patterns.uniform_pattern(num_layers, freq, offset=1), inlined: that module needs pydantic
     freq = Fraction(retention).denominator
-    return uniform_pattern(num_layers, freq, offset=1)
+    return "".join("S" if i % freq else "F" for i in range(num_layers))
 
 
 def main(argv=None) -> int:
@@ -46,7 +45,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--calib-seq-len", type=int, default=2048)
     p.add_argument("--calib-seqs", type=int, default=8)
-    p.add_argument("--calib-start", type=int, default=0)
+    p.add_argument("--calib-start", type=int, default=0, help="first calibration token in the split")
+    p.add_argument("--calib-split", choices=["train", "heldout"], default="train",
+                   help="calibration split; with heldout, set --calib-start past the evaluation windows (LM loss "
+                        "reads heldout.u16 from token 0: contexts x (max_tokens/context) windows)")
     p.add_argument("--contexts", default="2048,4096")
     p.add_argument("--max-tokens", type=int, default=65536, help="held-out tokens per context for LM loss")
     p.add_argument("--examples", type=int, default=20, help="retrieval documents per (context, depth)")
@@ -54,6 +56,12 @@ def main(argv=None) -> int:
     p.add_argument("--write-presets", metavar="DIR", help="write <model>-searched-1of{2,4,8}.json presets here")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    if args.calib_split == "heldout":
+        used = max(c + 1 for c in contexts) * max(max(1, args.max_tokens // c) for c in contexts)
+        if args.calib_start < used:
+            raise SystemExit(f"--calib-start={args.calib_start}: overlaps the held-out LM-loss windows (tokens "
+                             f"0..{used}); use a start >= {used}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,7 +70,8 @@ def main(argv=None) -> int:
     N = model.config.num_hidden_layers
 
     search_out = out / "search.json"
-    sargs = argparse.Namespace(model=args.model, data=str(Path(args.data_dir) / "train.u16"), retain="1/8",
+    sargs = argparse.Namespace(model=args.model, data=str(Path(args.data_dir) / f"{args.calib_split}.u16"),
+                               retain="1/8",
                                out=str(search_out), engine="hf", objective="lm-loss", pp_blocks=1,
                                resume=state_path(search_out).exists(), seq_len=args.calib_seq_len,
                                num_seqs=args.calib_seqs, start=args.calib_start, device=device, dtype="float32",
@@ -75,7 +84,6 @@ def main(argv=None) -> int:
     for r in RETENTIONS:
         rows.append(("uniform", r, uniform_for(N, r)))
         rows.append(("searched", r, search["levels"][r]["pattern"]))
-    contexts = [int(c) for c in args.contexts.split(",")]
     results = []
     for method, r, pattern in rows:
         t1 = time.time()
@@ -101,12 +109,16 @@ def main(argv=None) -> int:
                       "num_layers": N, "retention": r, "pattern": lv["pattern"],
                       "source": f"greedy search (Algorithm 1, vllm-indexcache search --engine hf, lm-loss) on "
                                 f"{search['calibration']['sequences']} x {search['calibration']['seq_lens']} "
-                                f"tokens of {Path(args.data_dir).name}/train.u16 (sha256 "
+                                f"tokens of {Path(args.data_dir).name}/{args.calib_split}.u16 from token "
+                                f"{args.calib_start} (sha256 "
                                 f"{search['calibration']['sha256'][:16]}...), model sha256 "
                                 f"{search['model']['sha256'][:16]}...; step {lv['step']} of the trajectory"}
-            from vllm_indexcache.patterns import Preset
-
-            Preset.model_validate(preset)
+            try:
+                from vllm_indexcache.patterns import Preset
+            except ImportError:  # pydantic missing: check later with `vllm-indexcache pattern MODEL --preset FILE`
+                Preset = None
+            if Preset is not None:
+                Preset.model_validate(preset)
             path = Path(args.write_presets) / f"{preset['name']}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(preset, indent=2) + "\n")
@@ -123,7 +135,7 @@ def markdown(table: dict) -> str:
     lines = [f"# IndexCache on {Path(table['model']['path']).name}: the shape of the paper's Table 2", "",
              f"Command: `{table['command']}` ({table['wall_s']:.0f} s on {table['device']}).", "",
              f"Calibration (search): {table['calibration']['sequences']} windows of "
-             f"{table['calibration']['seq_lens']} tokens from the training split, sha256 "
+             f"{table['calibration']['seq_lens']} tokens of `{table['calibration']['source']}`, sha256 "
              f"`{table['calibration']['sha256']}`. Evaluation: held-out split, LM loss (nats/token) on at most "
              f"{table['max_tokens']} tokens per context; retrieval accuracy over {table['examples']} documents per "
              "needle depth (5 depths).", "", head, sep]
