@@ -3,6 +3,9 @@
 
     python scripts/train_tiny_dsa_device.py --phase dense  --budget dense=420 --out $OUT
     python scripts/train_tiny_dsa_device.py --phase sparse --budget warmup=50 --budget sparse=200 --out $OUT
+    # or everything in one call (train-v2.yaml is sized for it):
+    python scripts/train_tiny_dsa_device.py --config examples/models/tiny-dsa/train-v2.yaml --phase all \
+        --budget dense=150 --budget warmup=25 --budget sparse=110 --eval-examples 20 --out $OUT
 
 Before each stage it measures throughput over a few steps (a scratch run, thrown away), sets the stage's ``steps``
 so the stage fits its budget (seconds), and records the result in ``<run_dir>/config.json``. Phase ``sparse``
@@ -69,7 +72,7 @@ def ship(out, run_dir, stage, extra=()):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="examples/models/tiny-dsa/train.yaml")
-    p.add_argument("--phase", choices=["dense", "sparse"], required=True)
+    p.add_argument("--phase", choices=["dense", "sparse", "all"], required=True)
     p.add_argument("--budget", action="append", default=[], help="STAGE=SECONDS")
     p.add_argument("--carried-dense", default=".device/tinydsa/dense-export",
                    help="dense export to start from when the run dir is gone (fresh machine)")
@@ -88,7 +91,7 @@ def main():
         if s.name in steps:
             s.steps = steps[s.name]
     print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", flush=True)
-    todo = ["dense"] if a.phase == "dense" else ["warmup", "sparse"]
+    todo = {"dense": ["dense"], "sparse": ["warmup", "sparse"], "all": ["dense", "warmup", "sparse"]}[a.phase]
     if a.phase == "sparse" and not Path(cfg.run_dir, "dense", "final.pt").exists():
         from transformers import AutoModelForCausalLM
         d = Path(cfg.run_dir, "dense")
@@ -109,10 +112,11 @@ def main():
             return 3
     print(f"training done at {time.time() - t0:.0f}s", flush=True)
     extra = []
-    if a.phase == "sparse":
+    if a.phase != "dense":
         from vllm_indexcache.training.evaluate import evaluate
-        runs = [("dense", "dense", True, None), ("sparse", "sparse", False, None),
-                ("dense_topk", "dense", False, None)]
+        runs = [("dense", "dense", True, None), ("sparse", "sparse", False, None)]
+        if a.phase == "sparse":
+            runs.append(("dense_topk", "dense", False, None))
         runs += [(f"sparse_{pat}", "sparse", False, pat) for pat in a.eval_pattern]
         for tag, stage, dense, pat in runs:
             res = evaluate(Path(cfg.run_dir, stage, "export"), cfg.data.dir, dense=dense, pattern=pat,
@@ -125,9 +129,9 @@ def main():
                                    "retrieval": {c: v["mean"] for c, v in res["retrieval"].items()},
                                    "wall_s": res["wall_s"]}), flush=True)
     ship(a.out, cfg.run_dir, todo[-1], extra)
-    if a.phase == "sparse":
+    if a.phase != "dense":
         with tarfile.open(Path(a.out) / "logs.tar.gz", "w:gz") as tf:
-            for name in todo[:-1] + ["dense"]:
+            for name in dict.fromkeys(todo[:-1] + ["dense"]):
                 for fn in ("log.jsonl", "done.json"):
                     if Path(cfg.run_dir, name, fn).exists():
                         tf.add(Path(cfg.run_dir, name, fn), arcname=f"{name}/{fn}")

@@ -118,3 +118,18 @@ def test_functional_forward_matches_transformers():
         out = dsa_forward(model, ids, labels, "sparse")
     assert torch.allclose(out.loss, ref_loss, atol=1e-5)
     assert out.kl is not None and out.kl >= 0
+
+
+def test_train_batches_deterministic_and_packed(data_dir):
+    from tokenizers import Tokenizer
+
+    from vllm_indexcache.data.corpus import load_tokens
+    from vllm_indexcache.data.retrieval import TrainBatches
+
+    tok = Tokenizer.from_file(str(data_dir / "tokenizer" / "tokenizer.json"))
+    tokens = load_tokens(data_dir, "train")
+    tb = TrainBatches(tokens, tok, 512, 4, seed=1, retrieval_fraction=1.0, max_needles=2,
+                      pack_lengths=[128, 256, 512])
+    a, b = tb.get(7), tb.get(7)
+    assert a.shape == (4, 513) and np.array_equal(a, b) and not np.array_equal(a, tb.get(8))
+    assert (a == 2).any()  # sub-documents separated by EOS
