@@ -139,3 +139,22 @@ def test_invalid_pattern_refused_before_loading(toy_models):
         LLM(model=toy_models["deepseek"], attention_backend="indexcache", hf_overrides={"index_topk_pattern": "FSF"},
             skip_tokenizer_init=True)
     assert "index_topk_pattern='FSF'" in str(err.value)
+
+
+def test_stage_pattern_forces_stage_start_f():
+    from vllm_indexcache.vllm_glue.model import stage_pattern
+
+    assert stage_pattern("FFSS", 2, 4) == "FFFS"
+    assert stage_pattern("FFSS", 0, 2) == "FFSS"
+    assert stage_pattern("FSFS", 2, 4) == "FSFS"
+
+
+def test_pipeline_parallel_stage_starting_on_s_layer(toy_models, monkeypatch):
+    """PP=2 over 4 layers with FFSS: stage 1 starts on S layer 2, which vLLM would serve from a buffer nothing on
+    that stage wrote. The plugin runs layer 2's own indexer there, so the result equals the FFFS reference."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per stage (vLLM binds per NUMA node otherwise)
+    model = toy_models["deepseek"]
+    prompts = _prompts((40, 100), seed=30)
+    reference = _reference(model, "FFFS", prompts, MAX_TOKENS)
+    with engine(model, "FFSS", pipeline_parallel_size=2, distributed_executor_backend="mp") as llm:
+        _assert_match(_generate(llm, prompts, MAX_TOKENS), reference, "PP=2 FFSS (stage 1 forced F)")
