@@ -1,0 +1,249 @@
+"""Lightning indexer scores + top-k as Triton kernels for CUDA GPUs (beside :mod:`.naive`, same maths and output).
+
+``I[t, s] = Σ_h w[t, h] · ReLU(q[t, h] · k[s])`` for ``s ≤ pos[t]`` (else ``-inf``); per query token the
+``min(topk, pos[t] + 1)`` best keys, by descending score, ties towards the lower position, ``-1`` padding
+(the ordering convention of :mod:`vllm_indexcache.ops.indexer.naive`).
+
+* **Prefill** (:func:`indexer_topk`, one request, contiguous keys ``k [S, D]``): the kernel
+  ``_prefill_scores_kernel`` computes a ``[BLOCK_T, BLOCK_S]`` tile of scores per program, looping over the H heads
+  with one ``tl.dot`` ``[BLOCK_T, D] × [D, BLOCK_S]`` each (fp32 accumulation, bf16/fp16 inputs stay in their
+  dtype for the tensor cores). Keys are processed in chunks of ``key_chunk`` and rows in chunks sized so the fp32
+  score block stays under ``max_chunk_bytes``; each chunk's ``torch.topk`` is merged with the running top-k, so
+  memory is ``O(rows × (key_chunk + topk))`` whatever ``S`` is (128K+ contexts fit). Key chunks beyond the row
+  chunk's last visible key are skipped (causality).
+* **Decode** (:func:`indexer_topk_decode`, a batch of requests, one query token each, keys in vLLM's paged indexer
+  K-cache ``[num_slots, D]``): ``_decode_scores_kernel`` handles one query row per program and a tile of
+  ``BLOCK_S`` key positions, gathering key slots through the block table; heads are one ``tl.dot``
+  ``[BLOCK_H, D] × [D, BLOCK_S]``.
+
+The top-k itself is ``torch.topk`` on the kernel's score chunks (a CUDA radix select), not a Triton kernel; the
+final order is made deterministic (descending score, ties towards the lower position) with a stable sort.
+Not wired into the INDEXCACHE backend, which runs on CPU (see ``docs/benchmarks.md``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .naive import check_indexer_inputs
+
+def _upcast() -> bool:
+    """Triton's interpreter (``TRITON_INTERPRET=1``) computes bf16 ``tl.dot`` wrongly (measured with triton 3.9:
+    errors of 1e10 on unit-scale inputs); there the kernels upcast the tiles to fp32 first, which gives the same
+    result as bf16 × bf16 products accumulated in fp32 (every bf16 product is exact in fp32). Compiled kernels on a GPU
+    keep the input dtype."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _prec(dtype: torch.dtype) -> str:
+    """fp32 inputs: exact fp32 products ("ieee"), not TF32 (Triton's default on NVIDIA GPUs); others: the dtype's."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+__all__ = ["indexer_scores", "indexer_topk", "indexer_scores_decode", "indexer_topk_decode"]
+
+
+@triton.jit
+def _prefill_scores_kernel(q_ptr, k_ptr, w_ptr, pos_ptr, out_ptr, T, S_chunk, key_start, H,
+                           stride_qt, stride_qh, stride_ks, stride_wt, stride_ot,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)              # chunk-local key index
+    rd = tl.arange(0, BLOCK_D)
+    t_mask = rt < T
+    s_mask = rs < S_chunk
+    d_mask = rd < D
+    pos = tl.load(pos_ptr + rt, mask=t_mask, other=-1)
+    kt = tl.load(k_ptr + (key_start + rs)[None, :] * stride_ks + rd[:, None],
+                 mask=s_mask[None, :] & d_mask[:, None], other=0.0)                     # [BLOCK_D, BLOCK_S]
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
+    for h in range(0, H):
+        qh = tl.load(q_ptr + rt[:, None] * stride_qt + h * stride_qh + rd[None, :],
+                     mask=t_mask[:, None] & d_mask[None, :], other=0.0)                  # [BLOCK_T, BLOCK_D]
+        wh = tl.load(w_ptr + rt * stride_wt + h, mask=t_mask, other=0.0).to(tl.float32)
+        if UPCAST:
+            qh = qh.to(tl.float32)
+        logit = tl.dot(qh, kt, out_dtype=tl.float32, input_precision=PREC)
+        acc += tl.maximum(logit, 0.0) * wh[:, None]
+    visible = (key_start + rs)[None, :] <= pos[:, None]
+    acc = tl.where(visible, acc, float("-inf"))
+    tl.store(out_ptr + rt[:, None] * stride_ot + rs[None, :], acc, mask=t_mask[:, None] & s_mask[None, :])
+
+
+@triton.jit
+def _decode_scores_kernel(q_ptr, kc_ptr, w_ptr, bt_ptr, seqlen_ptr, out_ptr, H, S_max,
+                          stride_qt, stride_qh, stride_kc, stride_wt, stride_bt, stride_ot,
+                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+                          PAGE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    rd = tl.arange(0, BLOCK_D)
+    rh = tl.arange(0, BLOCK_H)
+    seq_len = tl.load(seqlen_ptr + b)
+    s_mask = rs < seq_len
+    d_mask = rd < D
+    h_mask = rh < H
+    block = tl.load(bt_ptr + b * stride_bt + rs // PAGE, mask=s_mask, other=0)
+    slot = block.to(tl.int64) * PAGE + rs % PAGE
+    kt = tl.load(kc_ptr + slot[None, :] * stride_kc + rd[:, None], mask=s_mask[None, :] & d_mask[:, None],
+                 other=0.0)                                                                # [BLOCK_D, BLOCK_S]
+    q = tl.load(q_ptr + b * stride_qt + rh[:, None] * stride_qh + rd[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)                         # [BLOCK_H, BLOCK_D]
+    w = tl.load(w_ptr + b * stride_wt + rh, mask=h_mask, other=0.0).to(tl.float32)
+    if UPCAST:
+        q = q.to(tl.float32)
+        kt = kt.to(tl.float32)
+    logit = tl.dot(q, kt, out_dtype=tl.float32, input_precision=PREC)                                           # [BLOCK_H, BLOCK_S]
+    score = tl.sum(tl.maximum(logit, 0.0) * w[:, None], axis=0)
+    score = tl.where(s_mask, score, float("-inf"))
+    tl.store(out_ptr + b * stride_ot + rs, score, mask=rs < S_max)
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+def _prefill_scores_chunk(q, k, w, pos, key_start: int, key_len: int, block_t: int = 64,
+                          block_s: int = 64) -> torch.Tensor:
+    T, H, D = q.shape
+    out = torch.empty((T, key_len), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(T, block_t), triton.cdiv(key_len, block_s))
+    _prefill_scores_kernel[grid](q, k, w, pos, out, T, key_len, key_start, H,
+                                 q.stride(0), q.stride(1), k.stride(0), w.stride(0), out.stride(0),
+                                 D=D, BLOCK_D=_pow2(D), BLOCK_T=block_t, BLOCK_S=block_s, PREC=_prec(q.dtype), UPCAST=_upcast())
+    return out
+
+
+def _prep(q, k, weights, q_positions):
+    check_indexer_inputs(q, k, weights, q_positions)
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+    return q.contiguous(), k.contiguous(), weights.float().contiguous(), q_positions.to(torch.int64).contiguous()
+
+
+def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_positions: torch.Tensor) -> torch.Tensor:
+    """``[T, S]`` float32 scores (``-inf`` where invisible); the Triton counterpart of
+    :func:`~vllm_indexcache.ops.indexer.naive.indexer_scores_naive`. Intended for tests and small shapes."""
+    q, k, w, pos = _prep(q, k, weights, q_positions)
+    return _prefill_scores_chunk(q, k, w, pos, 0, k.shape[0])
+
+
+def _finalize(vals: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, topk: int) -> torch.Tensor:
+    """Order ``[C, k]`` candidates by descending score, ties towards the lower position; ``-1`` for invisible."""
+    idx_sorted, perm = torch.sort(idx, dim=-1)
+    vals = torch.gather(vals, 1, perm)
+    order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
+    idx = torch.gather(idx_sorted, 1, order)
+    vals = torch.gather(vals, 1, order)
+    out = torch.full((idx.shape[0], topk), -1, dtype=torch.int32, device=idx.device)
+    kk = idx.shape[1]
+    keep = torch.isfinite(vals) & (torch.arange(kk, device=idx.device)[None, :] <= pos[:, None])
+    out[:, :kk] = torch.where(keep, idx, -1).to(torch.int32)
+    return out
+
+
+def _topk_exact(vals: torch.Tensor, ids: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``kk`` of each row of ``vals`` (candidate positions ``ids``), keys tied at the k-th value taken towards the
+    lower position. ``torch.topk`` (fast path) breaks ties arbitrarily; rows where a tie straddles the boundary
+    (more keys equal to the k-th value than were selected) are redone with a position-then-stable-value sort."""
+    v, sel = torch.topk(vals, kk, dim=1, sorted=False)
+    i = torch.gather(ids, 1, sel)
+    kth = v.min(dim=1, keepdim=True).values
+    straddle = ((vals == kth).sum(1) != (v == kth).sum(1)) & torch.isfinite(kth[:, 0])
+    if bool(straddle.any()):
+        rows = straddle.nonzero()[:, 0]
+        rid, perm = torch.sort(ids[rows], dim=1)
+        rv = torch.gather(vals[rows], 1, perm)
+        order = torch.sort(rv, dim=1, descending=True, stable=True).indices[:, :kk]
+        v[rows] = torch.gather(rv, 1, order)
+        i[rows] = torch.gather(rid, 1, order)
+    return v, i
+
+
+def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_positions: torch.Tensor, topk: int,
+                 key_chunk: int = 32768, max_chunk_bytes: int = 1 << 30) -> torch.Tensor:
+    """Prefill top-k of one request (same contract as :func:`vllm_indexcache.ops.indexer.cpu.indexer_topk`).
+
+    Args:
+        q: ``[T, H, D]`` indexer queries (bf16/fp16/fp32, RoPE applied) of one request.
+        k: ``[S, D]`` the request's keys at positions ``0..S-1`` (cast to q's dtype).
+        weights: ``[T, H]`` per-head weights including ``H^-0.5 · D^-0.5``.
+        q_positions: ``[T]`` integer positions; key ``s`` visible iff ``s ≤ q_positions[t]``.
+        topk: keys kept per query (``index_topk``).
+        key_chunk: keys scored per kernel launch (multiple of 64); bounds memory for long contexts.
+        max_chunk_bytes: bound on one ``[rows, key_chunk + topk]`` float32 score block.
+
+    Returns:
+        ``[T, topk]`` int32 request-local key positions, ``-1`` padding.
+    """
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    q, k, w, pos = _prep(q, k, weights, q_positions)
+    T, S = q.shape[0], k.shape[0]
+    out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
+    rows = max(1, min(T, max_chunk_bytes // (4 * (key_chunk + topk))))
+    for a in range(0, T, rows):
+        b = min(T, a + rows)
+        p = pos[a:b]
+        last = int(p.max()) + 1                     # keys beyond are invisible to every row of this chunk
+        best_v = best_i = None
+        for ks in range(0, min(S, last), key_chunk):
+            kl = min(key_chunk, min(S, last) - ks)
+            sc = _prefill_scores_chunk(q[a:b], k, w[a:b], p, ks, kl)
+            ids = torch.arange(ks, ks + kl, device=q.device, dtype=torch.int64).expand(b - a, kl)
+            if best_v is not None:
+                sc = torch.cat([best_v, sc], dim=1)
+                ids = torch.cat([best_i, ids], dim=1)
+            best_v, best_i = _topk_exact(sc, ids, min(topk, sc.shape[1]))
+        out[a:b] = _finalize(best_v, best_i, p, topk)
+    return out
+
+
+def indexer_scores_decode(q: torch.Tensor, k_cache: torch.Tensor, weights: torch.Tensor, block_table: torch.Tensor,
+                          seq_lens: torch.Tensor, block_size: int, block_s: int = 128) -> torch.Tensor:
+    """``[B, max(seq_lens)]`` float32 scores of one decode query per request over its paged keys.
+
+    Args:
+        q: ``[B, H, D]`` one query token per request (at position ``seq_lens[b] - 1``: every cached key visible).
+        k_cache: ``[num_slots, D]`` the layer's indexer K-cache viewed flat (slot = block · block_size + offset).
+        weights: ``[B, H]``.
+        block_table: ``[B, max_blocks]`` int block ids per request.
+        seq_lens: ``[B]`` number of keys per request (query included).
+        block_size: tokens per block.
+    """
+    B, H, D = q.shape
+    q = q.contiguous()
+    if k_cache.dtype != q.dtype:
+        k_cache = k_cache.to(q.dtype)
+    w = weights.float().contiguous()
+    bt = block_table.to(torch.int32).contiguous()
+    sl = seq_lens.to(torch.int32).contiguous()
+    S_max = int(seq_lens.max()) if B else 0
+    out = torch.empty((B, S_max), dtype=torch.float32, device=q.device)
+    if B == 0 or S_max == 0:
+        return out
+    grid = (B, triton.cdiv(S_max, block_s))
+    _decode_scores_kernel[grid](q, k_cache, w, bt, sl, out, H, S_max,
+                                q.stride(0), q.stride(1), k_cache.stride(0), w.stride(0), bt.stride(0),
+                                out.stride(0), D=D, BLOCK_D=_pow2(D), BLOCK_H=_pow2(H), BLOCK_S=block_s,
+                                PAGE=block_size, PREC=_prec(q.dtype), UPCAST=_upcast())
+    return out
+
+
+def indexer_topk_decode(q: torch.Tensor, k_cache: torch.Tensor, weights: torch.Tensor, block_table: torch.Tensor,
+                        seq_lens: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
+    """``[B, topk]`` int32 request-local key positions for one decode query per request (paged keys), same
+    ordering and ``-1`` padding as the prefill path (query position = ``seq_lens[b] - 1``)."""
+    scores = indexer_scores_decode(q, k_cache, weights, block_table, seq_lens, block_size)
+    B, S = scores.shape
+    ids = torch.arange(S, device=scores.device, dtype=torch.int64).expand(B, S)
+    vals, idx = _topk_exact(scores, ids, min(topk, S))
+    return _finalize(vals, idx, seq_lens.to(torch.int64) - 1, topk)
