@@ -126,10 +126,11 @@ def test_errors():
 
 @pytest.fixture(scope="module", params=["DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"])
 def toy_model(request, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
+    from vllm_indexcache.reference import model_class
 
     path = build_toy_model(tmp_path_factory.mktemp(request.param), request.param, num_layers=2, tokenizer=False)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    # explicit class: importing vLLM (other tests) re-maps transformers' AutoConfig for deepseek_v32
+    return model_class(path).from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 @pytest.mark.parametrize("seq_len", [20, 90])

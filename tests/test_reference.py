@@ -43,9 +43,9 @@ def model(toy_dir):
 
 
 def test_pattern_none_is_unpatched_transformers(toy_dir, model):
-    from transformers import AutoModelForCausalLM
+    from vllm_indexcache.reference import model_class
 
-    plain = AutoModelForCausalLM.from_pretrained(toy_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    plain = model_class(toy_dir).from_pretrained(toy_dir, dtype=torch.float32, attn_implementation="eager").eval()
     ids = _prompt(LONG)
     set_pattern(model, "FSFS")
     set_pattern(model, None)                              # a round trip leaves no trace
@@ -142,12 +142,12 @@ def test_lower_ties_oracle_matches_ops(toy_dir):
 def test_glm_matches_native_shared_layers(tmp_path):
     """GLM: ``set_pattern`` on an all-F load equals transformers' native ``indexer_types`` path; a checkpoint saved
     without S-layer indexer weights (GLM-5.2 style) loads with its own pattern and refuses F on those layers."""
-    from transformers import AutoModelForCausalLM
+    from vllm_indexcache.reference import model_class
 
     path = build_toy_model(tmp_path / "glm", "GlmMoeDsaForCausalLM", num_layers=4, tokenizer=False)
     pattern = "FSSF"
     types = ["full" if c == "F" else "shared" for c in pattern]
-    native = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+    native = model_class(path).from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
                                                   indexer_types=types).eval()
     assert native.model.layers[1].self_attn.indexer is None
     ids = _prompt(LONG, seed=5)

@@ -253,7 +253,7 @@ def load_reference(model_dir, pattern: str | None = None, dtype: torch.dtype = t
     """
     if ties not in TIES:
         raise ValueError(f"ties={ties!r}: expected one of {TIES}")
-    model_cls = _model_class(model_dir)
+    model_cls = model_class(model_dir)
     config = model_cls.config_class.from_pretrained(model_dir)
     if pattern is not None:
         check_pattern(pattern, config.num_hidden_layers)
@@ -275,7 +275,7 @@ def load_reference(model_dir, pattern: str | None = None, dtype: torch.dtype = t
     return model
 
 
-def _model_class(model_dir):
+def model_class(model_dir):
     """transformers class named by ``config.json``'s ``architectures`` (explicit, because importing vLLM re-maps
     transformers' ``AutoConfig`` for ``deepseek_v32`` to its own config class).
 

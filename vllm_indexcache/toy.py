@@ -123,13 +123,14 @@ def build_toy_model(out_dir: str | Path, architecture: str = "DeepseekV32ForCaus
         ValueError: unknown ``architecture``.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = toy_config(architecture, num_layers, first_k_dense_replace, initializer_range=init_std, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # The class by name, not AutoModelForCausalLM: importing vLLM re-maps transformers' deepseek_v32 config.
+    model = getattr(transformers, architecture)(cfg).to(torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "e_score_correction_bias" in name:
