@@ -295,18 +295,24 @@ def plot(results: dict, analysis: dict, png: Path, batch: int) -> None:
     if any(f"tpot_speedup_b{batch}" in r for a in analysis.values() for r in a["contexts"].values()):
         keys.append((f"tpot_speedup_b{batch}", f"TPOT (decode), batch {batch}"))
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    bound_of = {"ttft_speedup": "bound_prefill", "tpot_speedup_b1": "bound_decode",
+                f"tpot_speedup_b{batch}": f"bound_decode_b{batch}"}
     for ax, (key, title) in zip(axes[0], keys):
         for name, a in analysis.items():
             ctxs = sorted(a["contexts"], key=int)
-            ax.plot([int(c) for c in ctxs], [a["contexts"][c].get(key, float("nan")) for c in ctxs], marker="o",
-                    label=f"{name} (f={a['kept_fraction']:.3g})")
+            xs = [int(c) for c in ctxs]
+            line, = ax.plot(xs, [a["contexts"][c].get(key, float("nan")) for c in ctxs], marker="o",
+                            label=f"{name} (f={a['kept_fraction']:.3g})")
+            if a["kept_fraction"] < 1:
+                ax.plot(xs, [a["contexts"][c].get(bound_of[key], float("nan")) for c in ctxs], ls="--", lw=0.8,
+                        color=line.get_color())
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("speedup vs all-F")
         ax.set_title(title)
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8, title="dashed: Amdahl bound", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -371,12 +377,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096, help="chunked-prefill budget")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replot", action="store_true",
+                        help="only redo the analysis, PNG and summary from OUT/bench.json (no engine)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch/OpenMP threads of the in-process worker (0 = vLLM's own CPU binding); on a shared "
                              "machine 1 avoids OpenMP barrier stalls that dominate small ops")
 
 
+def finish(results: dict, out: Path) -> None:
+    """Analysis, criterion, JSON, PNG and summary of a finished run (also ``--replot``)."""
+    batch = results["batch"]
+    analysis = analyse(results, batch)
+    results["analysis"] = analysis
+    longest = str(max(results["contexts"]))
+    if "1/4" in analysis:
+        r = analysis["1/4"]["contexts"][longest]
+        results["criterion_1of4"] = {"context": int(longest), "ttft_speedup": r["ttft_speedup"],
+                                     "bound": r["bound_prefill"], "ratio": r["ttft_speedup_over_bound"],
+                                     "meets_0.9": r["ttft_speedup_over_bound"] >= 0.9}
+    (out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, analysis, out / "speedup.png", batch)
+    md = summary_md(results, analysis, batch)
+    (out / "summary.md").write_text(md)
+    print(md)
+    if "criterion_1of4" in results:
+        print("1/4 at", longest, "tokens:", json.dumps(results["criterion_1of4"]))
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.replot:
+        out = Path(args.out)
+        finish(json.loads((out / "bench.json").read_text()), out)
+        return 0
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # engine core in this process: profilable
     os.environ[PROFILE_ENV] = "1"
     if args.threads > 0:
@@ -434,21 +466,7 @@ def main(args: argparse.Namespace) -> int:
     finally:
         prof.uninstall()
     results["wall_s"] = time.perf_counter() - t_start
-    analysis = analyse(results, args.batch)
-    results["analysis"] = analysis
-    longest = str(max(contexts))
-    if "1/4" in analysis:
-        r = analysis["1/4"]["contexts"][longest]
-        results["criterion_1of4"] = {"context": int(longest), "ttft_speedup": r["ttft_speedup"],
-                                     "bound": r["bound_prefill"], "ratio": r["ttft_speedup_over_bound"],
-                                     "meets_0.9": r["ttft_speedup_over_bound"] >= 0.9}
-    (out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, analysis, out / "speedup.png", args.batch)
-    md = summary_md(results, analysis, args.batch)
-    (out / "summary.md").write_text(md)
-    print(md)
-    if "criterion_1of4" in results:
-        print("1/4 at", longest, "tokens:", json.dumps(results["criterion_1of4"]))
+    finish(results, out)
     print(f"wall {results['wall_s']:.0f} s; wrote {out / 'bench.json'}, {out / 'speedup.png'}, {out / 'summary.md'}")
     return 0
 
