@@ -292,6 +292,30 @@ def test_vllm_engine_matches_hf_engine_on_toy(full_run, toy):
             assert a["candidates"][k] == pytest.approx(b["candidates"][k], abs=1e-5)
 
 
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU workers need two cores")
+def test_vllm_pipeline_parallel_matches_hf_pp_blocks(toy):
+    """``--engine vllm --pipeline-parallel-size 2 --pp-blocks 2``: the pattern is switched on both stage workers
+    (each stage's first layer stays F) and every candidate scores like ``--engine hf --pp-blocks 2``."""
+    ref = run(make_args(toy["model"], toy["data"], toy["root"] / "pp-hf" / "search.json", pp_blocks=2, retain="1/4"),
+              scorer_factory=cached_factory)
+    out = toy["root"] / "pp-vllm" / "search.json"
+    cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
+           "--retain", "1/4", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
+           "--engine", "vllm", "--pipeline-parallel-size", "2", "--pp-blocks", "2",
+           "--kv-cache-memory-bytes", str(256 << 20), "--no-progress"]
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1")   # vLLM CPU: one core per stage worker
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["blocks"] == [[0, 3], [3, 5]]
+    assert [s["flipped"] for s in res["steps"]] == [s["flipped"] for s in ref["steps"]]
+    for a, b in zip(res["steps"], ref["steps"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        for k in a["candidates"]:
+            assert a["candidates"][k] == pytest.approx(b["candidates"][k], abs=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- tiny-dsa presets
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "models" / "tiny-dsa"
