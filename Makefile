@@ -26,7 +26,7 @@ $(VENV)/.installed: setup.py
 	$(BIN)/python -m pip install -q -e '.[cpu,test]'
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -c "import transformers, vllm, vllm_indexcache; from transformers import DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM"
-	test -f $(TOY)/config.json || $(BIN)/vllm-indexcache build-toy $(TOY) --layers 4
+	test -f $(SHIPPED)/config.json || test -f $(TOY)/config.json || $(BIN)/vllm-indexcache build-toy $(TOY) --layers 4
 	touch $@
 
 serve: setup
