@@ -350,6 +350,17 @@ def summary_md(results: dict, analysis: dict, batch: int) -> str:
                          f"{r['tpot_speedup_b1']:.2f} | {r['bound_decode']:.2f} | "
                          f"{r.get(f'tpot_speedup_b{batch}', float('nan')):.2f} | "
                          f"{r.get(f'bound_decode_b{batch}', float('nan')):.2f} |")
+    lines += ["", "Drift check: prefill split into the profiled indexer time per F layer and the rest (TTFT minus the "
+              "indexer), medians of the batch-1 samples. On an idle machine the per-layer indexer time and the rest are "
+              "the same for every pattern at one context; differences measure the load drift between engines.", "",
+              "| pattern | context | indexer s per F layer | rest of prefill s |", "|---|---|---|---|"]
+    for name, res in results["patterns"].items():
+        n_f = res["pattern"].count("F")
+        for ctx, e in res["contexts"].items():
+            b1 = e["batch1"]
+            idx = [v / n_f for v in b1["indexer_prefill_s"]["samples"]]
+            rest = [t - i for t, i in zip(b1["ttft"]["samples"], b1["indexer_prefill_s"]["samples"])]
+            lines.append(f"| {name} | {ctx} | {statistics.median(idx):.2f} | {statistics.median(rest):.2f} |")
     lines += ["", "KV capacity (tokens, vLLM's num_blocks × block_size at the same kv_cache_memory_bytes):", "",
               "| pattern | reclaimed (reported) | not reclaimed (all-F footprint) | gain | bytes/token reclaimed | "
               "bytes/token not reclaimed |", "|---|---|---|---|---|---|"]
