@@ -293,6 +293,26 @@ def test_vllm_engine_matches_hf_engine_on_toy(full_run, toy):
 
 
 
+
+def test_vllm_kl_objective_matches_hf(toy):
+    """``--objective kl --engine vllm`` (prompt logits captured in the worker) equals the hf engine's KL."""
+    ref = run(make_args(toy["model"], toy["data"], toy["root"] / "kl-hf" / "search.json", objective="kl",
+                        retain="3/5"), scorer_factory=cached_factory)
+    out = toy["root"] / "kl-vllm" / "search.json"
+    cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
+           "--retain", "3/5", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
+           "--engine", "vllm", "--objective", "kl", "--kv-cache-memory-bytes", str(256 << 20), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["objective"] == "kl" and res["baseline_loss"] == 0.0
+    assert [s["flipped"] for s in res["steps"]] == [s["flipped"] for s in ref["steps"]] and len(res["steps"]) == 2
+    for a, b in zip(res["steps"], ref["steps"]):
+        assert a["loss"] > 1e-4
+        for k in a["candidates"]:
+            assert a["candidates"][k] == pytest.approx(b["candidates"][k], rel=1e-4, abs=1e-7)
+
+
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU workers need two cores")
 def test_vllm_pipeline_parallel_matches_hf_pp_blocks(toy):
     """``--engine vllm --pipeline-parallel-size 2 --pp-blocks 2``: the pattern is switched on both stage workers

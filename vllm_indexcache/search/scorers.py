@@ -18,8 +18,10 @@ Engines:
   does not call its indexer and attends over the top-k buffer as the preceding F layer left it) through
   ``LLM.apply_model`` — no weight reload, and it reaches every tensor/pipeline-parallel worker. No file of the
   backend is changed. ``apply_model`` ships a function to the workers, which vLLM allows only with
-  ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``; the scorer sets it for the engine it builds. The KL objective is not
-  available on this engine: vLLM hands back log-probs of chosen tokens, not full distributions.
+  ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``; the scorer sets it for the engine it builds. For ``kl``, vLLM hands back
+  log-probs of given tokens only, so the full prompt logits are captured inside the worker (forward hook on the
+  model's ``logits_processor``) and the KL is computed there against the all-F reference kept on the worker
+  (``vocab × tokens`` floats per calibration sequence).
 """
 from __future__ import annotations
 
@@ -117,13 +119,75 @@ def _apply_pattern(pattern: str, model) -> str:
     return "".join(local)
 
 
+_KL = "_indexcache_kl"
+
+
+def _kl_state(model) -> dict:
+    """Worker side: the KL capture state kept on the model (hook on the logits processor, captured rows,
+    reference log-probs per calibration sequence)."""
+    st = model.__dict__.get(_KL)
+    if st is None:
+        st = {"captured": [], "reference": {}, "handle": None}
+        proc = getattr(model, "logits_processor", None)
+        if proc is not None:   # only the last pipeline stage computes logits
+            def hook(module, args, out):
+                if out is not None and out.dim() == 2:
+                    st["captured"].append(out.detach().float())
+            st["handle"] = proc.register_forward_hook(hook)
+        object.__setattr__(model, _KL, st)
+    return st
+
+
+def _kl_reset(model) -> None:
+    _kl_state(model)["captured"].clear()
+
+
+def _kl_prompt_logp(st: dict, num_rows: int):
+    """The log-probs of the one request's prompt rows among the captured logits (the sampling call has 1 row)."""
+    import torch
+
+    rows = [t for t in st["captured"] if t.shape[0] > 1]
+    st["captured"].clear()
+    if not rows:
+        return None
+    logits = torch.cat(rows)
+    if logits.shape[0] != num_rows:
+        raise RuntimeError(f"captured {logits.shape[0]} prompt-logit rows, expected {num_rows} (chunked prefill?)")
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _kl_store(index: int, num_rows: int, model) -> bool:
+    """Worker side: keep the captured prompt log-probs as the all-F reference of calibration sequence ``index``."""
+    st = _kl_state(model)
+    logp = _kl_prompt_logp(st, num_rows)
+    if logp is None:
+        return False
+    st["reference"][index] = logp
+    return True
+
+
+def _kl_score(index: int, num_rows: int, model):
+    """Worker side: ``Σ_t KL(p_ref,t ‖ p_t)`` of the captured prompt log-probs against the stored reference."""
+    import torch
+
+    st = _kl_state(model)
+    logp = _kl_prompt_logp(st, num_rows)
+    if logp is None:
+        return None
+    ref = st["reference"][index]
+    return float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
+
+
 class VLLMScorer:
-    """vLLM scorer (see module docstring); ``lm-loss`` only.
+    """vLLM scorer (see module docstring).
 
     Args:
         model_dir: checkpoint directory.
         seqs: calibration token-id lists.
-        objective: must be ``"lm-loss"``.
+        objective: ``"lm-loss"`` or ``"kl"`` (KL: prompt logits captured by a forward hook on the model's
+            ``logits_processor`` inside the worker that computes them, compared there with the all-F reference;
+            one request per ``generate`` call so captured rows map to one sequence; needs the whole prompt in one
+            prefill chunk, which the scorer's ``max_num_batched_tokens`` ensures).
         dtype: model dtype for vLLM.
         tensor_parallel_size, pipeline_parallel_size: passed to ``vllm.LLM``.
         llm_kwargs: more ``vllm.LLM`` keyword arguments (e.g. ``kv_cache_memory_bytes`` on CPU).
@@ -138,9 +202,8 @@ class VLLMScorer:
         import json
         from pathlib import Path
 
-        if objective != "lm-loss":
-            raise ValueError(f"--objective={objective!r}: --engine vllm supports lm-loss only (vLLM returns the "
-                             "log-probs of the prompt tokens, not full distributions); use --engine hf for kl")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"--objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         from vllm import LLM, SamplingParams
 
@@ -159,6 +222,14 @@ class VLLMScorer:
         self.llm = LLM(model=str(model_dir), **kwargs)
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
         self.pattern = None
+        if objective == "kl":
+            self.set_pattern("F" * self.num_layers)
+            self.llm.apply_model(_kl_reset)
+            for i, seq in enumerate(self.seqs):
+                self.llm.generate([{"prompt_token_ids": seq}], self.params, use_tqdm=False)
+                stored = self.llm.apply_model(functools.partial(_kl_store, i, len(seq) - 1))
+                if not any(stored):
+                    raise RuntimeError("--objective kl: no worker captured prompt logits")
 
     def set_pattern(self, pattern: str) -> list[str]:
         """Apply ``pattern`` on every worker (no reload); returns each worker's local pattern."""
@@ -168,6 +239,15 @@ class VLLMScorer:
 
     def __call__(self, pattern: str) -> float:
         self.set_pattern(pattern)
+        if self.objective == "kl":
+            total, count = 0.0, 0
+            for i, seq in enumerate(self.seqs):
+                self.llm.generate([{"prompt_token_ids": seq}], self.params, use_tqdm=False)
+                parts = [x for x in self.llm.apply_model(functools.partial(_kl_score, i, len(seq) - 1))
+                         if x is not None]
+                total += parts[0]
+                count += len(seq) - 1
+            return total / count
         outs = self.llm.generate([{"prompt_token_ids": s} for s in self.seqs], self.params, use_tqdm=False)
         total, count = 0.0, 0
         for seq, out in zip(self.seqs, outs):
