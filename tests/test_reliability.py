@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,6 @@ def test_concurrency_disconnect_and_preemption_keep_greedy_tokens(small_kv_serve
     assert dis[0]["disconnected"] and dis[0]["status"] == 200 and 2 <= len(dis[0]["tokens"]) < MAX_TOKENS
     assert m2["num_preemptions"] - m1["num_preemptions"] > 0, "the small KV cache must force preemption"
     assert m2["finished"] - m1["finished"] == N                # the disconnected request never finished …
-    import time
-
     time.sleep(1)
     assert srv.aborted_requests() - aborted0 == 1              # … vLLM aborted it
     assert srv.healthy()

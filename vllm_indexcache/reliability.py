@@ -42,7 +42,6 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 CLI = [sys.executable, "-m", "vllm_indexcache.cli"]
@@ -157,15 +156,12 @@ class Server:
         import requests
 
         text = requests.get(f"{self.base_url}/metrics", timeout=30).text
-        out = {"num_preemptions": 0.0, "aborted": 0.0, "finished": 0.0}
+        out = {"num_preemptions": 0.0, "finished": 0.0}
         for line in text.splitlines():
             if line.startswith("vllm:num_preemptions_total"):
                 out["num_preemptions"] += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("vllm:request_success_total"):
-                value = float(line.rsplit(" ", 1)[1])
-                out["finished"] += value
-                if 'finished_reason="abort"' in line:
-                    out["aborted"] += value
+            elif line.startswith("vllm:request_success_total"):  # finished requests (aborted ones not counted)
+                out["finished"] += float(line.rsplit(" ", 1)[1])
         return out
 
     def aborted_requests(self) -> int:
@@ -276,7 +272,7 @@ def compare(recs: list[dict], reference: list[dict], max_tokens: int) -> dict:
     }
 
 
-def summarise_disconnects(recs: list[dict], reference_by_prompt: dict | None = None) -> dict:
+def summarise_disconnects(recs: list[dict]) -> dict:
     return {"clients": len(recs), "disconnected": sum(r["disconnected"] for r in recs),
             "tokens_before_disconnect": [len(r["tokens"]) for r in recs],
             "errors": sum(r["status"] != 200 for r in recs)}
