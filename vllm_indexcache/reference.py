@@ -182,9 +182,13 @@ def set_ties(model, ties: str) -> None:
 
 
 def default_pattern(model) -> str:
-    """All ``F`` when every layer has indexer weights; otherwise (GLM-5.2-style checkpoints that ship indexers only
-    on F layers) the checkpoint's own pattern."""
+    """The checkpoint's own pattern: ``index_topk_pattern`` from its config when set (e.g. a checkpoint written by
+    ``vllm-indexcache distill``, which drops S-layer indexers); for GLM-5.2-style checkpoints that ship indexers only
+    on F layers, the layers that have them; otherwise all ``F``."""
     state = _install(model)
+    configured = getattr(model.config, "index_topk_pattern", None)
+    if isinstance(configured, str) and len(configured) == len(_layers(model)):
+        return configured
     if state.arch == _ARCH_GLM:
         return "".join("F" if m is not None else "S" for m in state.indexers)
     return "F" * len(_layers(model))
