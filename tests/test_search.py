@@ -216,9 +216,23 @@ def test_resume_after_sigkill_of_a_real_process(full_run, toy):
     assert killed_at is not None and 1 <= killed_at < 4, "the search finished before it could be killed"
     assert proc.returncode == -signal.SIGKILL
     state = json.loads(spath.read_text())                      # atomic writes: parseable after SIGKILL
-    assert state["steps"] == full_run["steps"][:len(state["steps"])]
+    # The killed search ran in another process, whose CPU kernels may use another thread count and so sum in
+    # another order: its losses agree to float32 rounding, not bit for bit (the in-process kill test above checks
+    # bit-for-bit equality). Flips and patterns must be identical.
+    _assert_same_steps(state["steps"], full_run["steps"][:len(state["steps"])])
     resumed = run(make_args(toy["model"], toy["data"], out, resume=True), scorer_factory=cached_factory)
-    assert resumed["steps"] == full_run["steps"]
+    _assert_same_steps(resumed["steps"], full_run["steps"])
+    assert resumed["levels"] == full_run["levels"]
+
+
+def _assert_same_steps(got, want, rel=1e-6):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert {k: a[k] for k in ("step", "flipped", "pattern", "num_f")} == \
+            {k: b[k] for k in ("step", "flipped", "pattern", "num_f")}
+        assert a["loss"] == pytest.approx(b["loss"], rel=rel)
+        assert a["candidates"].keys() == b["candidates"].keys()
+        assert all(a["candidates"][c] == pytest.approx(b["candidates"][c], rel=rel) for c in a["candidates"])
 
 
 @pytest.mark.parametrize("kind", ["other-model", "other-data", "other-objective", "corrupt", "no-resume-flag"])
