@@ -3,53 +3,27 @@ loopback: completions and chat completions, streaming included, and bad IndexCac
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
+
+from vllm_indexcache.reliability import free_port
 
 SERVE = [sys.executable, "-m", "vllm_indexcache.cli", "serve"]
 SERVER_ARGS = ["--max-model-len", "1024", "--kv-cache-memory-bytes", str(128 << 20), "--dtype", "float32",
                "--enforce-eager"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(toy_models, tmp_path_factory):
-    port = _free_port()
+    from vllm_indexcache.reliability import Server
+
     log = tmp_path_factory.mktemp("server") / "serve.log"
     model = toy_models["deepseek"]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([*SERVE, model, "--port", str(port), "--hf-overrides",
-                                 json.dumps({"index_topk_pattern": "FSFS"}), *SERVER_ARGS],
-                                stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    import requests
-
-    deadline = time.time() + 300
-    while True:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
-    yield {"port": port, "model": model, "log": log}
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    args = ["--hf-overrides", json.dumps({"index_topk_pattern": "FSFS"}), *SERVER_ARGS]
+    with Server(model, log, args, startup_timeout=300) as srv:
+        yield {"port": srv.port, "model": model, "log": log}
 
 
 def _client(server):
@@ -94,7 +68,7 @@ def test_chat_completions_streaming_equals_non_streaming(server):
     ({"index_cache_preset": "glm5-searched-1of4"}, "index_cache_preset='glm5-searched-1of4'"),
 ])
 def test_bad_indexcache_settings_exit_before_loading(toy_models, overrides, expected):
-    proc = subprocess.run([*SERVE, toy_models["deepseek"], "--port", str(_free_port()), "--hf-overrides",
+    proc = subprocess.run([*SERVE, toy_models["deepseek"], "--port", str(free_port()), "--hf-overrides",
                            json.dumps(overrides), *SERVER_ARGS], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR: ")]
