@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -199,20 +198,10 @@ def test_resume_after_sigkill_of_a_real_process(full_run, toy):
     cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
            "--retain", "1/8", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
            "--device", "cpu", "--no-progress"]
+    from vllm_indexcache.reliability import sigkill_after_first_step
+
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed_at = None
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            n = len(json.loads(spath.read_text())["steps"])
-        except (OSError, ValueError, KeyError):
-            n = 0
-        if n >= 1:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            killed_at = n
-            break
-        time.sleep(0.02)
+    killed_at = sigkill_after_first_step(proc, spath, timeout=120)
     assert killed_at is not None and 1 <= killed_at < 4, "the search finished before it could be killed"
     assert proc.returncode == -signal.SIGKILL
     state = json.loads(spath.read_text())                      # atomic writes: parseable after SIGKILL

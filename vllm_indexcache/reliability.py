@@ -468,6 +468,25 @@ def non_dsa_model(model_dir: Path, log: Path, startup_timeout: float) -> dict:
     return res
 
 
+def sigkill_after_first_step(proc: subprocess.Popen, state_file: Path, timeout: float) -> int | None:
+    """SIGKILL a running ``vllm-indexcache search`` as soon as its state file holds a committed step.
+
+    Returns the number of committed steps at the kill, or None if the search ended (or ``timeout`` seconds passed)
+    first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            n = len(json.loads(Path(state_file).read_text())["steps"])
+        except (OSError, ValueError, KeyError):
+            n = 0
+        if n >= 1:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return n
+        time.sleep(0.02)
+    return None
+
+
 def phase_search(root: Path, timeout: float) -> dict:
     """SIGKILL + resume gives the uninterrupted trajectory; corrupt / other-model / other-data states are refused
     with exit 2 and one ``error:`` line, and left unchanged."""
@@ -503,18 +522,7 @@ def phase_search(root: Path, timeout: float) -> dict:
     kill_out = root / "killed" / "search.json"
     kill_out.parent.mkdir(exist_ok=True)
     proc = subprocess.Popen(cmd(model, data, kill_out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed_at, deadline = None, time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            n = len(json.loads(state(kill_out).read_text())["steps"])
-        except (OSError, ValueError, KeyError):
-            n = 0
-        if n >= 1:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            killed_at = n
-            break
-        time.sleep(0.02)
+    killed_at = sigkill_after_first_step(proc, state(kill_out), timeout)
     if proc.poll() is None:
         proc.kill()
         proc.wait()

@@ -28,6 +28,19 @@ def _scores_chunk(q: torch.Tensor, kT: torch.Tensor, w: torch.Tensor, pos: torch
     return scores.masked_fill_(key_pos[None, :] > pos[:, None], float("-inf"))
 
 
+def _chunked_scores(q, k, weights, q_positions, max_chunk_bytes):
+    """Yield ``(a, b, pos, scores)`` for consecutive row chunks ``[a, b)``: ``scores [b-a, S]`` float32, ``-inf``
+    where invisible; chunks sized so the ``[rows, H, S]`` float32 intermediate stays under ``max_chunk_bytes``."""
+    check_indexer_inputs(q, k, weights, q_positions)
+    T, H, _ = q.shape
+    kT = k.float().T.contiguous()
+    step = rows_per_chunk(H * k.shape[0] * 4, max_chunk_bytes)
+    for a in range(0, T, step):
+        b = min(T, a + step)
+        pos = q_positions[a:b].long()
+        yield a, b, pos, _scores_chunk(q[a:b].float(), kT, weights[a:b].float(), pos)
+
+
 def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_positions: torch.Tensor,
                    max_chunk_bytes: int = 256 << 20) -> torch.Tensor:
     """Vectorised :func:`~vllm_indexcache.ops.indexer.naive.indexer_scores_naive`.
@@ -45,15 +58,9 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_po
     Raises:
         ValueError: invalid shapes or positions (see :func:`~vllm_indexcache.ops.indexer.naive.check_indexer_inputs`).
     """
-    check_indexer_inputs(q, k, weights, q_positions)
-    T, H, _ = q.shape
-    S = k.shape[0]
-    kT = k.float().T.contiguous()
-    out = torch.empty((T, S), dtype=torch.float32, device=q.device)
-    step = rows_per_chunk(H * S * 4, max_chunk_bytes)
-    for a in range(0, T, step):
-        b = min(T, a + step)
-        out[a:b] = _scores_chunk(q[a:b].float(), kT, weights[a:b].float(), q_positions[a:b].long())
+    out = torch.empty((q.shape[0], k.shape[0]), dtype=torch.float32, device=q.device)
+    for a, b, _, scores in _chunked_scores(q, k, weights, q_positions, max_chunk_bytes):
+        out[a:b] = scores
     return out
 
 
@@ -104,15 +111,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_posi
     """
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
-    check_indexer_inputs(q, k, weights, q_positions)
-    T, H, _ = q.shape
-    S = k.shape[0]
-    kT = k.float().T.contiguous()
-    out = torch.empty((T, topk), dtype=torch.int32, device=q.device)
-    step = rows_per_chunk(H * S * 4, max_chunk_bytes)
-    for a in range(0, T, step):
-        b = min(T, a + step)
-        pos = q_positions[a:b].long()
-        scores = _scores_chunk(q[a:b].float(), kT, weights[a:b].float(), pos)
+    out = torch.empty((q.shape[0], topk), dtype=torch.int32, device=q.device)
+    for a, b, pos, scores in _chunked_scores(q, k, weights, q_positions, max_chunk_bytes):
         out[a:b] = _select(scores, pos, topk)
     return out
