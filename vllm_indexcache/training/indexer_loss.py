@@ -132,6 +132,7 @@ def indexer_kl(target: torch.Tensor, scores: torch.Tensor, support: torch.Tensor
     support = support.expand_as(scores)
     p = target.detach().masked_fill(~support, 0.0)
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
-    logq = scores.masked_fill(~support, float("-inf")).log_softmax(-1).masked_fill(~support, 0.0)
+    # float32 log-softmax: under bf16 autocast a bf16 normaliser makes the KL slightly negative
+    logq = scores.float().masked_fill(~support, float("-inf")).log_softmax(-1).masked_fill(~support, 0.0)
     logp = torch.where(p > 0, p.clamp_min(1e-30).log(), torch.zeros_like(p))
     return (p * (logp - logq)).sum(-1).mean()
