@@ -13,7 +13,7 @@ def test_resolve_pattern():
     assert resolve_pattern("1/8", 8) == "FSSSSSSS"
     assert resolve_pattern("1/4", 6) == "FSSSFS"          # ceil(n/k) F layers
     assert resolve_pattern("FSFS", 4) == "FSFS"
-    assert resolve_pattern("tiny-dsa-searched-1of4", 12) == "FSFFSSSSSSSS"
+    assert resolve_pattern("tiny-dsa-searched-1of4", 12) == "FSFSSSSSSFSS"
     with pytest.raises(ValueError):
         resolve_pattern("FSF", 4)
 
