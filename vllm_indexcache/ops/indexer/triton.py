@@ -18,7 +18,8 @@
 
 The top-k itself is ``torch.topk`` on the kernel's score chunks (a CUDA radix select), not a Triton kernel; the
 final order is made deterministic (descending score, ties towards the lower position) with a stable sort.
-Not wired into the INDEXCACHE backend, which runs on CPU (see ``docs/benchmarks.md``).
+Used by the CUDA Triton fallback of the INDEXCACHE backend (:mod:`vllm_indexcache.backend.cuda_indexer`); the CPU
+backend uses :mod:`.cpu`.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def _prefill_scores_kernel(q_ptr, k_ptr, w_ptr, pos_ptr, out_ptr, T, S_chunk, ke
 
 @triton.jit
 def _decode_scores_kernel(q_ptr, kc_ptr, w_ptr, bt_ptr, seqlen_ptr, out_ptr, H, S_max,
-                          stride_qt, stride_qh, stride_kc, stride_wt, stride_bt, stride_ot,
+                          stride_qt, stride_qh, stride_kb, stride_ko, stride_wt, stride_bt, stride_ot,
                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
                           PAGE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     b = tl.program_id(0)
@@ -92,8 +93,8 @@ def _decode_scores_kernel(q_ptr, kc_ptr, w_ptr, bt_ptr, seqlen_ptr, out_ptr, H, 
     d_mask = rd < D
     h_mask = rh < H
     block = tl.load(bt_ptr + b * stride_bt + rs // PAGE, mask=s_mask, other=0)
-    slot = block.to(tl.int64) * PAGE + rs % PAGE
-    kt = tl.load(kc_ptr + slot[None, :] * stride_kc + rd[:, None], mask=s_mask[None, :] & d_mask[:, None],
+    row = block.to(tl.int64) * stride_kb + (rs % PAGE).to(tl.int64) * stride_ko
+    kt = tl.load(kc_ptr + row[None, :] + rd[:, None], mask=s_mask[None, :] & d_mask[:, None],
                  other=0.0)                                                                # [BLOCK_D, BLOCK_S]
     q = tl.load(q_ptr + b * stride_qt + rh[:, None] * stride_qh + rd[None, :],
                 mask=h_mask[:, None] & d_mask[None, :], other=0.0)                         # [BLOCK_H, BLOCK_D]
@@ -213,7 +214,8 @@ def indexer_scores_decode(q: torch.Tensor, k_cache: torch.Tensor, weights: torch
 
     Args:
         q: ``[B, H, D]`` one query token per request (at position ``seq_lens[b] - 1``: every cached key visible).
-        k_cache: ``[num_slots, D]`` the layer's indexer K-cache viewed flat (slot = block · block_size + offset).
+        k_cache: ``[num_slots, D]`` the layer's indexer K-cache viewed flat (slot = block · block_size + offset), or
+            ``[num_blocks, block_size, D]`` with any block/offset strides (vLLM may pad pages; last dim contiguous).
         weights: ``[B, H]``.
         block_table: ``[B, max_blocks]`` int block ids per request.
         seq_lens: ``[B]`` number of keys per request (query included).
@@ -223,6 +225,15 @@ def indexer_scores_decode(q: torch.Tensor, k_cache: torch.Tensor, weights: torch
     q = q.contiguous()
     if k_cache.dtype != q.dtype:
         k_cache = k_cache.to(q.dtype)
+    if k_cache.stride(-1) != 1:
+        k_cache = k_cache.contiguous()
+    if k_cache.dim() == 3:
+        if k_cache.shape[1] != block_size:
+            raise ValueError(f"k_cache [num_blocks, block_size, D] has block_size {k_cache.shape[1]}, "
+                             f"expected {block_size}")
+        stride_kb, stride_ko = k_cache.stride(0), k_cache.stride(1)
+    else:
+        stride_kb, stride_ko = block_size * k_cache.stride(0), k_cache.stride(0)
     w = weights.float().contiguous()
     bt = block_table.to(torch.int32).contiguous()
     sl = seq_lens.to(torch.int32).contiguous()
@@ -232,7 +243,7 @@ def indexer_scores_decode(q: torch.Tensor, k_cache: torch.Tensor, weights: torch
         return out
     grid = (B, triton.cdiv(S_max, block_s))
     _decode_scores_kernel[grid](q, k_cache, w, bt, sl, out, H, S_max,
-                                q.stride(0), q.stride(1), k_cache.stride(0), w.stride(0), bt.stride(0),
+                                q.stride(0), q.stride(1), stride_kb, stride_ko, w.stride(0), bt.stride(0),
                                 out.stride(0), D=D, BLOCK_D=_pow2(D), BLOCK_H=_pow2(H), BLOCK_S=block_s,
                                 PAGE=block_size, PREC=_prec(q.dtype), UPCAST=_upcast())
     return out

@@ -10,7 +10,8 @@ One program per (query token, block of ``BLOCK_N`` heads): it walks the token's 
 block (the MQA structure of absorbed MLA: one latent "head" shared by every query head), and runs an online softmax
 (FlashAttention style) with a ``[BLOCK_N, L]`` fp32 accumulator. Prefill and decode use the same kernel — every
 query token carries its own slot list. A token without valid slots gets zeros, as the reference.
-Not wired into the INDEXCACHE backend, which runs on CPU (see ``docs/benchmarks.md``).
+Used by the CUDA Triton fallback of the INDEXCACHE backend (:mod:`vllm_indexcache.backend.cuda_triton`); the CPU
+backend uses :mod:`.cpu`.
 """
 from __future__ import annotations
 

@@ -1,0 +1,104 @@
+"""Triton fallback of the INDEXCACHE sparse MLA backend for CUDA vLLM 0.26 (no FlashMLA, no DeepGEMM).
+
+Selected by ``vllm_glue/cuda_platform.py`` when ``--attention-backend indexcache`` is asked for on a GPU where no
+native sparse MLA backend validates, or when ``VLLM_INDEXCACHE_KERNELS=triton`` forces it. Built on vLLM 0.26's
+``FlashMLASparseBackend`` (``v1/attention/backends/mla/flashmla_sparse.py``), bf16 latent cache only:
+
+* **Backend** — name ``INDEXCACHE`` (what the user selected; also keeps vLLM's ``FLASHMLA_SPARSE``-only switches off:
+  ``_canonicalize_sparse_mla_kv_cache_dtype`` would turn fp8 into ``fp8_ds_mla``, and the sparse-MLA warmup would
+  warm FlashMLA metadata paths), kv-cache dtype ``auto``/``bfloat16`` (fp8 refused with a reason), compute
+  capability >= 8.0, block size 64 (vLLM's DSA indexer cache needs 64 too).
+* **Builder** — ``FlashMLASparseMetadataBuilder`` unchanged apart from ``AttentionCGSupport.NEVER``: with a bf16
+  cache its ``build`` only runs the shared ``SparseMLACommonMetadataBuilder.build`` (decode/prefill split,
+  ``req_id_per_token``, dense-MHA prefill metadata) and never calls FlashMLA's ``get_mla_metadata`` (fp8 only);
+  its constructor allocates a few small buffers. CUDA graphs are refused because the Triton indexer step syncs.
+* **Impl** — ``FlashMLASparseImpl`` whose bf16 kernel call ``_bf16_flash_mla_kernel`` (q ``[T, H, 576]``, flat
+  cache, global slots ``[T, topk]`` with ``-1``) runs :func:`vllm_indexcache.ops.sparse_mla.triton.sparse_mla`
+  instead of ``flash_mla_sparse_fwd`` (no head padding needed). vLLM's own Triton
+  ``triton_convert_req_index_to_global_index`` still maps request-local top-k to slots; short prefills
+  (``seq_len <= index_topk``) still go to vLLM's dense MHA prefill backend, exactly as natively. F layers' indexers
+  are adopted by :func:`vllm_indexcache.backend.cuda_indexer.adopt_indexer_cuda` (unquantised keys, Triton top-k).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import AttentionCGSupport, MultipleOf
+from vllm.v1.attention.backends.mla.flashmla_sparse import (FlashMLASparseBackend, FlashMLASparseImpl,
+                                                           FlashMLASparseMetadataBuilder)
+
+from vllm_indexcache import BACKEND_NAME
+from vllm_indexcache.backend.cuda_indexer import adopt_indexer_cuda
+from vllm_indexcache.ops.sparse_mla.triton import sparse_mla
+
+_FP8_REASON = ("kv_cache_dtype {0!r}: the INDEXCACHE Triton fallback keeps the MLA latent cache in bfloat16 "
+               "(FlashMLA's fp8_ds_mla layout needs FlashMLA kernels); use --kv-cache-dtype auto")
+
+
+class IndexCacheTritonSparseMLABackend(FlashMLASparseBackend):
+    """Sparse MLA backend ``INDEXCACHE`` on Triton kernels (SM80+), bf16 latent cache."""
+
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [64]
+
+    @staticmethod
+    def get_builder_cls() -> type["IndexCacheTritonSparseMLAMetadataBuilder"]:
+        return IndexCacheTritonSparseMLAMetadataBuilder
+
+    @staticmethod
+    def get_impl_cls() -> type["IndexCacheTritonSparseMLAImpl"]:
+        return IndexCacheTritonSparseMLAImpl
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return capability.major >= 8
+
+    @classmethod
+    def supports_combination(cls, head_size, dtype, kv_cache_dtype, *args, **kwargs) -> str | None:
+        if kv_cache_dtype is not None and kv_cache_dtype not in cls.supported_kv_cache_dtypes:
+            return _FP8_REASON.format(kv_cache_dtype)
+        return None
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        if cache_dtype_str not in ("auto", "bfloat16"):
+            raise ValueError(_FP8_REASON.format(cache_dtype_str))
+        return (num_blocks, block_size, head_size)
+
+
+class IndexCacheTritonSparseMLAMetadataBuilder(FlashMLASparseMetadataBuilder):
+    """vLLM's sparse MLA builder (bf16 path: no FlashMLA calls), without CUDA graphs."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+
+class IndexCacheTritonSparseMLAImpl(FlashMLASparseImpl):
+    """``FlashMLASparseImpl`` with the bf16 FlashMLA kernel replaced by the project's Triton sparse MLA."""
+
+    def __init__(self, *args, indexer=None, **kwargs):
+        super().__init__(*args, indexer=indexer, **kwargs)
+        if self.kv_cache_dtype not in ("auto", "bfloat16"):
+            raise ValueError(_FP8_REASON.format(self.kv_cache_dtype))
+        if self.topk_indices_buffer is None:
+            raise ValueError("INDEXCACHE Triton backend: sparse MLA layer built without a topk_indices_buffer")
+        if indexer is not None:  # F layer: unquantised keys + Triton top-k instead of FP8 + DeepGEMM
+            adopt_indexer_cuda(indexer)
+
+    def _bf16_flash_mla_kernel(self, q: torch.Tensor, kv_c_and_k_pe_cache: torch.Tensor,
+                               topk_indices: torch.Tensor, topk_length: torch.Tensor | None = None) -> torch.Tensor:
+        """``[T, H, kv_lora_rank]`` sparse attention of ``q [T, H, kv_lora_rank + rope]`` over global slots
+        ``topk_indices [T, topk]`` (``-1`` = none) of the flat latent cache; ``topk_length`` is not needed."""
+        cache = kv_c_and_k_pe_cache.view(-1, kv_c_and_k_pe_cache.shape[-1])
+        latent = self.kv_lora_rank
+        return sparse_mla(q[..., :latent], q[..., latent:], cache, topk_indices.view(q.shape[0], -1),
+                          self.softmax_scale)
