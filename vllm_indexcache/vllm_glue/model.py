@@ -1,4 +1,4 @@
-"""DSA model classes for vLLM on CPU: vLLM's own ``deepseek_v2`` models, built from the resolved F/S pattern.
+"""DSA model classes for vLLM (CPU and CUDA): vLLM's own ``deepseek_v2`` models, built from the resolved F/S pattern.
 
 vLLM source: ``vllm/model_executor/models/deepseek_v2.py`` (``DeepseekV2MLAAttention.__init__`` decides per layer
 from ``index_topk_pattern`` whether it builds an ``Indexer`` — F — or gets ``indexer=None`` and reads the shared
@@ -13,7 +13,7 @@ What this adds, per pipeline stage:
   would read a buffer nothing wrote. The stage's first layer is made F with a warning (its checkpoint must hold
   that layer's indexer weights; otherwise loading fails with vLLM's missing-weight error).
 * **Start-up report**: the pattern and the indexer K-cache bytes per token saved against all-F.
-* **RoPE through the pure-torch path.** Inside the CPU worker (``custom_ops=["all"]``) the attention RoPE dispatches
+* **RoPE through the pure-torch path (CPU only).** Inside the CPU worker (``custom_ops=["all"]``) the attention RoPE dispatches
   to ``RotaryEmbedding.forward_cpu`` → ``ops.rotary_embedding``, which rotated the rope half of MLA's
   ``[T, heads, qk_rope_head_dim]`` query wrongly on the DSA test models (measured: it changed the query at position
   0, where RoPE is the identity, so greedy tokens diverged from transformers). The attention RoPE modules are
@@ -48,21 +48,16 @@ def stage_pattern(pattern: str, start_layer: int, end_layer: int) -> str:
     return pattern
 
 
-def indexer_cache_bytes_per_token(hf_config, dtype_bytes: int) -> int:
-    """Bytes of indexer K-cache one token occupies in one F layer: ``index_head_dim`` values of the model dtype on
-    CPU (the INDEXCACHE backend keeps keys unquantised so that top-k matches the reference)."""
-    return int(hf_config.index_head_dim) * dtype_bytes
-
-
-def _prepare(vllm_config) -> None:
-    """Force the stage's first layer F and log the start-up report (called before the layers are built)."""
+def _prepare(vllm_config):
+    """Force the stage's first layer F (called before the layers are built); return ``(pattern, start, end)`` of
+    this stage, or ``None`` for a checkpoint without an IndexCache pattern."""
     from vllm.distributed import get_pp_group
     from vllm.distributed.utils import get_pp_indices
 
     hf_config = vllm_config.model_config.hf_config
     pattern = getattr(hf_config, "index_topk_pattern", None)
     if not pattern:
-        return
+        return None
     pp = get_pp_group()
     start, end = get_pp_indices(hf_config.num_hidden_layers, pp.rank_in_group, pp.world_size)
     local = stage_pattern(pattern, start, end)
@@ -71,11 +66,32 @@ def _prepare(vllm_config) -> None:
                        "this stage wrote; layer %d runs its own indexer (F) on this stage.", pp.rank_in_group,
                        start, start)
         hf_config.index_topk_pattern = local
-    n_f = local.count("F")
-    per_layer = indexer_cache_bytes_per_token(hf_config, vllm_config.model_config.dtype.itemsize)
-    logger.info("%s (stage %d: layers %d-%d); indexer K-cache %d B/token instead of %d B/token all-F "
-                "(%d B/token saved)", summary(local), pp.rank_in_group, start, end - 1, per_layer * n_f,
-                per_layer * len(local), per_layer * (len(local) - n_f))
+    return local, pp.rank_in_group, start, end
+
+
+def indexer_cache_bytes(model) -> tuple[int, int]:
+    """``(bytes per token of one F layer's indexer K-cache, number of F layers built)`` of a constructed model.
+
+    Read from the built ``DeepseekV32IndexerCache`` modules (``head_dim`` × dtype size per token): 132 B in CUDA vLLM
+    (128 FP8 values + one fp32 scale per 128, ``deepseek_v2.Indexer``), ``index_head_dim`` values of the model dtype
+    with the CPU INDEXCACHE backend. S layers build none.
+    """
+    caches = [m for m in model.modules() if isinstance(m, deepseek_v2.DeepseekV32IndexerCache)]
+    if not caches:
+        return 0, 0
+    return int(caches[0].head_dim) * caches[0].dtype.itemsize, len(caches)
+
+
+def _report(model, stage) -> None:
+    """Log the start-up report: pattern, and indexer K-cache bytes per token against all-F."""
+    if stage is None:
+        return
+    local, rank, start, end = stage
+    per_layer, n_f = indexer_cache_bytes(model)
+    n_layers = end - start
+    logger.info("%s (stage %d: layers %d-%d, %d F built); indexer K-cache %d B/token instead of %d B/token all-F "
+                "(%d B/token saved)", summary(local), rank, start, end - 1, n_f, per_layer * n_f,
+                per_layer * n_layers, per_layer * (n_layers - n_f))
 
 
 def _rope_native(rope) -> None:
@@ -87,28 +103,32 @@ def _rope_native(rope) -> None:
     rope.forward = types.MethodType(forward, rope)
 
 
-def _finish(model) -> None:
-    for name, module in model.named_modules():
-        if name.endswith("self_attn.rotary_emb"):
-            _rope_native(module)
+def _finish(model, stage) -> None:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        for name, module in model.named_modules():
+            if name.endswith("self_attn.rotary_emb"):
+                _rope_native(module)
+    _report(model, stage)
 
 
 class IndexCacheDeepseekV32ForCausalLM(deepseek_v2.DeepseekV3ForCausalLM):
-    """``DeepseekV32ForCausalLM`` on CPU through the INDEXCACHE backend (see module docstring)."""
+    """``DeepseekV32ForCausalLM`` with the resolved IndexCache pattern (see module docstring)."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        _prepare(vllm_config)
+        stage = _prepare(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        _finish(self)
+        _finish(self, stage)
 
 
 class IndexCacheGlmMoeDsaForCausalLM(deepseek_v2.GlmMoeDsaForCausalLM):
-    """``GlmMoeDsaForCausalLM`` on CPU through the INDEXCACHE backend (see module docstring)."""
+    """``GlmMoeDsaForCausalLM`` with the resolved IndexCache pattern (see module docstring)."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        _prepare(vllm_config)
+        stage = _prepare(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        _finish(self)
+        _finish(self, stage)
 
 
 def register_models() -> None:

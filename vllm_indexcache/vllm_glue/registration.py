@@ -11,7 +11,20 @@ from __future__ import annotations
 
 from vllm_indexcache import BACKEND_NAME
 
+#: Class path registered for ``INDEXCACHE`` on CPU; on CUDA the Triton fallback (``cuda_platform`` picks vLLM's
+#: native sparse kernels instead where they exist).
 BACKEND_PATH = "vllm_indexcache.backend.sparse_mla.IndexCacheSparseMLABackend"
+
+
+def backend_path() -> str:
+    """``INDEXCACHE``'s class path on this platform."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        from vllm_indexcache.vllm_glue.cuda_platform import TRITON_BACKEND_PATH
+
+        return TRITON_BACKEND_PATH
+    return BACKEND_PATH
 
 
 def _indexcache_member():
@@ -28,7 +41,7 @@ def register_backend() -> None:
 
     enum_cls = registry.AttentionBackendEnum
     if BACKEND_NAME not in enum_cls._member_map_:
-        registry.register_backend(BACKEND_NAME, BACKEND_PATH)
+        registry.register_backend(BACKEND_NAME, backend_path())
     if not getattr(enum_cls, "_indexcache_pickle_patched", False):
         original = enum_cls.__reduce_ex__
 

@@ -1,0 +1,71 @@
+"""The CUDA platform hook's backend choice (vllm_glue/cuda_platform.py), with vLLM's selector replaced by fakes.
+
+The hook itself only runs inside CUDA vLLM (checked on the H200 by scripts/bench_vllm_h200.py); what it decides is
+plain logic and is checked here on CPU.
+"""
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_indexcache.vllm_glue import cuda_platform as cp
+
+NATIVE = "vllm.v1.attention.backends.mla.flashmla_sparse.FlashMLASparseBackend"
+DEFAULT = "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"
+
+
+def _original(native_ok=True):
+    calls = []
+
+    def original(cls, selected, cfg, num_heads=None):
+        calls.append(selected)
+        if selected is not None:
+            return f"explicit:{selected.name}"
+        if cfg.use_sparse:
+            if not native_ok:
+                raise ValueError("No valid attention backend found for cuda")
+            return NATIVE
+        return DEFAULT
+
+    return original, calls
+
+
+INDEXCACHE = SimpleNamespace(name="INDEXCACHE")
+SPARSE, DENSE = SimpleNamespace(use_sparse=True), SimpleNamespace(use_sparse=False)
+
+
+@pytest.mark.parametrize("env,native_ok,expected", [
+    (None, True, NATIVE), ("auto", True, NATIVE), ("native", True, NATIVE), ("triton", True, cp.TRITON_BACKEND_PATH),
+    (None, False, cp.TRITON_BACKEND_PATH), ("triton", False, cp.TRITON_BACKEND_PATH)])
+def test_sparse_layers_pick_native_or_triton(monkeypatch, env, native_ok, expected):
+    if env is None:
+        monkeypatch.delenv(cp.KERNELS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(cp.KERNELS_ENV, env)
+    original, calls = _original(native_ok)
+    assert cp.select_backend(original, None, INDEXCACHE, SPARSE) == expected
+    # vLLM is always asked without a selection, so it ranks its own sparse backends
+    assert all(c is None for c in calls)
+
+
+def test_native_without_native_kernels_raises_vllms_error(monkeypatch):
+    monkeypatch.setenv(cp.KERNELS_ENV, "native")
+    original, _ = _original(native_ok=False)
+    with pytest.raises(ValueError, match="No valid attention backend"):
+        cp.select_backend(original, None, INDEXCACHE, SPARSE)
+
+
+def test_bad_kernel_choice_names_the_variable(monkeypatch):
+    monkeypatch.setenv(cp.KERNELS_ENV, "cutlass")
+    original, _ = _original()
+    with pytest.raises(ValueError, match=r"^VLLM_INDEXCACHE_KERNELS='cutlass': expected one of auto, native, triton$"):
+        cp.select_backend(original, None, INDEXCACHE, SPARSE)
+
+
+def test_other_selections_and_dense_layers_pass_through():
+    original, calls = _original()
+    flash = SimpleNamespace(name="FLASHMLA_SPARSE")
+    assert cp.select_backend(original, None, flash, SPARSE) == "explicit:FLASHMLA_SPARSE"
+    assert cp.select_backend(original, None, None, SPARSE) == NATIVE
+    # INDEXCACHE asked for a model without an indexer: vLLM's default backend, not an error
+    assert cp.select_backend(original, None, INDEXCACHE, DENSE) == DEFAULT
+    assert calls[-1] is None

@@ -1,0 +1,91 @@
+"""CUDA platform hook: ``--attention-backend indexcache`` on GPUs (written against CUDA vLLM 0.26.0).
+
+vLLM source: ``vllm/platforms/cuda.py`` (``CudaPlatformBase.get_attn_backend_cls``: an explicitly selected backend is
+only validated, never replaced; without one, ``_get_backend_priorities`` ranks FLASHMLA_SPARSE /
+FLASHINFER_MLA_SPARSE for sparse MLA layers on SM90/SM100).
+
+For sparse MLA (DSA) layers with ``INDEXCACHE`` selected, the hook picks the kernels:
+
+* ``VLLM_INDEXCACHE_KERNELS=auto`` (default): vLLM's native sparse MLA backend when one validates on this GPU
+  (FlashMLA sparse + DeepGEMM indexer on Hopper/Blackwell) — the plugin then adds its configuration, validation,
+  presets, pipeline-stage fix and start-up report around vLLM's own kernels; otherwise the project's Triton
+  kernels (:mod:`vllm_indexcache.backend.cuda_triton`).
+* ``native``: vLLM's kernels or vLLM's own error; ``triton``: the Triton kernels even where native ones exist.
+
+A model without a lightning indexer asked for ``INDEXCACHE`` gets vLLM's default backend and one warning, as on CPU.
+"""
+from __future__ import annotations
+
+import os
+
+from vllm.logger import init_logger
+
+from vllm_indexcache import BACKEND_NAME
+
+logger = init_logger("vllm.indexcache")
+
+#: Class path of the Triton fallback backend (GPUs without vLLM's native DSA kernels).
+TRITON_BACKEND_PATH = "vllm_indexcache.backend.cuda_triton.IndexCacheTritonSparseMLABackend"
+KERNELS_ENV = "VLLM_INDEXCACHE_KERNELS"
+KERNEL_CHOICES = ("auto", "native", "triton")
+_PATCHED = False
+
+
+def kernel_choice() -> str:
+    """The value of ``VLLM_INDEXCACHE_KERNELS`` (default ``auto``).
+
+    Raises:
+        ValueError: one line naming the variable and the bad value.
+    """
+    value = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if value not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNELS_ENV}={value!r}: expected one of {', '.join(KERNEL_CHOICES)}")
+    return value
+
+
+def select_backend(original, cls, selected_backend, attn_selector_config, num_heads=None) -> str:
+    """The class path for one attention layer; ``original`` is vLLM's ``get_attn_backend_cls`` function.
+
+    Raises:
+        ValueError: ``VLLM_INDEXCACHE_KERNELS`` is invalid, or it is ``native`` and vLLM has no valid sparse backend
+            (vLLM's own message).
+    """
+    if selected_backend is None or selected_backend.name != BACKEND_NAME:
+        return original(cls, selected_backend, attn_selector_config, num_heads)
+    if not attn_selector_config.use_sparse:
+        logger.warning_once("--attention-backend %s: this model has no lightning indexer (not a DSA model), "
+                            "so IndexCache does not apply; using vLLM's default attention backend.",
+                            BACKEND_NAME.lower())
+        return original(cls, None, attn_selector_config, num_heads)
+    choice = kernel_choice()
+    if choice != "triton":
+        try:
+            path = original(cls, None, attn_selector_config, num_heads)
+        except ValueError:
+            if choice == "native":
+                raise
+            path = None
+        if path is not None:
+            logger.info_once("IndexCache: sparse MLA (DSA) through vLLM's native kernels (%s).",
+                             path.rsplit(".", 1)[-1])
+            return path
+    logger.info_once("IndexCache: sparse MLA (DSA) through the project's Triton kernels (%s=%s).",
+                     KERNELS_ENV, choice)
+    return TRITON_BACKEND_PATH
+
+
+def install() -> None:
+    """Wrap ``get_attn_backend_cls`` of the current CUDA platform class (idempotent)."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    _PATCHED = True
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    original = platform_cls.get_attn_backend_cls.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        return select_backend(original, cls, selected_backend, attn_selector_config, num_heads)
+
+    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
