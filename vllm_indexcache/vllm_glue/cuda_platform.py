@@ -13,6 +13,8 @@ For sparse MLA (DSA) layers with ``INDEXCACHE`` selected, the hook picks the ker
 * ``native``: vLLM's kernels or vLLM's own error; ``triton``: the Triton kernels even where native ones exist.
 
 A model without a lightning indexer asked for ``INDEXCACHE`` gets vLLM's default backend and one warning, as on CPU.
+The Triton fallback's metadata builders refuse CUDA graphs (its indexer step reads sizes back to the host), so vLLM
+runs those layers eagerly.
 """
 from __future__ import annotations
 
@@ -89,3 +91,8 @@ def install() -> None:
         return select_backend(original, cls, selected_backend, attn_selector_config, num_heads)
 
     platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    # F layers' Indexer is built before its attention layer picks a backend; on GPUs without DeepGEMM vLLM raises
+    # there, so the error is deferred to the native indexer's first forward (the Triton fallback never calls it).
+    from vllm_indexcache.backend.cuda_indexer import install_deep_gemm_guard
+
+    install_deep_gemm_guard()
