@@ -83,6 +83,9 @@ def worker(a) -> int:
     if a.pattern:
         kwargs["hf_overrides"] = {"index_topk_pattern": a.pattern}
     if a.plugin:
+        import vllm_indexcache
+
+        vllm_indexcache.register()  # the entry point does this too (EngineArgs.__post_init__); explicit here
         kwargs["attention_backend"] = "indexcache"
     if os.environ.get("BENCH_KV_BYTES"):  # CPU smoke runs: vLLM on CPU sizes its KV cache in bytes
         kwargs.pop("gpu_memory_utilization")

@@ -35,6 +35,17 @@ def _indexcache_member():
     return AttentionBackendEnum[BACKEND_NAME]
 
 
+def _add_member(enum_cls, name: str, path: str) -> None:
+    """vLLM 0.26's ``register_backend`` only re-points existing members (``_ATTN_OVERRIDES``); add ``name`` to the
+    enum itself (value = class path, as vLLM's own members) so that ``AttentionBackendEnum[name]`` resolves."""
+    member = object.__new__(enum_cls)
+    member._name_, member._value_ = name, path
+    member.__objclass__ = enum_cls
+    enum_cls._member_map_[name] = member
+    enum_cls._member_names_.append(name)
+    enum_cls._value2member_map_[path] = member
+
+
 def register_backend() -> None:
     """Register ``INDEXCACHE`` (idempotent) so that ``--attention-backend indexcache`` parses and selects it."""
     from vllm.v1.attention.backends import registry
@@ -42,6 +53,8 @@ def register_backend() -> None:
     enum_cls = registry.AttentionBackendEnum
     if BACKEND_NAME not in enum_cls._member_map_:
         registry.register_backend(BACKEND_NAME, backend_path())
+    if BACKEND_NAME not in enum_cls._member_map_:
+        _add_member(enum_cls, BACKEND_NAME, backend_path())
     if not getattr(enum_cls, "_indexcache_pickle_patched", False):
         original = enum_cls.__reduce_ex__
 
