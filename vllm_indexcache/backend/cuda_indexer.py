@@ -34,6 +34,7 @@ from vllm.v1.attention.backend import (AttentionCGSupport, AttentionMetadata, At
 from vllm.v1.attention.backends.mla.indexer import DeepseekV32IndexerBackend
 from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
+from vllm_indexcache.backend.indexer_projection import indexer_qkw
 from vllm_indexcache.ops.indexer.paged_triton import paged_indexer_step
 
 _GUARD_INSTALLED = False
@@ -103,17 +104,7 @@ class TritonIndexer(Indexer):
     """vLLM's ``Indexer`` with an unquantised forward on the Triton kernels (weights and module layout unchanged)."""
 
     def forward(self, hidden_states: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, rotary_emb):
-        num_heads, head_dim, rope_dim = self.n_head, self.head_dim, self.rope_dim
-        q, _ = self.wq_b(qr)
-        q = q.view(-1, num_heads, head_dim)
-        q_pe, q_nope = torch.split(q, [rope_dim, head_dim - rope_dim], dim=-1)
-        kw, _ = self.wk_weights_proj(hidden_states)
-        k = self.k_norm(kw[:, :head_dim])
-        weights = kw[:, head_dim:].float() * (self.softmax_scale * self.n_head_scale)
-        k_pe, k_nope = torch.split(k, [rope_dim, head_dim - rope_dim], dim=-1)
-        q_pe, k_pe = rotary_emb(positions, q_pe.contiguous(), k_pe.unsqueeze(1).contiguous())
-        q = torch.cat([q_pe.reshape(-1, num_heads, rope_dim), q_nope], dim=-1).contiguous()
-        k = torch.cat([k_pe.reshape(-1, rope_dim), k_nope], dim=-1).contiguous()
+        q, k, weights = indexer_qkw(self, hidden_states, qr, positions, rotary_emb)
         torch.ops.vllm.indexcache_triton_indexer(q, k, weights, self.topk_indices_buffer, self.k_cache.prefix,
                                                  self.topk_tokens)
         return self.topk_indices_buffer

@@ -22,6 +22,7 @@ from vllm.model_executor.models.deepseek_v2 import DeepseekV32IndexerCache, Inde
 from vllm.v1.attention.backend import AttentionBackend, MultipleOf
 from vllm.v1.kv_cache_interface import MLAAttentionSpec, SparseCacheRole
 
+from vllm_indexcache.backend.indexer_projection import indexer_qkw
 from vllm_indexcache.backend.metadata import IndexCacheMetadata, IndexCacheMetadataBuilder
 from vllm_indexcache.ops.indexer.cpu import indexer_topk
 
@@ -73,18 +74,8 @@ class IndexCacheIndexer(Indexer):
             positions: ``[T]`` int64 token positions.
             rotary_emb: the indexer's RoPE module.
         """
-        num_heads, head_dim, rope_dim = self.n_head, self.head_dim, self.rope_dim
-        q, _ = self.wq_b(qr)
-        q = q.view(-1, num_heads, head_dim)
-        q_pe, q_nope = torch.split(q, [rope_dim, head_dim - rope_dim], dim=-1)
-        kw, _ = self.wk_weights_proj(hidden_states)
-        k = self.k_norm(kw[:, :head_dim])
-        weights = kw[:, head_dim:].float() * (self.softmax_scale * self.n_head_scale)
-        k_pe, k_nope = torch.split(k, [rope_dim, head_dim - rope_dim], dim=-1)
         # forward_native: vLLM's CPU rotary kernel mis-rotates these layouts (see vllm_glue/model.py)
-        q_pe, k_pe = rotary_emb.forward_native(positions, q_pe.contiguous(), k_pe.unsqueeze(1).contiguous())
-        q = torch.cat([q_pe.reshape(-1, num_heads, rope_dim), q_nope], dim=-1)
-        k = torch.cat([k_pe.reshape(-1, rope_dim), k_nope], dim=-1)
+        q, k, weights = indexer_qkw(self, hidden_states, qr, positions, rotary_emb.forward_native)
         run_lightning_indexer(q, k, weights, self.k_cache, self.topk_indices_buffer, self.topk_tokens)
 
 
