@@ -61,6 +61,16 @@ def test_bad_kernel_choice_names_the_variable(monkeypatch):
         cp.select_backend(original, None, INDEXCACHE, SPARSE)
 
 
+def test_importing_the_hook_does_not_import_vllm():
+    # vLLM imports Triton; tests/test_ops_triton*.py need Triton imported only after they set TRITON_INTERPRET
+    import subprocess
+    import sys
+
+    code = "import sys, vllm_indexcache.vllm_glue.cuda_platform; print('vllm' in sys.modules, 'triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
 def test_other_selections_and_dense_layers_pass_through():
     original, calls = _original()
     flash = SimpleNamespace(name="FLASHMLA_SPARSE")

@@ -18,13 +18,22 @@ runs those layers eagerly.
 """
 from __future__ import annotations
 
+import logging
 import os
-
-from vllm.logger import init_logger
 
 from vllm_indexcache import BACKEND_NAME
 
-logger = init_logger("vllm.indexcache")
+# The logger vLLM's init_logger("vllm.indexcache") returns, without importing vLLM here: importing vLLM imports
+# Triton, which must not happen in-process before a test sets TRITON_INTERPRET (tests/test_cuda_glue.py).
+logger = logging.getLogger("vllm.indexcache")
+_LOGGED: set = set()
+
+
+def _log_once(level: int, msg: str, *args) -> None:
+    if (msg, args) not in _LOGGED:
+        _LOGGED.add((msg, args))
+        logger.log(level, msg, *args)
+
 
 #: Class path of the Triton fallback backend (GPUs without vLLM's native DSA kernels).
 TRITON_BACKEND_PATH = "vllm_indexcache.backend.cuda_triton.IndexCacheTritonSparseMLABackend"
@@ -55,9 +64,8 @@ def select_backend(original, cls, selected_backend, attn_selector_config, num_he
     if selected_backend is None or selected_backend.name != BACKEND_NAME:
         return original(cls, selected_backend, attn_selector_config, num_heads)
     if not attn_selector_config.use_sparse:
-        logger.warning_once("--attention-backend %s: this model has no lightning indexer (not a DSA model), "
-                            "so IndexCache does not apply; using vLLM's default attention backend.",
-                            BACKEND_NAME.lower())
+        _log_once(logging.WARNING, "--attention-backend %s: this model has no lightning indexer (not a DSA model), "
+                  "so IndexCache does not apply; using vLLM's default attention backend.", BACKEND_NAME.lower())
         return original(cls, None, attn_selector_config, num_heads)
     choice = kernel_choice()
     if choice != "triton":
@@ -68,11 +76,11 @@ def select_backend(original, cls, selected_backend, attn_selector_config, num_he
                 raise
             path = None
         if path is not None:
-            logger.info_once("IndexCache: sparse MLA (DSA) through vLLM's native kernels (%s).",
-                             path.rsplit(".", 1)[-1])
+            _log_once(logging.INFO, "IndexCache: sparse MLA (DSA) through vLLM's native kernels (%s).",
+                      path.rsplit(".", 1)[-1])
             return path
-    logger.info_once("IndexCache: sparse MLA (DSA) through the project's Triton kernels (%s=%s).",
-                     KERNELS_ENV, choice)
+    _log_once(logging.INFO, "IndexCache: sparse MLA (DSA) through the project's Triton kernels (%s=%s).",
+              KERNELS_ENV, choice)
     return TRITON_BACKEND_PATH
 
 
