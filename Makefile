@@ -11,7 +11,7 @@ TOY := .models/toy-dsa
 MODEL ?= $(if $(wildcard $(SHIPPED)/config.json),$(SHIPPED),$(TOY))
 # IndexCache configuration passed as --hf-overrides (any of index_topk_freq, index_skip_topk_offset,
 # index_topk_pattern, index_cache_preset). Default: keep 1 indexer in 2 (layers 0 and 1 F, then every other layer).
-INDEXCACHE ?= {"index_topk_freq": 2}
+INDEXCACHE ?= {"index_topk_freq": 2, "index_skip_topk_offset": 1}
 SERVE_ARGS ?= --max-model-len 4096 --kv-cache-memory-bytes 1073741824
 
 .PHONY: setup serve test clean
