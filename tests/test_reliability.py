@@ -63,10 +63,18 @@ def test_concurrency_disconnect_and_preemption_keep_greedy_tokens(small_kv_serve
     assert cmp["completed"] == N and cmp["errors"] == 0 and cmp["status_5xx"] == 0
     assert cmp["mismatched_requests"] == [] and cmp["tokens_compared"] == N * MAX_TOKENS
     assert dis[0]["disconnected"] and dis[0]["status"] == 200 and 2 <= len(dis[0]["tokens"]) < MAX_TOKENS
-    assert m2["num_preemptions"] - m1["num_preemptions"] > 0, "the small KV cache must force preemption"
     assert m2["finished"] - m1["finished"] == N                # the disconnected request never finished …
     time.sleep(1)
     assert srv.aborted_requests() - aborted0 == 1              # … vLLM aborted it
+    # Whether the scheduler has to preempt depends on how the 8 requests arrive (a loaded CI machine can spread them
+    # out); until it has, send the batch again — every round must still give the reference tokens.
+    for _ in range(3):
+        if srv.metrics()["num_preemptions"] - m1["num_preemptions"] > 0:
+            break
+        again, _, _ = asyncio.run(rel.run_concurrent(srv.base_url, srv.model, prompts, MAX_TOKENS))
+        cmp = rel.compare(again, reference, MAX_TOKENS)
+        assert cmp["completed"] == N and cmp["mismatched_requests"] == [] and cmp["tokens_compared"] == N * MAX_TOKENS
+    assert srv.metrics()["num_preemptions"] - m1["num_preemptions"] > 0, "the small KV cache must force preemption"
     assert srv.healthy()
 
 
