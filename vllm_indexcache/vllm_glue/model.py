@@ -8,7 +8,7 @@ from ``index_topk_pattern`` whether it builds an ``Indexer`` — F — or gets `
 
 What this adds, per pipeline stage:
 
-* **PP first layer forced F.** vLLM 0.32 decides F/S from the *global* layer id and hands no top-k across pipeline
+* **PP first layer forced F.** vLLM (0.32 CPU, 0.26 CUDA) decides F/S from the *global* layer id and hands no top-k across pipeline
   stages (``IntermediateTensors`` carries only ``hidden_states``/``residual``), so a stage whose first layer is S
   would read a buffer nothing wrote. The stage's first layer is made F with a warning (its checkpoint must hold
   that layer's indexer weights; otherwise loading fails with vLLM's missing-weight error).
@@ -49,8 +49,8 @@ def stage_pattern(pattern: str, start_layer: int, end_layer: int) -> str:
 
 
 def _prepare(vllm_config):
-    """Force the stage's first layer F (called before the layers are built); return ``(pattern, start, end)`` of
-    this stage, or ``None`` for a checkpoint without an IndexCache pattern."""
+    """Force the stage's first layer F (called before the layers are built); return ``(pattern, pp_rank, start,
+    end)`` of this stage, or ``None`` for a checkpoint without an IndexCache pattern."""
     from vllm.distributed import get_pp_group
     from vllm.distributed.utils import get_pp_indices
 
