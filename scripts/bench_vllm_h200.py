@@ -47,7 +47,7 @@ V32_GEOMETRY = dict(hidden_size=7168, num_attention_heads=128, num_key_value_hea
                     kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                     index_n_heads=64, index_head_dim=128, index_topk=2048, intermediate_size=4096,
                     vocab_size=16384)
-PATTERNS = {"1": None, "1/2": "FSFS", "1/4": "FSSS"}
+RETENTIONS = ("1/2", "1/4")  #: kept fraction of indexers; the pattern comes from pattern_for()
 
 
 def pattern_for(ret: str, layers: int) -> str | None:
@@ -133,7 +133,7 @@ def config_spec(name: str, layers: int) -> dict:
     """``none`` | ``native-R`` | ``plugin-R`` [``@tpN`` | ``@ppN``] → pattern, plugin flag, TP and PP sizes."""
     base, _, par = name.partition("@")
     kind, _, ret = base.partition("-")
-    if kind not in ("none", "native", "plugin") or (kind != "none" and ret not in PATTERNS):
+    if kind not in ("none", "native", "plugin") or (kind != "none" and ret not in RETENTIONS):
         raise SystemExit(f"--configs: bad entry {name!r} (expected none, native-1/2, plugin-1/4, plugin-1/4@pp2, …)")
     tp = int(par[2:]) if par.startswith("tp") else 1
     pp = int(par[2:]) if par.startswith("pp") else 1
