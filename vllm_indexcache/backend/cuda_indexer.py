@@ -58,6 +58,9 @@ class TritonIndexerMetadataBuilder(AttentionMetadataBuilder[TritonIndexerMetadat
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
     reorder_batch_threshold: int | None = None
 
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in vLLM 0.26's base class
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TritonIndexerMetadata:
         cm = common_attn_metadata
