@@ -30,7 +30,9 @@ def _original(native_ok=True):
 
 
 INDEXCACHE = SimpleNamespace(name="INDEXCACHE")
-SPARSE, DENSE = SimpleNamespace(use_sparse=True), SimpleNamespace(use_sparse=False)
+SPARSE, DENSE = SimpleNamespace(use_sparse=True, head_size=576), SimpleNamespace(use_sparse=False, head_size=128)
+V32 = SimpleNamespace(index_n_heads=64, index_head_dim=128)     # DeepSeek-V3.2's indexer
+TINY = SimpleNamespace(index_n_heads=4, index_head_dim=128)     # examples/models/tiny-dsa's indexer
 
 
 @pytest.mark.parametrize("env,native_ok,expected", [
@@ -79,3 +81,27 @@ def test_other_selections_and_dense_layers_pass_through():
     # INDEXCACHE asked for a model without an indexer: vLLM's default backend, not an error
     assert cp.select_backend(original, None, INDEXCACHE, DENSE) == DEFAULT
     assert calls[-1] is None
+
+
+@pytest.mark.parametrize("head_size,hf_config,problem", [
+    (576, V32, None), (576, None, None),
+    (160, TINY, "MLA head size 160 (FlashMLA sparse needs 576 = 512 latent + 64 rope)"),
+    (576, TINY, "index_n_heads=4 (DeepGEMM's indexer kernels need one of (16, 32, 64))"),
+    (576, SimpleNamespace(index_n_heads=32, index_head_dim=64),
+     "index_head_dim=64 (DeepGEMM's FP8 indexer needs 128)")])
+def test_native_geometry_problem(head_size, hf_config, problem):
+    assert cp.native_geometry_problem(head_size, hf_config) == problem
+
+
+@pytest.mark.parametrize("env,expected", [(None, cp.TRITON_BACKEND_PATH), ("native", NATIVE)])
+def test_auto_skips_native_kernels_the_geometry_cannot_use(monkeypatch, env, expected):
+    # seen on the H200: vLLM validates FLASHMLA_SPARSE for the tiny DSA model, then DeepGEMM asserts at prefill
+    if env is None:
+        monkeypatch.delenv(cp.KERNELS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(cp.KERNELS_ENV, env)
+    monkeypatch.setattr(cp, "_current_hf_config", lambda: TINY)
+    original, _ = _original(native_ok=True)
+    assert cp.select_backend(original, None, INDEXCACHE, SimpleNamespace(use_sparse=True, head_size=160)) == expected
+    monkeypatch.setattr(cp, "_current_hf_config", lambda: V32)
+    assert cp.select_backend(original, None, INDEXCACHE, SPARSE) == NATIVE

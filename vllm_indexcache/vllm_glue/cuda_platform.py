@@ -7,9 +7,10 @@ FLASHINFER_MLA_SPARSE for sparse MLA layers on SM90/SM100).
 For sparse MLA (DSA) layers with ``INDEXCACHE`` selected, the hook picks the kernels:
 
 * ``VLLM_INDEXCACHE_KERNELS=auto`` (default): vLLM's native sparse MLA backend when one validates on this GPU
-  (FlashMLA sparse + DeepGEMM indexer on Hopper/Blackwell) — the plugin then adds its configuration, validation,
-  presets, pipeline-stage fix and start-up report around vLLM's own kernels; otherwise the project's Triton
-  kernels (:mod:`vllm_indexcache.backend.cuda_triton`).
+  (FlashMLA sparse + DeepGEMM indexer on Hopper/Blackwell) and the model's geometry is one those kernels take
+  (:func:`native_geometry_problem`) — the plugin then adds its configuration, validation, presets, pipeline-stage
+  fix and start-up report around vLLM's own kernels; otherwise the project's Triton kernels
+  (:mod:`vllm_indexcache.backend.cuda_triton`).
 * ``native``: vLLM's kernels or vLLM's own error; ``triton``: the Triton kernels even where native ones exist.
 
 A model without a lightning indexer asked for ``INDEXCACHE`` gets vLLM's default backend and one warning, as on CPU.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from vllm_indexcache import BACKEND_NAME
 
@@ -54,6 +56,44 @@ def kernel_choice() -> str:
     return value
 
 
+#: What vLLM 0.26's native DSA kernels accept (FlashMLA sparse: ``FlashMLASparseBackend.get_supported_head_sizes``;
+#: DeepGEMM ``fp8_fp4_mqa_logits``: ``csrc/apis/attention.hpp`` asserts 16/32/64 heads; FP8 blocks of 128 dims).
+NATIVE_MLA_HEAD_SIZE = 576
+NATIVE_INDEXER_HEADS = (16, 32, 64)
+NATIVE_INDEXER_HEAD_DIM = 128
+
+
+def native_geometry_problem(head_size: int, hf_config) -> str | None:
+    """Why vLLM's native DSA kernels cannot run this model's geometry, or None.
+
+    vLLM 0.26 validates only the backend (and not always the head size) before choosing FlashMLA sparse, so a
+    model such as the shipped tiny DSA (MLA head 160, 4 indexer heads) passes selection and then fails at its first
+    prefill inside DeepGEMM (``num_heads == 16 or num_heads == 32 or num_heads == 64``, seen on the H200).
+
+    Args:
+        head_size: MLA head size, ``kv_lora_rank + qk_rope_head_dim``.
+        hf_config: the model's config (``index_n_heads``, ``index_head_dim``); None skips the indexer checks.
+    """
+    if head_size != NATIVE_MLA_HEAD_SIZE:
+        return f"MLA head size {head_size} (FlashMLA sparse needs {NATIVE_MLA_HEAD_SIZE} = 512 latent + 64 rope)"
+    heads = getattr(hf_config, "index_n_heads", None)
+    if heads is not None and heads not in NATIVE_INDEXER_HEADS:
+        return f"index_n_heads={heads} (DeepGEMM's indexer kernels need one of {NATIVE_INDEXER_HEADS})"
+    dim = getattr(hf_config, "index_head_dim", None)
+    if dim is not None and dim != NATIVE_INDEXER_HEAD_DIM:
+        return f"index_head_dim={dim} (DeepGEMM's FP8 indexer needs {NATIVE_INDEXER_HEAD_DIM})"
+    return None
+
+
+def _current_hf_config():
+    """The hf_config of the model being built, or None outside a vLLM config context (vLLM not imported yet)."""
+    vllm_config_module = sys.modules.get("vllm.config")   # never import vLLM from here (see the logger above)
+    if vllm_config_module is None:
+        return None
+    model_config = vllm_config_module.get_current_vllm_config().model_config
+    return None if model_config is None else model_config.hf_config
+
+
 def select_backend(original, cls, selected_backend, attn_selector_config, num_heads=None) -> str:
     """The class path for one attention layer; ``original`` is vLLM's ``get_attn_backend_cls`` function.
 
@@ -68,7 +108,12 @@ def select_backend(original, cls, selected_backend, attn_selector_config, num_he
                   "so IndexCache does not apply; using vLLM's default attention backend.", BACKEND_NAME.lower())
         return original(cls, None, attn_selector_config, num_heads)
     choice = kernel_choice()
-    if choice != "triton":
+    problem = None
+    if choice == "auto":
+        problem = native_geometry_problem(attn_selector_config.head_size, _current_hf_config())
+        if problem is not None:
+            _log_once(logging.INFO, "IndexCache: vLLM's native DSA kernels cannot run this model: %s.", problem)
+    if choice != "triton" and problem is None:
         try:
             path = original(cls, None, attn_selector_config, num_heads)
         except ValueError:
