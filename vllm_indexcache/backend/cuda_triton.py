@@ -12,11 +12,12 @@ native sparse MLA backend validates, or when ``VLLM_INDEXCACHE_KERNELS=triton`` 
   cache its ``build`` only runs the shared ``SparseMLACommonMetadataBuilder.build`` (decode/prefill split,
   ``req_id_per_token``, dense-MHA prefill metadata) and never calls FlashMLA's ``get_mla_metadata`` (fp8 only);
   its constructor allocates a few small buffers. CUDA graphs are refused because the Triton indexer step syncs.
-* **Impl** — ``FlashMLASparseImpl`` whose bf16 kernel call ``_bf16_flash_mla_kernel`` (q ``[T, H, 576]``, flat
-  cache, global slots ``[T, topk]`` with ``-1``) runs :func:`vllm_indexcache.ops.sparse_mla.triton.sparse_mla`
-  instead of ``flash_mla_sparse_fwd`` (no head padding needed). vLLM's own Triton
-  ``triton_convert_req_index_to_global_index`` still maps request-local top-k to slots; short prefills
-  (``seq_len <= index_topk``) still go to vLLM's dense MHA prefill backend, exactly as natively. F layers' indexers
+* **Impl** — ``FlashMLASparseImpl`` whose ``forward_mqa`` (bf16 cache) runs
+  :func:`vllm_indexcache.ops.sparse_mla.triton.sparse_mla` on the latent and rotary halves of q instead of
+  ``concat_mla_q`` + ``flash_mla_sparse_fwd`` (no head padding, any latent/rope width: the shipped tiny DSA model
+  has 128 + 32, which ``concat_mla_q`` refuses). vLLM's own Triton ``triton_convert_req_index_to_global_index``
+  still maps request-local top-k to slots; short prefills (``seq_len <= index_topk``) still go to vLLM's dense MHA
+  prefill backend, exactly as natively. F layers' indexers
   are adopted by :func:`vllm_indexcache.backend.cuda_indexer.adopt_indexer_cuda` (unquantised keys, Triton top-k).
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import ClassVar
 import torch
 from vllm.v1.attention.backend import AttentionCGSupport, MultipleOf
 from vllm.v1.attention.backends.mla.flashmla_sparse import (FlashMLASparseBackend, FlashMLASparseImpl,
-                                                           FlashMLASparseMetadataBuilder)
+                                                           FlashMLASparseMetadataBuilder,
+                                                           triton_convert_req_index_to_global_index)
 
 from vllm_indexcache import BACKEND_NAME
 from vllm_indexcache.backend.cuda_indexer import adopt_indexer_cuda
@@ -83,7 +85,8 @@ class IndexCacheTritonSparseMLAMetadataBuilder(FlashMLASparseMetadataBuilder):
 
 
 class IndexCacheTritonSparseMLAImpl(FlashMLASparseImpl):
-    """``FlashMLASparseImpl`` with the bf16 FlashMLA kernel replaced by the project's Triton sparse MLA."""
+    """``FlashMLASparseImpl`` with its bf16 MQA path (``concat_mla_q`` + FlashMLA) replaced by the project's Triton
+    sparse MLA."""
 
     def __init__(self, *args, indexer=None, **kwargs):
         super().__init__(*args, indexer=indexer, **kwargs)
@@ -94,11 +97,20 @@ class IndexCacheTritonSparseMLAImpl(FlashMLASparseImpl):
         if indexer is not None:  # F layer: unquantised keys + Triton top-k instead of FP8 + DeepGEMM
             adopt_indexer_cuda(indexer)
 
-    def _bf16_flash_mla_kernel(self, q: torch.Tensor, kv_c_and_k_pe_cache: torch.Tensor,
-                               topk_indices: torch.Tensor, topk_length: torch.Tensor | None = None) -> torch.Tensor:
-        """``[T, H, kv_lora_rank]`` sparse attention of ``q [T, H, kv_lora_rank + rope]`` over global slots
-        ``topk_indices [T, topk]`` (``-1`` = none) of the flat latent cache; ``topk_length`` is not needed."""
+    def forward_mqa(self, q, kv_c_and_k_pe_cache: torch.Tensor, attn_metadata, layer):
+        """vLLM 0.26's ``FlashMLASparseImpl.forward_mqa`` (bf16 cache) without ``concat_mla_q``, whose CUDA op needs
+        a latent dim that is a multiple of 512 (the shipped tiny DSA model has 128; seen on the H200): the Triton
+        kernel takes the latent and rotary halves of ``q`` separately.
+
+        Returns ``(out [T, H, kv_lora_rank], None)``."""
+        if isinstance(q, tuple):
+            ql_nope, q_pe = q
+        else:
+            ql_nope, q_pe = q[..., : self.kv_lora_rank], q[..., self.kv_lora_rank:]
+        num_tokens = ql_nope.shape[0]
+        topk_indices = self.topk_indices_buffer[:num_tokens]
+        slots = triton_convert_req_index_to_global_index(
+            attn_metadata.req_id_per_token[:num_tokens], attn_metadata.block_table, topk_indices,
+            BLOCK_SIZE=attn_metadata.block_size, NUM_TOPK_TOKENS=topk_indices.shape[1])
         cache = kv_c_and_k_pe_cache.view(-1, kv_c_and_k_pe_cache.shape[-1])
-        latent = self.kv_lora_rank
-        return sparse_mla(q[..., :latent], q[..., latent:], cache, topk_indices.view(q.shape[0], -1),
-                          self.softmax_scale)
+        return sparse_mla(ql_nope, q_pe, cache, slots.view(num_tokens, -1), self.softmax_scale), None
