@@ -221,8 +221,8 @@ def main() -> int:
             build_model(model)
         build_s = time.perf_counter() - t0
         print(f"model {model} ({build_s:.1f}s to build)", flush=True)
-        # the fallback first: if it fails there is nothing to compare, and the native run's device time is saved
         reference = _spawn("reference", model, tmp, timeout=300)
+        # the fallback before native: if it fails there is nothing to compare, and the native run's device time is saved
         plugin = _spawn("plugin", model, tmp, timeout=420)
         native = (_spawn("native", model, tmp, timeout=420) if ("error" not in plugin or SHIPPED) and not SKIP_NATIVE
                   else {"mode": "native", "error": "not run (--skip-native, or the plugin engine failed)"})
