@@ -57,15 +57,20 @@ def test_concurrency_disconnect_and_preemption_keep_greedy_tokens(small_kv_serve
 
     disc = rel.make_prompts(1, 300, 300, vocab, seed=1)
     aborted0 = srv.aborted_requests()
-    conc, dis, _ = asyncio.run(rel.run_concurrent(srv.base_url, srv.model, prompts, MAX_TOKENS, disc, [2]))
-    m2 = srv.metrics()
+    # The disconnecting client asks for all 212 tokens the context leaves, so that vLLM normally sees it close and
+    # aborts it mid-generation.
+    conc, dis, _ = asyncio.run(rel.run_concurrent(srv.base_url, srv.model, prompts, MAX_TOKENS, disc, [2],
+                                                  disconnect_max_tokens=MAX_MODEL_LEN - 300))
     cmp = rel.compare(conc, reference, MAX_TOKENS)
     assert cmp["completed"] == N and cmp["errors"] == 0 and cmp["status_5xx"] == 0
     assert cmp["mismatched_requests"] == [] and cmp["tokens_compared"] == N * MAX_TOKENS
     assert dis[0]["disconnected"] and dis[0]["status"] == 200 and 2 <= len(dis[0]["tokens"]) < MAX_TOKENS
-    assert m2["finished"] - m1["finished"] == N                # the disconnected request never finished …
     time.sleep(1)
-    assert srv.aborted_requests() - aborted0 == 1              # … vLLM aborted it
+    m2, aborted = srv.metrics(), srv.aborted_requests() - aborted0
+    # Every request is accounted for exactly once. The disconnected one is aborted by vLLM — unless, on a loaded
+    # machine, the client lagged so far behind the stream that the server had sent its last token before the client
+    # closed (seen in CI: 9 finished, 0 aborted); then it counts as finished, never as both or neither.
+    assert (m2["finished"] - m1["finished"] - N, aborted) in {(0, 1), (1, 0)}, (m2["finished"] - m1["finished"], aborted)
     # Whether the scheduler has to preempt depends on how the 8 requests arrive (a loaded CI machine can spread them
     # out); until it has, send the batch again — every round must still give the reference tokens.
     for _ in range(3):
