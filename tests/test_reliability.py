@@ -70,7 +70,8 @@ def test_concurrency_disconnect_and_preemption_keep_greedy_tokens(small_kv_serve
     # Every request is accounted for exactly once. The disconnected one is aborted by vLLM — unless, on a loaded
     # machine, the client lagged so far behind the stream that the server had sent its last token before the client
     # closed (seen in CI: 9 finished, 0 aborted); then it counts as finished, never as both or neither.
-    assert (m2["finished"] - m1["finished"] - N, aborted) in {(0, 1), (1, 0)}, (m2["finished"] - m1["finished"], aborted)
+    finished = m2["finished"] - m1["finished"]
+    assert (finished - N, aborted) in {(0, 1), (1, 0)}, (finished, aborted)
     # Whether the scheduler has to preempt depends on how the 8 requests arrive (a loaded CI machine can spread them
     # out); until it has, send the batch again — every round must still give the reference tokens.
     for _ in range(3):

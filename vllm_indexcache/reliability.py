@@ -233,8 +233,9 @@ async def run_concurrent(base_url, model, prompts, max_tokens, disconnect_prompt
                          timeout=1200.0, disconnect_max_tokens: int | list[int] | None = None):
     """All ``prompts`` at once (greedy, ``max_tokens`` each), plus clients that close their stream after
     ``disconnect_after[i]`` tokens of ``disconnect_prompts[i]``. Those ask for ``disconnect_max_tokens`` (one int, or
-    one per prompt; default ``max_tokens``): give them far more than they read, so that the server cannot finish them before it sees the
-    disconnect even when the client lags behind the stream on a loaded machine.
+    one per prompt; default ``max_tokens``): give them far more than they read, so that the server normally sees the
+    disconnect while it is still generating (a client lagging far behind the stream on a loaded machine can still
+    close only after the last token was sent).
     Returns ``(records, disconnect_records, wall_s)``."""
     client = _client(base_url, timeout)
     dmt = max_tokens if disconnect_max_tokens is None else disconnect_max_tokens
@@ -328,9 +329,8 @@ def phase_load(server: Server, prompts, disc_prompts, disc_after, max_tokens, ti
         "disconnects_happened": res["disconnects"]["disconnected"] == len(disc_prompts),
         # each disconnected request is aborted by vLLM, or — where a lagging client closed only after the server had
         # sent every token — finished; never both, never lost (the others finish twice: concurrent + sequential)
-        "disconnects_aborted_or_finished": aborted >= 0
-        and aborted + res["finished_per_vllm_metrics"] - 2 * len(prompts) == len(disc_prompts)
-        and res["finished_per_vllm_metrics"] >= 2 * len(prompts),
+        "disconnects_aborted_or_finished": 0 <= res["finished_per_vllm_metrics"] - 2 * len(prompts)
+        == len(disc_prompts) - aborted,
         "server_healthy_after": res["server_healthy_after"],
     }
     return res, seq
@@ -610,7 +610,7 @@ def main(args: argparse.Namespace) -> int:
                                              "kv_cache_tokens": srv.kv_cache_tokens(), "startup_s": srv.startup_s}
                 bytes_per_token = args.kv_cache_memory_bytes / srv.kv_cache_tokens()
                 t0 = time.time()
-                # disconnecting clients ask for all the context left, so none can finish before vLLM sees it close
+                # disconnecting clients ask for all the context left, so vLLM normally sees them close mid-generation
                 load, reference = phase_load(srv, prompts, disc_prompts, disc_after, mt, args.request_timeout,
                                              [mml - len(p) for p in disc_prompts])
                 load["seconds"] = round(time.time() - t0, 1)
