@@ -60,7 +60,7 @@ def test_concurrency_disconnect_and_preemption_keep_greedy_tokens(small_kv_serve
     # The disconnecting client asks for all 212 tokens the context leaves, so that vLLM normally sees it close and
     # aborts it mid-generation.
     conc, dis, _ = asyncio.run(rel.run_concurrent(srv.base_url, srv.model, prompts, MAX_TOKENS, disc, [2],
-                                                  disconnect_max_tokens=MAX_MODEL_LEN - 300))
+                                                  disconnect_max_tokens=[MAX_MODEL_LEN - 300]))
     cmp = rel.compare(conc, reference, MAX_TOKENS)
     assert cmp["completed"] == N and cmp["errors"] == 0 and cmp["status_5xx"] == 0
     assert cmp["mismatched_requests"] == [] and cmp["tokens_compared"] == N * MAX_TOKENS

@@ -230,16 +230,15 @@ async def stream_one(client, model: str, prompt: list[int], max_tokens: int, dis
 
 
 async def run_concurrent(base_url, model, prompts, max_tokens, disconnect_prompts=(), disconnect_after=(),
-                         timeout=1200.0, disconnect_max_tokens: int | list[int] | None = None):
+                         timeout=1200.0, disconnect_max_tokens: list[int] | None = None):
     """All ``prompts`` at once (greedy, ``max_tokens`` each), plus clients that close their stream after
-    ``disconnect_after[i]`` tokens of ``disconnect_prompts[i]``. Those ask for ``disconnect_max_tokens`` (one int, or
-    one per prompt; default ``max_tokens``): give them far more than they read, so that the server normally sees the
+    ``disconnect_after[i]`` tokens of ``disconnect_prompts[i]``. Those ask for ``disconnect_max_tokens[i]`` tokens
+    (default ``max_tokens``): give them far more than they read, so that the server normally sees the
     disconnect while it is still generating (a client lagging far behind the stream on a loaded machine can still
     close only after the last token was sent).
     Returns ``(records, disconnect_records, wall_s)``."""
     client = _client(base_url, timeout)
-    dmt = max_tokens if disconnect_max_tokens is None else disconnect_max_tokens
-    dmt = [dmt] * len(disconnect_prompts) if isinstance(dmt, int) else list(dmt)
+    dmt = disconnect_max_tokens or [max_tokens] * len(disconnect_prompts)
     try:
         tasks = [stream_one(client, model, p, max_tokens) for p in prompts]
         tasks += [stream_one(client, model, p, m, k) for p, k, m in zip(disconnect_prompts, disconnect_after, dmt)]
@@ -293,7 +292,7 @@ def vocab_range(model: str) -> tuple[int, int]:
 
 # -------------------------------------------------------------------------------------------------------- phases
 def phase_load(server: Server, prompts, disc_prompts, disc_after, max_tokens, timeout,
-               disc_max_tokens: int | list[int] | None = None) -> tuple[dict, list[dict]]:
+               disc_max_tokens: list[int] | None = None) -> tuple[dict, list[dict]]:
     before, aborted_before = server.metrics(), server.aborted_requests()
     conc, disc, conc_s = asyncio.run(run_concurrent(server.base_url, server.model, prompts, max_tokens, disc_prompts,
                                                     disc_after, timeout, disc_max_tokens))
