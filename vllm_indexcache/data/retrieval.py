@@ -23,6 +23,16 @@ NOUNS = ("anchor badger beacon bell bridge candle castle cedar comet compass cra
          "falcon feather fiddle garden glacier harbor hammer heron island jackal kettle lantern lion maple meadow "
          "mirror needle oak otter owl panther pebble pepper quill raven river saddle salmon spider sparrow temple "
          "thistle tiger tower violin walrus willow wolf").split()
+#: A second key vocabulary, disjoint from the evaluation one, for needles built from calibration text (the search's
+#: ``retrieval`` objective and probe), so that calibration never sees an evaluation key.
+CALIB_ADJECTIVES = ("ancient blue bold broken cold crooked dark distant dry empty famous flat fresh frozen giant "
+                    "glass great hairy happy heavy high honest iron large late little long lost loud mad narrow "
+                    "new old orange pink plain poor red rich round royal sad sharp short sick small soft strange "
+                    "strong sweet thin warm white wooden yellow young").split()
+CALIB_NOUNS = ("apple arrow basket beetle bottle button camel carpet cart chair cherry clock cloud coin cow crown "
+               "desk donkey door drum fox frog goat goose horse hut jar key king ladder lamp leaf lemon monkey moon "
+               "mouse nail nest onion orchard parrot pig pipe queen rabbit ring rope sheep ship shoe star stone "
+               "sword table tent").split()
 VALUE_DIGITS = 6
 
 
@@ -46,9 +56,23 @@ class RetrievalDoc:
 class RetrievalBuilder:
     """Builds retrieval documents with a ``tokenizers.Tokenizer`` (or anything with ``encode(str).ids``)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, vocabulary: str = "evaluation"):
+        """``tokenizer``: anything whose ``encode(text)`` has ``.ids`` (and ``.offsets`` when digits are not one
+        token each); ``vocabulary``: ``"evaluation"`` (:data:`ADJECTIVES` × :data:`NOUNS`) or ``"calibration"``
+        (:data:`CALIB_ADJECTIVES` × :data:`CALIB_NOUNS`, disjoint from it).
+
+        Raises:
+            ValueError: unknown vocabulary.
+        """
+        if vocabulary not in ("evaluation", "calibration"):
+            raise ValueError(f"vocabulary={vocabulary!r}: expected 'evaluation' or 'calibration'")
         self.tok = tokenizer
+        self.adjectives, self.nouns = ((ADJECTIVES, NOUNS) if vocabulary == "evaluation"
+                                       else (CALIB_ADJECTIVES, CALIB_NOUNS))
         self.digit_ids = {self.tok.encode(str(d)).ids[0] for d in range(10)}
+        # one token per digit (the shipped tokenizer): the answer is the question's last six digit tokens;
+        # otherwise it is located through the encoding's character offsets
+        self.single_digits = self._enc("0123456789").tolist() == [self.tok.encode(str(d)).ids[0] for d in range(10)]
 
     def _enc(self, text: str) -> np.ndarray:
         return np.asarray(self.tok.encode(text).ids, dtype=np.int64)
@@ -66,14 +90,17 @@ class RetrievalBuilder:
             target_depth: if given, the first question asks about a needle placed at this depth; the other needles
                 go to uniformly random depths.
         """
-        pairs = rng.choice(len(ADJECTIVES) * len(NOUNS), size=n_needles, replace=False)
-        keys = [f"{ADJECTIVES[p // len(NOUNS)]} {NOUNS[p % len(NOUNS)]}" for p in pairs]
+        adjs, nouns = self.adjectives, self.nouns
+        pairs = rng.choice(len(adjs) * len(nouns), size=n_needles, replace=False)
+        keys = [f"{adjs[p // len(nouns)]} {nouns[p % len(nouns)]}" for p in pairs]
         values = ["".join(str(d) for d in rng.integers(0, 10, VALUE_DIGITS)) for _ in keys]
         needles = [self._enc(needle_text(k, v)) for k, v in zip(keys, values)]
         asked = list(range(n_questions))  # needle 0 is the target when target_depth is given
         if target_depth is None:
             asked = list(rng.permutation(n_needles)[:n_questions])
         questions = [self._enc(question_text(keys[i], values[i])) for i in asked]
+        answers = [self._answer_positions(q, question_text(keys[i], values[i]), values[i])
+                   for q, i in zip(questions, asked)]
         hay_len = length - sum(map(len, needles)) - sum(map(len, questions))
         if hay_len < 0:
             raise ValueError(f"length={length} too short for {n_needles} needles")
@@ -92,12 +119,21 @@ class RetrievalBuilder:
         body = np.concatenate(parts)
         doc = RetrievalDoc(ids=np.concatenate([body] + questions), target_depth=target_depth)
         pos = len(body)
-        for q in questions:
-            digit_pos = np.nonzero(np.isin(q, list(self.digit_ids)))[0][-VALUE_DIGITS:]
-            doc.answer_pos.append(pos + digit_pos)
+        for q, answer in zip(questions, answers):
+            doc.answer_pos.append(pos + answer)
             pos += len(q)
         assert len(doc.ids) == length
         return doc
+
+
+    def _answer_positions(self, q_ids: np.ndarray, text: str, value: str) -> np.ndarray:
+        """Positions in the question's tokens of the answer value (its last occurrence in ``text``)."""
+        if self.single_digits:
+            return np.nonzero(np.isin(q_ids, list(self.digit_ids)))[0][-VALUE_DIGITS:]
+        offsets = self.tok.encode(text).offsets
+        start = text.rindex(value)
+        end = start + len(value)
+        return np.asarray([i for i, (a, b) in enumerate(offsets) if a < end and b > start], dtype=np.int64)
 
 
 class TrainBatches:

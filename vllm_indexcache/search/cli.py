@@ -20,21 +20,28 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from vllm_indexcache.search import algorithm as alg
+from vllm_indexcache.search.objectives import OBJECTIVES, ObjectiveOptions
 from vllm_indexcache.search.state import (STATE_VERSION, StateError, calibration_identity, load_calibration,
                                           load_state, model_identity, write_atomic)
-from vllm_indexcache.search.scorers import ENGINES, OBJECTIVES
+from vllm_indexcache.search.scorers import ENGINES
+
+#: The objective ``vllm-indexcache search`` uses unless told otherwise (the winner of docs/search.md's comparison).
+DEFAULT_OBJECTIVE = "retrieval"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="local DSA model directory")
-    parser.add_argument("--data", required=True, help="calibration data: .u16 tokens, .json/.jsonl, or text")
+    parser.add_argument("--data", required=True, help="calibration data: a corpus directory (its train.u16), "
+                        ".u16 tokens, .json/.jsonl, or text")
     parser.add_argument("--retain", default="1/4", help="target fraction of F layers (default 1/4)")
     parser.add_argument("--out", required=True, help="output JSON path (PNG and state file next to it)")
     parser.add_argument("--engine", choices=ENGINES, default="hf")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="lm-loss")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
+                        help=f"what a flip costs (default {DEFAULT_OBJECTIVE}; docs/search.md compares them)")
     parser.add_argument("--pp-blocks", type=int, default=1, help="pipeline blocks: first layer of each stays F, "
                         "one flip per block per step")
     parser.add_argument("--resume", action="store_true", help="continue from PATH.state.json")
@@ -47,6 +54,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="vllm engine")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                         help="vllm engine: KV cache size (needed on CPU, e.g. 268435456)")
+    d = ObjectiveOptions()
+    g = parser.add_argument_group("objective options")
+    g.add_argument("--long-margin", type=float, default=d.long_margin, help="long-lm: key-token margin (nats)")
+    g.add_argument("--key-fraction", type=float, default=d.key_fraction,
+                   help="long-lm: share of calibration tokens taken as key tokens")
+    g.add_argument("--local-window", type=int, default=d.local_window,
+                   help="long-lm: short-context window (default: the model's index_topk)")
+    g.add_argument("--long-weight", type=float, default=d.long_weight, help="long-lm: weight of key tokens")
+    g.add_argument("--retrieval-docs", type=int, default=d.retrieval_docs, help="retrieval: needle documents")
+    g.add_argument("--retrieval-needles", type=int, default=d.retrieval_needles, help="retrieval: needles each")
+    g.add_argument("--retrieval-weight", type=float, default=d.retrieval_weight,
+                   help="retrieval: weight of the answer tokens")
+    g.add_argument("--retrieval-seed", type=int, default=d.retrieval_seed, help="retrieval: document seed")
+    g = parser.add_argument_group("retrieval gate")
+    g.add_argument("--probe", choices=["retrieval", "none"], default="retrieval",
+                   help="probe each retention level's pattern with needle documents from the calibration text")
+    g.add_argument("--probe-docs", type=int, default=20, help="probe documents (one question each)")
+    g.add_argument("--probe-seed", type=int, default=7)
+    g.add_argument("--gate-margin", type=float, default=0.05,
+                   help="warn when a level's probe accuracy is more than this below all-F's")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -54,15 +81,22 @@ def state_path(out) -> Path:
     return Path(str(out) + ".state.json")
 
 
+def options_from_args(args) -> ObjectiveOptions:
+    """The :class:`ObjectiveOptions` of parsed arguments (defaults for those a caller's namespace lacks)."""
+    d = ObjectiveOptions()
+    return ObjectiveOptions(**{k: getattr(args, k, getattr(d, k)) for k in d.__dataclass_fields__})
+
+
 def make_scorer(args, seqs):
     """Build the scorer of ``args.engine`` (imports torch/vLLM only here)."""
+    options = options_from_args(args)
     if args.engine == "hf":
         import torch
 
         from vllm_indexcache.search.scorers import HFScorer
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return HFScorer(args.model, seqs, args.objective, device=device, dtype=args.dtype)
+        return HFScorer(args.model, seqs, args.objective, device=device, dtype=args.dtype, options=options)
     from vllm_indexcache.search.scorers import VLLMScorer
 
     extra = {}
@@ -70,7 +104,7 @@ def make_scorer(args, seqs):
         extra["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
     return VLLMScorer(args.model, seqs, args.objective, dtype=args.dtype,
                       tensor_parallel_size=args.tensor_parallel_size,
-                      pipeline_parallel_size=args.pipeline_parallel_size, **extra)
+                      pipeline_parallel_size=args.pipeline_parallel_size, options=options, **extra)
 
 
 def plot(result: dict, png) -> None:
@@ -99,50 +133,145 @@ def plot(result: dict, png) -> None:
     plt.close(fig)
 
 
-def run(args, scorer_factory=make_scorer, fail_after_steps: int | None = None) -> dict:
-    """The search command without argument parsing; returns the result dict (also written).
-
-    ``fail_after_steps`` (tests): raise ``RuntimeError`` right after that many steps of this run were committed and
-    saved, to simulate a killed search.
+def resolve_data(data) -> Path:
+    """``--data``: a corpus directory (``data/tiny-dsa``) means its ``train.u16``; a file is itself.
 
     Raises:
-        StateError: bad calibration data, state present without ``--resume``, or a mismatched/corrupt state.
-        ValueError: bad ``--retain`` / ``--pp-blocks``.
+        StateError: a directory without ``train.u16``.
+    """
+    path = Path(data)
+    if path.is_dir():
+        if not (path / "train.u16").exists():
+            raise StateError(f"--data={str(data)!r}: a directory must hold train.u16 (scripts/prepare_tiny_dsa_data.py)")
+        return path / "train.u16"
+    return path
+
+
+def run_gate(scorer, seqs, levels: dict, *, docs: int = 20, seed: int = 7, margin: float = 0.05,
+             echo=print) -> dict:
+    """The retrieval gate: probe accuracy of all-F and of each level's pattern; one warning line per level that
+    loses more than ``margin`` (absolute accuracy) against all-F. Skipped (with the reason) when all-F itself
+    answers fewer than half the probe questions.
+
+    Returns ``{"probe": {...}, "all_f": acc, "levels": {level: {"pattern", "accuracy", "loss_vs_all_f", "ok"}},
+    "skipped": reason or None}``.
+    """
+    from vllm_indexcache.search.objectives import ObjectiveError, probe_documents
+
+    n = scorer.num_layers
+    try:
+        probe = probe_documents(seqs, obj_encoder(scorer), docs=docs, seed=seed)
+    except (ObjectiveError, OSError, ValueError) as e:   # no tokenizer, or windows too short for needles
+        reason = f"no retrieval probe: {str(e).splitlines()[0]}"
+        echo(f"retrieval gate: {reason}")
+        return {"probe": None, "all_f": None, "levels": {}, "skipped": reason}
+    out = {"probe": {"documents": docs, "seed": seed, "length": int(len(probe[0].ids)), "needles": 4,
+                     "vocabulary": "calibration"}, "margin": margin, "levels": {}, "skipped": None}
+    base = scorer.probe("F" * n, probe)
+    out["all_f"] = base
+    if base < 0.5:
+        out["skipped"] = (f"all-F answers {base:.0%} of the retrieval probe (< 50 %): the model does not retrieve "
+                          "at this length, so the gate cannot judge patterns")
+        echo(f"retrieval gate: {out['skipped']}")
+        return out
+    for level, entry in levels.items():
+        if level == "1":
+            continue
+        acc = scorer.probe(entry["pattern"], probe)
+        ok = base - acc <= margin
+        out["levels"][level] = {"pattern": entry["pattern"], "accuracy": acc, "loss_vs_all_f": base - acc, "ok": ok}
+        entry["probe_accuracy"] = acc
+        echo(f"retrieval gate: {level} {entry['pattern']} answers {acc:.0%} of {docs} probe questions "
+             f"(all-F {base:.0%})")
+        if not ok:
+            print(f"warning: retention {level} pattern {entry['pattern']} loses retrieval: {acc:.0%} of the probe vs "
+                  f"{base:.0%} all-F (more than --gate-margin {margin:g}); try --objective retrieval",
+                  file=sys.stderr)
+    return out
+
+
+def obj_encoder(scorer):
+    from vllm_indexcache.search.objectives import model_encoder
+
+    return model_encoder(scorer.model_dir)
+
+
+def search(model, data, out, *, retain: str = "1/4", engine: str = "hf", objective: str = DEFAULT_OBJECTIVE,
+           options: ObjectiveOptions | None = None, pp_blocks: int = 1, resume: bool = False, seq_len: int = 2048,
+           num_seqs: int = 8, start: int = 0, scorer_factory=None, probe: str = "retrieval", probe_docs: int = 20,
+           probe_seed: int = 7, gate_margin: float = 0.05, progress: bool = True, on_step=None,
+           engine_options: dict | None = None) -> dict:
+    """Greedy IndexCache layer search (Algorithm 1) of ``model`` on calibration ``data``; writes ``out`` (JSON),
+    its PNG and ``out.state.json``, and returns the result dict.
+
+    Args:
+        model: DSA model directory.
+        data: calibration data (see :func:`resolve_data` and :func:`.state.load_calibration`).
+        out: output JSON path.
+        retain: target retention (``"1/4"``).
+        engine: ``"hf"`` or ``"vllm"`` (ignored with ``scorer_factory``).
+        objective: one of :data:`.objectives.OBJECTIVES`; ``options`` its knobs.
+        pp_blocks: pipeline blocks (each block's first layer stays F).
+        resume: continue from ``out.state.json`` (refused when it belongs to another search).
+        seq_len, num_seqs, start: calibration windows.
+        scorer_factory: ``(seqs) → scorer`` (default: built from ``engine`` and ``engine_options``: ``device``,
+            ``dtype``, ``tensor_parallel_size``, ``pipeline_parallel_size``, ``kv_cache_memory_bytes``).
+        probe, probe_docs, probe_seed, gate_margin: the retrieval gate (:func:`run_gate`; ``probe="none"`` skips).
+        on_step: called with each committed :class:`.algorithm.Step` after its state is written.
+
+    Raises:
+        StateError: bad calibration data, state present without ``resume``, or a mismatched/corrupt state.
+        ValueError: bad ``retain`` / ``pp_blocks`` / objective options (:class:`.objectives.ObjectiveError`).
     """
     t0 = time.time()
-    retention = alg.parse_retention(args.retain)
-    out = Path(args.out)
+    options = options or ObjectiveOptions()
+    options.check(objective)
+    retention = alg.parse_retention(retain)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     spath = state_path(out)
-    model_id = model_identity(args.model)
+    model_id = model_identity(model)
     num_layers = int(model_id["num_layers"])
-    seqs = load_calibration(args.data, args.model, seq_len=args.seq_len, num_seqs=args.num_seqs, start=args.start)
-    calib = calibration_identity(seqs, args.data)
-    blocks = alg.pp_blocks(num_layers, args.pp_blocks)
-    target_f = alg.target_f_count(num_layers, retention, args.pp_blocks)
-    header = {"version": STATE_VERSION, "model": model_id, "calibration": calib, "objective": args.objective,
-              "engine": args.engine, "pp_blocks": args.pp_blocks, "num_layers": num_layers}
+    data = resolve_data(data)
+    seqs = load_calibration(data, model, seq_len=seq_len, num_seqs=num_seqs, start=start)
+    calib = calibration_identity(seqs, data)
+    blocks = alg.pp_blocks(num_layers, pp_blocks)
+    target_f = alg.target_f_count(num_layers, retention, pp_blocks)
+    header = {"version": STATE_VERSION, "model": model_id, "calibration": calib, "objective": objective,
+              "objective_options": options.for_objective(objective), "engine": engine, "pp_blocks": pp_blocks,
+              "num_layers": num_layers}
     state = None
     if spath.exists():
-        if not args.resume:
+        if not resume:
             raise StateError(f"state {spath} exists: pass --resume to continue it, or delete it to start over")
         state = load_state(spath, header)        # raises on mismatch/corruption, before anything is written
     steps = [alg.Step.from_json(s) for s in state["steps"]] if state else []
     evals_done = int(state.get("evaluations", 0)) if state else 0
 
-    scorer = scorer_factory(args, seqs)
+    if scorer_factory is None:
+        ns = argparse.Namespace(model=str(model), engine=engine, objective=objective, **(engine_options or {}))
+        for k, v in {"device": None, "dtype": "float32", "tensor_parallel_size": 1, "pipeline_parallel_size": 1,
+                     "kv_cache_memory_bytes": None}.items():
+            if not hasattr(ns, k):
+                setattr(ns, k, v)
+        for k, v in asdict(options).items():
+            setattr(ns, k, v)
+        scorer = make_scorer(ns, seqs)
+    else:
+        scorer = scorer_factory(seqs)
     try:
         if scorer.num_layers != num_layers:
             raise StateError(f"MODEL: scorer sees {scorer.num_layers} layers, config.json says {num_layers}")
         total = alg.total_evaluations(num_layers, target_f, blocks) + 1
         bar = None
-        if not args.no_progress:
+        if progress:
             from tqdm import tqdm
-            bar = tqdm(total=total, unit="eval", desc="search", dynamic_ncols=True)
+            bar = tqdm(total=total, unit="eval", desc=f"search ({objective})", dynamic_ncols=True)
         done_before = _evals_until(num_layers, steps, blocks) + (1 if state else 0)
         if bar is not None:
             bar.update(min(done_before, total))
         counter = {"n": 0}
+        pattern_now = {"p": steps[-1].pattern if steps else "F" * num_layers}
 
         def on_eval():
             counter["n"] += 1
@@ -150,47 +279,68 @@ def run(args, scorer_factory=make_scorer, fail_after_steps: int | None = None) -
                 bar.update(1)
                 bar.set_postfix_str(f"{pattern_now['p'].count('F')} F")
 
-        pattern_now = {"p": steps[-1].pattern if steps else "F" * num_layers}
         if state is None:
             baseline = float(scorer("F" * num_layers))
             on_eval()
             state = dict(header, baseline_loss=baseline, steps=[], evaluations=counter["n"])
             write_atomic(spath, state)
         baseline = float(state["baseline_loss"])
-        committed_this_run = {"n": 0}
+        echo = bar.write if bar is not None else (lambda _msg: None)
 
-        def on_step(step: alg.Step):
+        def committed(step: alg.Step):
             pattern_now["p"] = step.pattern
             state["steps"].append(step.to_json())
             state["evaluations"] = evals_done + counter["n"]
             write_atomic(spath, state)
-            committed_this_run["n"] += 1
-            if bar is not None:
-                bar.write(f"step {step.step}: flipped {step.flipped} -> {step.pattern.count('F')} F, "
-                          f"loss {step.loss:.6f}")
-            if fail_after_steps is not None and committed_this_run["n"] >= fail_after_steps:
-                raise RuntimeError(f"simulated kill after {committed_this_run['n']} steps")
+            echo(f"step {step.step}: flipped {step.flipped} -> {step.pattern.count('F')} F, loss {step.loss:.6f}")
+            if on_step is not None:
+                on_step(step)
 
-        steps = alg.greedy_search(num_layers, target_f, scorer, num_blocks=args.pp_blocks, steps=steps,
-                                  on_step=on_step, on_eval=on_eval)
+        t_search = time.time()
+        steps = alg.greedy_search(num_layers, target_f, scorer, num_blocks=pp_blocks, steps=steps,
+                                  on_step=committed, on_eval=on_eval)
+        search_s = time.time() - t_search
         # a state searched further than --retain: report the trajectory up to this target only
         steps = [s for s in steps if s.pattern.count("F") >= target_f]
         if bar is not None:
             bar.close()
+        levels = alg.retention_levels(num_layers, steps, baseline, retention, pp_blocks)
+        gate = None
+        if probe == "retrieval":
+            gate = run_gate(scorer, seqs, levels, docs=probe_docs, seed=probe_seed, margin=gate_margin,
+                            echo=print if progress else (lambda _msg: None))
+        tokens_per_eval = scorer.tokens_per_evaluation
     finally:
         scorer.close()
     result = dict(header, retain=str(retention), target_f=target_f, blocks=blocks, baseline_loss=baseline,
                   index_topk=getattr(scorer, "index_topk", None),
-                  steps=[s.to_json() for s in steps],
-                  levels=alg.retention_levels(num_layers, steps, baseline, retention, args.pp_blocks),
+                  steps=[s.to_json() for s in steps], levels=levels,
                   final_pattern=steps[-1].pattern if steps else "F" * num_layers,
-                  evaluations=int(state.get("evaluations", 0)), wall_s_this_run=round(time.time() - t0, 1))
+                  evaluations=int(state.get("evaluations", 0)), tokens_per_evaluation=tokens_per_eval,
+                  objective_parts=dict(scorer.targets.parts) if getattr(scorer, "targets", None) else None,
+                  gate=gate, wall_s_this_run=round(time.time() - t0, 1),
+                  search_s_this_run=round(search_s, 1))
     if scorer_seq_short(result, seqs):
         result["warning"] = (f"every calibration sequence has <= index_topk={result['index_topk']} tokens: all "
                              "layers attend densely, so every pattern scores the same; use longer sequences")
     write_atomic(out, result)
     plot(result, out.with_suffix(".png"))
     return result
+
+
+def run(args, scorer_factory=None, on_step=None) -> dict:
+    """The search command's parsed arguments → :func:`search` (``scorer_factory(args, seqs)`` for tests)."""
+    engine_options = {k: getattr(args, k) for k in ("device", "dtype", "tensor_parallel_size",
+                                                     "pipeline_parallel_size", "kv_cache_memory_bytes")
+                      if hasattr(args, k)}
+    factory = None if scorer_factory is None else (lambda seqs: scorer_factory(args, seqs))
+    return search(args.model, args.data, args.out, retain=args.retain, engine=args.engine,
+                  objective=args.objective, options=options_from_args(args), pp_blocks=args.pp_blocks,
+                  resume=args.resume, seq_len=args.seq_len, num_seqs=args.num_seqs, start=args.start,
+                  scorer_factory=factory, probe=getattr(args, "probe", "none"),
+                  probe_docs=getattr(args, "probe_docs", 20), probe_seed=getattr(args, "probe_seed", 7),
+                  gate_margin=getattr(args, "gate_margin", 0.05), progress=not args.no_progress, on_step=on_step,
+                  engine_options=engine_options)
 
 
 def scorer_seq_short(result: dict, seqs) -> bool:

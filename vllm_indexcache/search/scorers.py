@@ -1,12 +1,15 @@
 """Scorers for the greedy search: pattern → loss on the fixed calibration set (lower is better).
 
-Objectives:
+Objectives (:mod:`.objectives`):
 
-* ``lm-loss`` — mean next-token negative log-likelihood (nats/token) of the calibration tokens under the unchanged
-  model run with the pattern (paper §3.1.2). Token-weighted over all sequences.
+* ``lm-loss``, ``long-lm``, ``retrieval`` — weighted next-token NLL over targets built once at construction from the
+  calibration windows (the paper's mean NLL; + key tokens that depend on distant context; + answer tokens of
+  synthetic needle documents). Each engine only has to return token log-probs (:meth:`logprobs`).
 * ``kl`` — mean over calibration positions of ``KL(p_allF ‖ p_pattern)`` between the all-F model's next-token
   distribution and the pattern's. Needs no labels (the tokens only condition the model), so a user's own prompts
   will do. The all-F log-probabilities are computed once, at construction.
+
+Both scorers also answer the search's retrieval gate (:meth:`probe`).
 
 Engines:
 
@@ -29,11 +32,44 @@ import functools
 import os
 import re
 
-OBJECTIVES = ("lm-loss", "kl")
+import numpy as np
+
+from vllm_indexcache.search import objectives as obj
+from vllm_indexcache.search.objectives import OBJECTIVES, ObjectiveOptions
+
 ENGINES = ("hf", "vllm")
 
 
-class HFScorer:
+class _WeightedScorer:
+    """What both engines share: the weighted-NLL objectives and the probe, over the engine's :meth:`logprobs`."""
+
+    model_dir = None
+    targets = None
+
+    def _build_targets(self, seqs, options: ObjectiveOptions | None) -> None:
+        options = options or ObjectiveOptions()
+        options.check(self.objective)
+        self.options = options
+        if self.objective in obj.WEIGHTED:
+            self.targets = obj.build_targets(
+                self.objective, seqs, options,
+                lambda ss: [lp for lp, _ in self.logprobs("F" * self.num_layers, ss)],
+                lambda: obj.model_encoder(self.model_dir), index_topk=self.index_topk)
+
+    @property
+    def tokens_per_evaluation(self) -> int:
+        """Tokens one call runs through the model."""
+        return self.targets.tokens if self.targets is not None else int(sum(len(s) for s in self.seqs))
+
+    def _weighted(self, pattern: str) -> float:
+        return obj.weighted_nll(self.targets, [lp for lp, _ in self.logprobs(pattern, self.targets.seqs)])
+
+    def probe(self, pattern: str, docs) -> float:
+        """Retrieval-probe accuracy of ``pattern`` (:func:`.objectives.probe_accuracy`)."""
+        return obj.probe_accuracy(docs, lambda ss: [t for _, t in self.logprobs(pattern, ss)])
+
+
+class HFScorer(_WeightedScorer):
     """Transformers scorer (see module docstring).
 
     Args:
@@ -42,12 +78,17 @@ class HFScorer:
         objective: one of :data:`OBJECTIVES`.
         device: torch device ("cpu", "cuda", ...).
         dtype: parameter dtype name ("float32", "bfloat16").
+        model: an already loaded reference model (switched in place) instead of loading ``model_dir``.
+        options: :class:`.objectives.ObjectiveOptions` of the objective.
+
+    Raises:
+        ObjectiveError: bad objective or options, or targets the calibration data cannot provide.
     """
 
     engine = "hf"
 
     def __init__(self, model_dir, seqs, objective: str = "lm-loss", device: str = "cpu", dtype: str = "float32",
-                 model=None):
+                 model=None, options: ObjectiveOptions | None = None):
         import torch
 
         from vllm_indexcache.reference import load_reference
@@ -55,6 +96,7 @@ class HFScorer:
         if objective not in OBJECTIVES:
             raise ValueError(f"--objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
         self.torch = torch
+        self.model_dir = model_dir
         self.objective = objective
         self.model = model if model is not None else load_reference(str(model_dir), dtype=getattr(torch, dtype),
                                                                      ties="lower").to(device)
@@ -65,6 +107,7 @@ class HFScorer:
         self.reference = None
         if objective == "kl":
             self.reference = [self._logp("F" * self.num_layers, x) for x in self.seqs]
+        self._build_targets(seqs, options)
 
     def _logp(self, pattern: str, x):
         from vllm_indexcache.reference import set_pattern
@@ -74,16 +117,26 @@ class HFScorer:
             logits = self.model(input_ids=x, use_cache=False).logits[0, :-1].float()
         return self.torch.log_softmax(logits, dim=-1)
 
+    def logprobs(self, pattern: str, seqs) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per sequence: float64 ``[len − 1]`` token log-probs and bool ``[len − 1]`` is-argmax, under ``pattern``."""
+        out = []
+        for s in seqs:
+            x = self.torch.tensor([list(s)], dtype=self.torch.long, device=self.device)
+            logp = self._logp(pattern, x)
+            tgt = x[0, 1:, None]
+            out.append((logp.gather(1, tgt)[:, 0].double().cpu().numpy(),
+                        (logp.argmax(-1) == tgt[:, 0]).cpu().numpy()))
+        return out
+
     def __call__(self, pattern: str) -> float:
+        if self.objective != "kl":
+            return self._weighted(pattern)
         torch = self.torch
         total, count = 0.0, 0
         for i, x in enumerate(self.seqs):
             logp = self._logp(pattern, x)
-            if self.objective == "lm-loss":
-                total += float(-logp.gather(1, x[0, 1:, None]).sum(dtype=torch.float64))
-            else:
-                ref = self.reference[i]
-                total += float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
+            ref = self.reference[i]
+            total += float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
             count += x.shape[1] - 1
         return total / count
 
@@ -178,18 +231,19 @@ def _kl_score(index: int, num_rows: int, model):
     return float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
 
 
-class VLLMScorer:
+class VLLMScorer(_WeightedScorer):
     """vLLM scorer (see module docstring).
 
     Args:
         model_dir: checkpoint directory.
         seqs: calibration token-id lists.
-        objective: ``"lm-loss"`` or ``"kl"`` (KL: prompt logits captured by a forward hook on the model's
+        objective: one of :data:`OBJECTIVES` (KL: prompt logits captured by a forward hook on the model's
             ``logits_processor`` inside the worker that computes them, compared there with the all-F reference;
             one request per ``generate`` call so captured rows map to one sequence; needs the whole prompt in one
             prefill chunk, which the scorer's ``max_num_batched_tokens`` ensures).
         dtype: model dtype for vLLM.
         tensor_parallel_size, pipeline_parallel_size: passed to ``vllm.LLM``.
+        options: :class:`.objectives.ObjectiveOptions` of the objective.
         llm_kwargs: more ``vllm.LLM`` keyword arguments (e.g. ``kv_cache_memory_bytes`` on CPU).
 
     The engine is built with ``skip_tokenizer_init=True`` (calibration is token ids; no detokenization).
@@ -198,7 +252,8 @@ class VLLMScorer:
     engine = "vllm"
 
     def __init__(self, model_dir, seqs, objective: str = "lm-loss", dtype: str = "float32",
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, **llm_kwargs):
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 options: ObjectiveOptions | None = None, **llm_kwargs):
         import json
         from pathlib import Path
 
@@ -210,6 +265,7 @@ class VLLMScorer:
         config = json.loads((Path(model_dir) / "config.json").read_text())
         self.num_layers = int(config["num_hidden_layers"])
         self.index_topk = int(config["index_topk"])
+        self.model_dir = model_dir
         self.objective = objective
         self.seqs = [list(map(int, s)) for s in seqs]
         kwargs = dict(attention_backend="indexcache", dtype=dtype, enforce_eager=True,
@@ -230,6 +286,7 @@ class VLLMScorer:
                 stored = self.llm.apply_model(functools.partial(_kl_store, i, len(seq) - 1))
                 if not any(stored):
                     raise RuntimeError("--objective kl: no worker captured prompt logits")
+        self._build_targets(self.seqs, options)
 
     def set_pattern(self, pattern: str) -> list[str]:
         """Apply ``pattern`` on every worker (no reload); returns each worker's local pattern."""
@@ -248,13 +305,20 @@ class VLLMScorer:
                 total += parts[0]
                 count += len(seq) - 1
             return total / count
-        outs = self.llm.generate([{"prompt_token_ids": s} for s in self.seqs], self.params, use_tqdm=False)
-        total, count = 0.0, 0
-        for seq, out in zip(self.seqs, outs):
-            for tok, entry in zip(seq[1:], out.prompt_logprobs[1:]):
-                total -= float(entry[tok].logprob)
-                count += 1
-        return total / count
+        return self._weighted(pattern)
+
+    def logprobs(self, pattern: str, seqs) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per sequence: float64 ``[len − 1]`` prompt-token log-probs and bool ``[len − 1]`` is-argmax (vLLM's
+        rank 1), under ``pattern``."""
+        if pattern != self.pattern:
+            self.set_pattern(pattern)
+        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in seqs], self.params, use_tqdm=False)
+        res = []
+        for seq, out in zip(seqs, outs):
+            entries = [entry[tok] for tok, entry in zip(seq[1:], out.prompt_logprobs[1:])]
+            res.append((np.asarray([e.logprob for e in entries], dtype=np.float64),
+                        np.asarray([e.rank == 1 for e in entries], dtype=bool)))
+        return res
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

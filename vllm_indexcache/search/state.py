@@ -12,8 +12,9 @@ Sequences longer than ``seq_len`` are truncated; at most ``num_seqs`` are used.
 
 Identity: the calibration set is identified by the SHA-256 of its token ids (int64 little-endian, each sequence
 prefixed by its length) plus its token and sequence counts; the model by the SHA-256 of ``config.json`` and of its
-weight files (full content up to 4 GiB in total, else name + size + first/last 16 MiB of each file). The state file
-stores both, with the objective, engine and block count; :func:`load_state` refuses a state whose identity differs
+weight files (full content up to 4 GiB in total, else name + size + first/last 16 MiB of each file); the IndexCache
+keys of ``config.json`` (:data:`SERVING_KEYS`) are left out, so shipping a pattern in the config keeps the identity. The state file
+stores both, with the objective and its options, engine and block count; :func:`load_state` refuses a state whose identity differs
 or that cannot be parsed, with a one-line :class:`StateError`, and the CLI never overwrites such a file.
 
 The state is rewritten atomically (temporary file in the same directory, fsync, ``os.replace``) after every
@@ -30,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 STATE_VERSION = 1
+#: config.json keys that choose how a checkpoint is served (its IndexCache pattern), left out of its identity.
+SERVING_KEYS = ("index_topk_pattern", "index_topk_freq", "index_skip_topk_offset", "index_cache_preset")
 _FULL_HASH_LIMIT = 4 << 30
 _EDGE = 16 << 20
 
@@ -121,6 +124,11 @@ def model_identity(model_dir) -> dict:
         config = json.loads(config_bytes)
     except (OSError, json.JSONDecodeError) as e:
         raise StateError(f"MODEL={str(model_dir)!r}: cannot read config.json: {e}") from None
+    if any(k in config for k in SERVING_KEYS):
+        # the IndexCache keys choose how the model is served, not which model it is: a checkpoint that ships its
+        # pattern (or has it changed) keeps the identity of the same checkpoint without one
+        config_bytes = (json.dumps({k: v for k, v in config.items() if k not in SERVING_KEYS}, indent=2,
+                                   sort_keys=True) + "\n").encode()
     files = sorted(p for p in d.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
     full = sum(p.stat().st_size for p in files) <= _FULL_HASH_LIMIT
     h = hashlib.sha256(config_bytes)
@@ -145,6 +153,7 @@ def identity_key(state: dict) -> dict:
     """The fields of a state that must match for a resume."""
     return {"model_sha256": state["model"]["sha256"], "calibration_sha256": state["calibration"]["sha256"],
             "calibration_tokens": state["calibration"]["tokens"], "objective": state["objective"],
+            "objective_options": state.get("objective_options", {}),
             "engine": state["engine"], "pp_blocks": state["pp_blocks"], "num_layers": state["num_layers"]}
 
 
