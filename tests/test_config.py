@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from vllm_indexcache.config import (IndexCacheConfig, IndexCacheError, apply_to_hf_config, resolve_hf_config,
+from vllm_indexcache.config import (SOURCE_KEY, IndexCacheConfig, IndexCacheError, apply_to_hf_config, pattern_source,
+                                    resolve_hf_config,
                                     summary)
 from vllm_indexcache.patterns import load_preset
 from vllm_indexcache.toy import toy_config
@@ -86,6 +87,22 @@ def test_apply_preset_to_object_removes_preset():
 
 def test_summary_exact():
     assert summary("FFSSSFSSSFSSSFSS") == "IndexCache: 16 DSA layers, 5 F / 11 S: FFSSSFSSSFSSSFSS"
+    assert summary("FSFS", "model config") == "IndexCache: 4 DSA layers, 2 F / 2 S: FSFS (from model config)"
+
+
+def test_pattern_source_and_overrides_replace_the_models_keys():
+    shipped = {"index_topk": 8, "num_hidden_layers": 4, "index_topk_pattern": "FSSF"}
+    assert pattern_source(dict(shipped)) == "model config"
+    assert pattern_source({"index_topk": 8, "num_hidden_layers": 4}) == "default (no IndexCache keys: all F)"
+    # vLLM has applied --hf-overrides onto the config: an override replaces the model's own keys as a whole
+    cfg = dict(shipped, index_topk_freq=2, index_skip_topk_offset=1)
+    assert apply_to_hf_config(cfg, {"index_topk_freq": 2, "index_skip_topk_offset": 1}) == "FSFS"
+    assert cfg[SOURCE_KEY] == "--hf-overrides" and cfg["index_topk_pattern"] == "FSFS"
+    cfg = dict(shipped, index_cache_preset="x")
+    assert pattern_source(cfg, {"index_cache_preset": "x"}) == "--hf-overrides, preset x"
+    # overrides without IndexCache keys leave the model's pattern in force
+    cfg = dict(shipped)
+    assert apply_to_hf_config(cfg, {"max_position_embeddings": 64}) == "FSSF" and cfg[SOURCE_KEY] == "model config"
 
 
 @pytest.mark.parametrize("fn, fragments", [
@@ -150,7 +167,8 @@ def test_cli_model_keys(glm52_dir):
 def test_cli_options_replace_model_keys(glm52_dir):
     r = run_cli(glm52_dir, "--preset", "glm5-searched-1of4")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0] == f"IndexCache: 78 DSA layers, 22 F / 56 S: {GLM4}"
+    assert r.stdout.splitlines()[0] == (f"IndexCache: 78 DSA layers, 22 F / 56 S: {GLM4} "
+                                        "(from command-line options, preset glm5-searched-1of4)")
     r = run_cli(glm52_dir / "config.json", "--freq", "4", "--offset", "2")
     assert r.returncode == 0, r.stderr
     assert "21 F / 57 S" in r.stdout and r.stdout.splitlines()[1].startswith("F layers: 0 1 5 9 ")

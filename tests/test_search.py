@@ -41,6 +41,17 @@ def toy(tmp_path_factory):
 _MODELS: dict = {}
 
 
+def kill_after(n: int):
+    """``on_step`` hook that raises after ``n`` committed (and saved) steps: a search killed mid-way."""
+    done = []
+
+    def hook(step):
+        done.append(step)
+        if len(done) >= n:
+            raise RuntimeError(f"simulated kill after {len(done)} steps")
+    return hook
+
+
 def cached_factory(args, seqs):
     """HF scorer that reuses one loaded model per directory (the model is switched in place, never mutated)."""
     from vllm_indexcache.reference import load_reference
@@ -181,7 +192,7 @@ def test_outputs_json_and_png(full_run, toy):
 def test_resume_after_simulated_kill_gives_identical_result(full_run, toy):
     out = toy["root"] / "killed" / "search.json"
     with pytest.raises(RuntimeError, match="simulated kill after 2 steps"):
-        run(make_args(toy["model"], toy["data"], out), scorer_factory=cached_factory, fail_after_steps=2)
+        run(make_args(toy["model"], toy["data"], out), scorer_factory=cached_factory, on_step=kill_after(2))
     saved = json.loads(state_path(out).read_text())
     assert [s["pattern"] for s in saved["steps"]] == [s["pattern"] for s in full_run["steps"][:2]]
     assert not out.exists()
@@ -197,7 +208,7 @@ def test_resume_after_sigkill_of_a_real_process(full_run, toy):
     spath = state_path(out)
     cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
            "--retain", "1/8", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
-           "--device", "cpu", "--no-progress"]
+           "--device", "cpu", "--objective", "lm-loss", "--probe", "none", "--no-progress"]
     from vllm_indexcache.reliability import sigkill_after_first_step
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -286,7 +297,8 @@ def test_vllm_engine_matches_hf_engine_on_toy(full_run, toy):
     out = toy["root"] / "vllm" / "search.json"
     cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
            "--retain", "1/8", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
-           "--engine", "vllm", "--kv-cache-memory-bytes", str(256 << 20), "--no-progress"]
+           "--engine", "vllm", "--kv-cache-memory-bytes", str(256 << 20), "--objective", "lm-loss", "--probe", "none",
+           "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -308,7 +320,8 @@ def test_vllm_kl_objective_matches_hf(toy):
     out = toy["root"] / "kl-vllm" / "search.json"
     cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
            "--retain", "3/5", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
-           "--engine", "vllm", "--objective", "kl", "--kv-cache-memory-bytes", str(256 << 20), "--no-progress"]
+           "--engine", "vllm", "--objective", "kl", "--kv-cache-memory-bytes", str(256 << 20), "--probe", "none",
+           "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -330,7 +343,7 @@ def test_vllm_pipeline_parallel_matches_hf_pp_blocks(toy):
     cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
            "--retain", "1/4", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
            "--engine", "vllm", "--pipeline-parallel-size", "2", "--pp-blocks", "2",
-           "--kv-cache-memory-bytes", str(256 << 20), "--no-progress"]
+           "--kv-cache-memory-bytes", str(256 << 20), "--objective", "lm-loss", "--probe", "none", "--no-progress"]
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1")   # vLLM CPU: one core per stage worker
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -346,7 +359,8 @@ def test_vllm_pipeline_parallel_matches_hf_pp_blocks(toy):
 # ---------------------------------------------------------------------------------------------- tiny-dsa presets
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "models" / "tiny-dsa"
-TINY_SEARCH = REPO / "docs" / "tiny-dsa-table2" / "heldout-calib" / "search.json"
+TABLE2 = REPO / "docs" / "tiny-dsa-table2" / "objectives"
+TINY_SEARCH = TABLE2 / "retrieval" / "search.json"
 
 
 def test_tiny_presets_match_the_model_and_are_nested():
@@ -360,8 +374,11 @@ def test_tiny_presets_match_the_model_and_are_nested():
         assert p.retention == f"1/{r}" and len(p.f_layers) == alg.target_f_count(12, alg.parse_retention(p.retention))
         assert p.f_layers[0] == 0
     assert set(presets[8].f_layers) < set(presets[4].f_layers) < set(presets[2].f_layers)
-    assert presets[2].f_layers == [0, 2, 5, 6, 7, 9]          # tiny-dsa v2, held-out calibration (docs/search.md)
-    assert presets[4].f_layers == [0, 2, 9] and presets[8].f_layers == [0, 2]
+    # tiny-dsa v2, retrieval objective, train-split calibration (docs/search.md)
+    assert presets[2].f_layers == [0, 2, 5, 9, 10, 11]
+    assert presets[4].f_layers == [0, 2, 10] and presets[8].f_layers == [0, 10]
+    # the model ships the searched 1/4 pattern as its default
+    assert config["index_topk_pattern"] == presets[4].pattern
 
 
 def test_tiny_presets_come_from_the_recorded_search_of_the_shipped_model():
@@ -371,12 +388,20 @@ def test_tiny_presets_come_from_the_recorded_search_of_the_shipped_model():
     search = json.loads(TINY_SEARCH.read_text())
     assert search["model"]["sha256"] == model_identity(TINY)["sha256"], (
         "examples/models/tiny-dsa changed since the search: re-run the table2 command in docs/search.md")
+    assert search["objective"] == "retrieval"
     for r in (2, 4, 8):
         assert load_preset(f"tiny-dsa-searched-1of{r}").pattern == search["levels"][f"1/{r}"]["pattern"]
     assert search["evaluations"] == 1 + sum(range(2, 12))   # baseline + 11 + 10 + ... + 2 candidates (down to 2 F)
-    table = json.loads((TINY_SEARCH.parent / "table2.json").read_text())
+    table = json.loads((TABLE2 / "table2.json").read_text())
     assert table["model"]["sha256"] == search["model"]["sha256"]
-    loss = {(row["method"], row["retention"]): row["lm"]["2048"]["loss"] for row in table["rows"]}
-    for r in ("1/2", "1/4", "1/8"):
-        assert loss[("searched", r)] <= loss[("uniform", r)]
-    assert loss[("searched", "1/4")] <= 1.01 * loss[("original", "1")]
+    rows = {(row["method"], row["retention"]): row for row in table["rows"]}
+    loss = {k: row["lm"]["2048"]["loss"] for k, row in rows.items()}
+    retr = {k: row["retrieval"]["2048"]["mean"] for k, row in rows.items()}
+    assert all(row["retrieval"]["2048"]["n"] >= 100 for row in table["rows"])
+    # the issue's targets, as recorded: searched 1/4 keeps >= 90 % retrieval within 1 % loss of all-F; searched
+    # beats uniform on retrieval at 1/2 and 1/4 without losing more than 0.5 % loss to it
+    assert retr[("searched (retrieval)", "1/4")] >= 0.9
+    assert loss[("searched (retrieval)", "1/4")] <= 1.01 * loss[("original", "1")]
+    for r in ("1/2", "1/4"):
+        assert retr[("searched (retrieval)", r)] >= retr[("uniform", r)]
+        assert loss[("searched (retrieval)", r)] <= 1.005 * loss[("uniform", r)]

@@ -50,14 +50,15 @@ NON_DSA_WARNING = "this model has no lightning indexer"
 
 
 def default_pattern(model: str) -> str:
-    """The searched 1/4 preset of the shipped model when present, else every 4th layer F (``index_topk_freq`` 4)."""
-    from vllm_indexcache.commands.serve import SHIPPED_MODEL
+    """The model's own IndexCache pattern (its config.json, resolved as the plugin resolves it) when it sets one,
+    else every 4th layer F from layer 0 (``uniform_pattern(N, 4, 1)``)."""
+    from vllm_indexcache.config import KEYS, resolve_hf_config
+    from vllm_indexcache.pattern_rules import uniform_pattern
 
-    preset = Path(__file__).resolve().parents[1] / "configs" / "tiny-dsa-searched-1of4.json"
-    if Path(model).resolve() == SHIPPED_MODEL.resolve() and preset.exists():
-        return json.loads(preset.read_text())["pattern"]
-    n = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
-    return "".join("F" if i % 4 == 0 else "S" for i in range(n))
+    config = json.loads((Path(model) / "config.json").read_text())
+    if any(config.get(k) is not None for k in KEYS):
+        return resolve_hf_config(config)
+    return uniform_pattern(config["num_hidden_layers"], 4, 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--out", required=True, help="output directory (reliability.json, logs/)")
     parser.add_argument("--model", default=None, help="DSA model directory (default: the shipped tiny-dsa)")
-    parser.add_argument("--pattern", default=None, help="index_topk_pattern (default: searched 1/4 preset, "
+    parser.add_argument("--pattern", default=None, help="index_topk_pattern (default: the model's own pattern, "
                         "else F every 4th layer)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
     parser.add_argument("--requests", type=int, default=64, help="concurrent requests that must complete")
@@ -91,11 +92,13 @@ def free_port() -> int:
 
 
 class Server:
-    """A ``vllm-indexcache serve`` subprocess on 127.0.0.1 (own process group, stopped on exit)."""
+    """A ``vllm-indexcache serve`` subprocess on 127.0.0.1 (own process group, stopped on exit); ``launcher``
+    replaces ``vllm-indexcache serve`` (e.g. ``[".venv/bin/vllm", "serve"]``)."""
 
-    def __init__(self, model: str, log: Path, args: list[str], startup_timeout: float = 600.0):
+    def __init__(self, model: str, log: Path, args: list[str], startup_timeout: float = 600.0,
+                 launcher: list[str] | None = None):
         self.model, self.log, self.port = model, Path(log), free_port()
-        self.cmd = [*CLI, "serve", model, "--port", str(self.port), *args]
+        self.cmd = [*(launcher or [*CLI, "serve"]), model, "--port", str(self.port), *args]
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
         self.startup_s = None
@@ -513,7 +516,8 @@ def phase_search(root: Path, timeout: float) -> dict:
 
     def cmd(m, d, out, *extra):
         return [*CLI, "search", str(m), "--data", str(d), "--retain", "1/8", "--out", str(out), "--seq-len", "80",
-                "--num-seqs", "2", "--device", "cpu", "--no-progress", *extra]
+                "--num-seqs", "2", "--device", "cpu", "--objective", "lm-loss", "--probe", "none", "--no-progress",
+                *extra]
 
     def state(out: Path) -> Path:
         return Path(str(out) + ".state.json")

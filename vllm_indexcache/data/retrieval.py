@@ -70,9 +70,6 @@ class RetrievalBuilder:
         self.adjectives, self.nouns = ((ADJECTIVES, NOUNS) if vocabulary == "evaluation"
                                        else (CALIB_ADJECTIVES, CALIB_NOUNS))
         self.digit_ids = {self.tok.encode(str(d)).ids[0] for d in range(10)}
-        # one token per digit (the shipped tokenizer): the answer is the question's last six digit tokens;
-        # otherwise it is located through the encoding's character offsets
-        self.single_digits = self._enc("0123456789").tolist() == [self.tok.encode(str(d)).ids[0] for d in range(10)]
 
     def _enc(self, text: str) -> np.ndarray:
         return np.asarray(self.tok.encode(text).ids, dtype=np.int64)
@@ -127,8 +124,11 @@ class RetrievalBuilder:
 
 
     def _answer_positions(self, q_ids: np.ndarray, text: str, value: str) -> np.ndarray:
-        """Positions in the question's tokens of the answer value (its last occurrence in ``text``)."""
-        if self.single_digits:
+        """Positions in the question's tokens of the answer value (its last occurrence in ``text``): its last six digit
+        tokens when the tokenizer encodes the value one token per digit (the shipped tokenizer), else the tokens
+        whose character offsets overlap the value."""
+        value_ids = self.tok.encode(value).ids
+        if len(value_ids) == VALUE_DIGITS and set(value_ids) <= self.digit_ids:
             return np.nonzero(np.isin(q_ids, list(self.digit_ids)))[0][-VALUE_DIGITS:]
         offsets = self.tok.encode(text).offsets
         start = text.rindex(value)

@@ -50,17 +50,13 @@ def _eval(model, args, pattern: str) -> dict:
 
 
 def _search(args, out: Path, min_retention: str) -> dict:
-    from ..search import cli as scli
+    """The training-free searched patterns this comparison is measured against (LM-loss objective, as run)."""
+    from ..search.cli import search, state_path
 
-    p = argparse.ArgumentParser()
-    scli.add_arguments(p)
     res_path = out / "search.json"
-    argv = [args.model, "--data", str(Path(args.data) / "train.u16"), "--retain", min_retention, "--out",
-            str(res_path), "--seq-len", str(args.search_len), "--num-seqs", str(args.search_seqs), "--device", "cpu",
-            "--no-progress"]
-    if scli.state_path(res_path).exists():
-        argv.append("--resume")
-    return scli.run(p.parse_args(argv))
+    return search(args.model, Path(args.data) / "train.u16", res_path, retain=min_retention, objective="lm-loss",
+                  probe="none", resume=state_path(res_path).exists(), seq_len=args.search_len,
+                  num_seqs=args.search_seqs, progress=False, engine_options={"device": "cpu"})
 
 
 def run_compare(args) -> int:

@@ -147,10 +147,10 @@ def local_logprobs(seq: list[int], window: int, logprobs_fn) -> np.ndarray:
 
 def key_token_masks(long_lp, local_lp, margin: float, fraction: float) -> list[np.ndarray]:
     """Key tokens: the top ``fraction`` of positions by context gain ``log p_long − log p_local`` (float64 arrays
-    per sequence), among those gaining more than ``margin`` nats."""
+    per sequence; ties at the cut included), among those gaining more than ``margin`` nats."""
     gains = [a - b for a, b in zip(long_lp, local_lp)]
-    threshold = max(margin, float(np.quantile(np.concatenate(gains), 1 - fraction)))
-    return [g > threshold for g in gains]
+    cut = float(np.quantile(np.concatenate(gains), 1 - fraction))
+    return [(g >= cut) & (g > margin) for g in gains]
 
 
 class TextEncoder:
