@@ -16,7 +16,6 @@ import time
 import torch
 
 from vllm_indexcache.search import algorithm as alg
-from vllm_indexcache.search.cli import resolve_data
 from vllm_indexcache.search.scorers import HFScorer
 from vllm_indexcache.search.state import load_calibration
 
@@ -28,7 +27,7 @@ if __name__ == "__main__":
     p.add_argument("--num-seqs", type=int, default=8)
     p.add_argument("--objectives", default="lm-loss,long-lm,retrieval")
     a = p.parse_args()
-    seqs = load_calibration(resolve_data(a.data), a.model, seq_len=a.seq_len, num_seqs=a.num_seqs)
+    seqs = load_calibration(a.data, a.model, seq_len=a.seq_len, num_seqs=a.num_seqs)
     from vllm_indexcache.reference import load_reference
 
     model = load_reference(a.model, ties="lower")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_indexcache.bench.cli import amdahl, analyse, resolve_pattern
+from vllm_indexcache.bench.cli import amdahl, analyse, plot, resolve_pattern, summary_md
 
 
 def test_resolve_pattern():
@@ -13,7 +13,7 @@ def test_resolve_pattern():
     assert resolve_pattern("1/8", 8) == "FSSSSSSS"
     assert resolve_pattern("1/4", 6) == "FSSSFS"          # ceil(n/k) F layers
     assert resolve_pattern("FSFS", 4) == "FSFS"
-    assert resolve_pattern("tiny-dsa-searched-1of4", 12) == "FSFSSSSSSFSS"
+    assert resolve_pattern("tiny-dsa-searched-1of4", 12) == "FSFSSSSSSSFS"
     with pytest.raises(ValueError):
         resolve_pattern("FSF", 4)
 
@@ -41,3 +41,31 @@ def test_analyse_speedup_and_bound():
     assert r["bound_prefill"] == pytest.approx(2.5)      # s = 0.8 (all-F), f = 1/4
     assert r["ttft_speedup_over_bound"] == pytest.approx(1.0)
     assert a["1/4"]["kv_gain"] == pytest.approx(1.5)
+
+
+def test_batch_1_report_has_no_duplicated_columns_and_draws_the_bound(tmp_path):
+    def res(pattern, ttft, tpot, share):
+        b1 = {"ttft": _stat(ttft), "tpot": _stat(tpot), "share_prefill": _stat(share), "share_decode": _stat(share),
+              "decode_tok_s": _stat(1 / tpot)}
+        return {"pattern": pattern, "kv_capacity": {"tokens": 1000}, "contexts": {"4096": {"batch1": b1}}}
+
+    results = {"patterns": {"all-F": res("FFFF", 10.0, 0.1, 0.8), "1/4": res("FSSS", 4.0, 0.05, 0.5)}}
+    a = analyse(results, 1)
+    md = summary_md(results, a, 1)
+    for line in md.splitlines():
+        if line.startswith("| pattern |"):
+            cols = [c.strip() for c in line.strip("|").split("|")]
+            named = [c for c in cols if c != "bound"]        # each speedup column is followed by its bound
+            assert len(named) == len(set(named)), line
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    made = []
+    real = plt.subplots
+    plt.subplots = lambda *args, **kw: made.append(args) or real(*args, **kw)
+    try:
+        plot(results, a, tmp_path / "p.png", 1)
+    finally:
+        plt.subplots = real
+    assert made == [(1, 2)]                       # TTFT and batch-1 TPOT panels, no repeated batch-1 panel

@@ -65,7 +65,7 @@ def overlap_matrix(topks: list[dict[int, torch.Tensor]], index_topk: int) -> tup
     return inter / (queries * index_topk), queries
 
 
-def indexer_time_share(model, seqs: list[list[int]], repeats: int = 3) -> dict:
+def indexer_time_share(model, seqs: list[list[int]], repeats: int = 3, progress: bool = False) -> dict:
     """Per-layer indexer and decoder-layer wall time (ms, median over ``repeats``, all sequences summed) and share.
 
     Runs the model all-F (every layer runs its indexer).
@@ -95,7 +95,9 @@ def indexer_time_share(model, seqs: list[list[int]], repeats: int = 3) -> dict:
     total = []
     try:
         with torch.no_grad():
-            for r in range(repeats + 1):
+            from tqdm import tqdm
+
+            for r in tqdm(range(repeats + 1), desc="indexer timing", unit="run", disable=not progress):
                 for k in acc:
                     acc[k] = [0.0] * len(layers)
                 t0 = time.perf_counter()
@@ -160,8 +162,9 @@ def plot_timing(timing: dict, png) -> None:
 
 def analyze(model_dir, data, out_dir, *, seq_len: int = 2048, num_seqs: int = 4, start: int = 0,
             device: str = "cpu", dtype: str = "float32", repeats: int = 3, timing: bool = True,
-            model=None) -> dict:
-    """Run both analyses and write ``out_dir/overlap.json``, ``overlap.png`` (and ``indexer_time.png``)."""
+            model=None, progress: bool = True) -> dict:
+    """Run both analyses and write ``out_dir/overlap.json``, ``overlap.png`` (and ``indexer_time.png``); a tqdm bar
+    counts the windows (``progress=False``: none)."""
     from vllm_indexcache.reference import load_reference, record_topk, set_pattern
     from vllm_indexcache.search.state import calibration_identity, load_calibration, model_identity
 
@@ -173,13 +176,16 @@ def analyze(model_dir, data, out_dir, *, seq_len: int = 2048, num_seqs: int = 4,
     L = model.config.num_hidden_layers
     k = int(model.config.index_topk)
     set_pattern(model, "F" * L)
-    O, queries = overlap_matrix([record_topk(model, s) for s in seqs], k)
+    from tqdm import tqdm
+
+    O, queries = overlap_matrix([record_topk(model, s) for s in tqdm(seqs, desc="overlap", unit="window",
+                                                                     disable=not progress)], k)
     res = {"model": model_identity(model_dir), "calibration": calibration_identity(seqs, data), "num_layers": L,
            "index_topk": k, "queries": queries, "overlap": O.tolist(),
            "adjacent": [float(O[i, i + 1]) for i in range(L - 1)],
            "definition": "mean over query tokens t >= index_topk of |T_i(t) & T_j(t)| / index_topk, all layers F"}
     if timing:
-        res["timing"] = indexer_time_share(model, seqs, repeats)
+        res["timing"] = indexer_time_share(model, seqs, repeats, progress=progress)
         plot_timing(res["timing"], out / "indexer_time.png")
     (out / "overlap.json").write_text(json.dumps(res, indent=1) + "\n")
     plot_overlap(O, out / "overlap.png", f"top-k overlap, {Path(str(model_dir)).name}, k={k}, {queries} queries")
@@ -188,7 +194,7 @@ def analyze(model_dir, data, out_dir, *, seq_len: int = 2048, num_seqs: int = 4,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="local DSA model directory")
-    parser.add_argument("--data", required=True, help="calibration data (formats of `search --data`)")
+    parser.add_argument("--data", required=True, help="calibration data (formats of `search --data`: a corpus directory means its train.u16)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--num-seqs", type=int, default=4)

@@ -249,7 +249,7 @@ def analyse(results: dict, batch: int) -> dict:
                    "share_prefill_allF": s_p, "share_decode_allF": s_d,
                    "bound_prefill": amdahl(s_p, f), "bound_decode": amdahl(s_d, f)}
             key = f"batch{batch}"
-            if key in e:
+            if batch > 1 and key in e:
                 row[f"tpot_speedup_b{batch}"] = b[key]["tpot"]["median"] / e[key]["tpot"]["median"]
                 s_db = b[key]["share_decode"]["median"]
                 row[f"share_decode_allF_b{batch}"] = s_db
@@ -292,7 +292,7 @@ def plot(results: dict, analysis: dict, png: Path, batch: int) -> None:
     import matplotlib.pyplot as plt
 
     keys = [("ttft_speedup", "TTFT (prefill), batch 1"), ("tpot_speedup_b1", "TPOT (decode), batch 1")]
-    if any(f"tpot_speedup_b{batch}" in r for a in analysis.values() for r in a["contexts"].values()):
+    if batch > 1 and any(f"tpot_speedup_b{batch}" in r for a in analysis.values() for r in a["contexts"].values()):
         keys.append((f"tpot_speedup_b{batch}", f"TPOT (decode), batch {batch}"))
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
     bound_of = {"ttft_speedup": "bound_prefill", "tpot_speedup_b1": "bound_decode",
@@ -304,8 +304,9 @@ def plot(results: dict, analysis: dict, png: Path, batch: int) -> None:
             line, = ax.plot(xs, [a["contexts"][c].get(key, float("nan")) for c in ctxs], marker="o",
                             label=f"{name} (f={a['kept_fraction']:.3g})")
             if a["kept_fraction"] < 1:
+                # a marker too, so that the bound shows with a single context
                 ax.plot(xs, [a["contexts"][c].get(bound_of[key], float("nan")) for c in ctxs], ls="--", lw=0.8,
-                        color=line.get_color())
+                        marker="_", ms=12, color=line.get_color())
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("speedup vs all-F")
@@ -328,28 +329,31 @@ def summary_md(results: dict, analysis: dict, batch: int) -> str:
     def rate(st):
         return f"{st['median']:.1f} [{st['min']:.1f}–{st['max']:.1f}]"
 
-    lines = ["| pattern | F/L | context | TTFT s (b1) | TPOT ms (b1) | tok/s (b1) | "
-             f"TPOT ms (b{batch}) | tok/s (b{batch}) | indexer share prefill | indexer share decode (b1) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    many = batch > 1          # batch 1 alone: no second set of batch columns (they would repeat the first)
+    head = ("| pattern | F/L | context | TTFT s (b1) | TPOT ms (b1) | tok/s (b1) | "
+            + (f"TPOT ms (b{batch}) | tok/s (b{batch}) | " if many else "")
+            + "indexer share prefill | indexer share decode (b1) |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for name, res in results["patterns"].items():
         p = res["pattern"]
         for ctx, e in res["contexts"].items():
             b1, bb = e["batch1"], e.get(f"batch{batch}")
+            batch_cols = f"{ms(bb['tpot']) if bb else '–'} | {rate(bb['decode_tok_s']) if bb else '–'} | "
             lines.append(f"| {name} | {p.count('F')}/{len(p)} | {ctx} | {sec(b1['ttft'])} | {ms(b1['tpot'])} | "
-                         f"{rate(b1['decode_tok_s'])} | {ms(bb['tpot']) if bb else '–'} | "
-                         f"{rate(bb['decode_tok_s']) if bb else '–'} | {sec(b1['share_prefill'])} | "
+                         f"{rate(b1['decode_tok_s'])} | {batch_cols if many else ''}{sec(b1['share_prefill'])} | "
                          f"{sec(b1['share_decode'])} |")
     lines += ["", "Speedup against all-F (median / median) and Amdahl bound `1/((1-s)+s·f)` from the all-F indexer "
               "share s at the same context:", "",
-              f"| pattern | f | context | TTFT × | bound | TTFT/bound | TPOT × b1 | bound | TPOT × b{batch} | bound |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| pattern | f | context | TTFT × | bound | TTFT/bound | TPOT × b1 | bound |"
+              + (f" TPOT × b{batch} | bound |" if many else ""),
+              "|---|---|---|---|---|---|---|---|" + ("---|---|" if many else "")]
     for name, a in analysis.items():
         for ctx, r in sorted(a["contexts"].items(), key=lambda kv: int(kv[0])):
+            batch_cols = (f" {r.get(f'tpot_speedup_b{batch}', float('nan')):.2f} | "
+                          f"{r.get(f'bound_decode_b{batch}', float('nan')):.2f} |")
             lines.append(f"| {name} | {a['kept_fraction']:.3g} | {ctx} | {r['ttft_speedup']:.2f} | "
                          f"{r['bound_prefill']:.2f} | {r['ttft_speedup_over_bound']:.2f} | "
-                         f"{r['tpot_speedup_b1']:.2f} | {r['bound_decode']:.2f} | "
-                         f"{r.get(f'tpot_speedup_b{batch}', float('nan')):.2f} | "
-                         f"{r.get(f'bound_decode_b{batch}', float('nan')):.2f} |")
+                         f"{r['tpot_speedup_b1']:.2f} | {r['bound_decode']:.2f} |" + (batch_cols if many else ""))
     lines += ["", "Drift check: prefill split into the profiled indexer time per F layer and the rest (TTFT minus the "
               "indexer), medians of the batch-1 samples. On an idle machine the per-layer indexer time and the rest are "
               "the same for every pattern at one context; differences measure the load drift between engines.", "",

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from vllm_indexcache.search import algorithm as alg
 from vllm_indexcache.search.objectives import OBJECTIVES, ObjectiveOptions
-from vllm_indexcache.search.state import (STATE_VERSION, StateError, calibration_identity, load_calibration,
-                                          load_state, model_identity, write_atomic)
+from vllm_indexcache.search.state import (STATE_VERSION, StateError, calibration_file, calibration_identity,
+                                          load_calibration, load_state, model_identity, write_atomic)
 from vllm_indexcache.search.scorers import ENGINES
 
 #: The objective ``vllm-indexcache search`` uses unless told otherwise (the winner of docs/search.md's comparison).
@@ -133,20 +133,6 @@ def plot(result: dict, png) -> None:
     plt.close(fig)
 
 
-def resolve_data(data) -> Path:
-    """``--data``: a corpus directory (``data/tiny-dsa``) means its ``train.u16``; a file is itself.
-
-    Raises:
-        StateError: a directory without ``train.u16``.
-    """
-    path = Path(data)
-    if path.is_dir():
-        if not (path / "train.u16").exists():
-            raise StateError(f"--data={str(data)!r}: a directory must hold train.u16 (scripts/prepare_tiny_dsa_data.py)")
-        return path / "train.u16"
-    return path
-
-
 def run_gate(scorer, seqs, levels: dict, *, docs: int = 20, seed: int = 7, margin: float = 0.05,
              echo=print) -> dict:
     """The retrieval gate: probe accuracy of all-F and of each level's pattern; one warning line per level that
@@ -206,7 +192,7 @@ def search(model, data, out, *, retain: str = "1/4", engine: str = "hf", objecti
 
     Args:
         model: DSA model directory.
-        data: calibration data (see :func:`resolve_data` and :func:`.state.load_calibration`).
+        data: calibration data (see :func:`.state.load_calibration`).
         out: output JSON path.
         retain: target retention (``"1/4"``).
         engine: ``"hf"`` or ``"vllm"`` (ignored with ``scorer_factory``).
@@ -232,7 +218,7 @@ def search(model, data, out, *, retain: str = "1/4", engine: str = "hf", objecti
     spath = state_path(out)
     model_id = model_identity(model)
     num_layers = int(model_id["num_layers"])
-    data = resolve_data(data)
+    data = calibration_file(data)
     seqs = load_calibration(data, model, seq_len=seq_len, num_seqs=num_seqs, start=start)
     calib = calibration_identity(seqs, data)
     blocks = alg.pp_blocks(num_layers, pp_blocks)

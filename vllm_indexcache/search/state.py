@@ -1,6 +1,6 @@
 """Calibration data, model and data identity, and the resumable search state.
 
-Calibration (``--data FILE``), fixed once and reused for every candidate:
+Calibration (``--data``), fixed once and reused for every candidate; a corpus directory means its ``train.u16``:
 
 * ``*.u16`` — uint16 token ids (the layout of :mod:`vllm_indexcache.data.corpus`, e.g. ``data/tiny-dsa/train.u16``):
   ``num_seqs`` disjoint windows of ``seq_len`` tokens from token ``start`` on.
@@ -54,14 +54,31 @@ def _windows(ids: np.ndarray, seq_len: int, num_seqs: int, start: int) -> list[l
     return [ids[i * seq_len:(i + 1) * seq_len].astype(np.int64).tolist() for i in range(n)]
 
 
-def load_calibration(path, model_dir=None, *, seq_len: int = 2048, num_seqs: int = 8,
-                     start: int = 0) -> list[list[int]]:
-    """Read the calibration sequences of ``path`` (formats in the module docstring).
+def calibration_file(data) -> Path:
+    """``--data``: a corpus directory (``data/tiny-dsa``, from ``scripts/prepare_tiny_dsa_data.py``) means its
+    ``train.u16``; a file is itself.
 
     Raises:
-        StateError: unreadable file, or no sequence of at least 2 tokens.
+        StateError: a directory without ``train.u16``.
     """
-    path = Path(path)
+    path = Path(data)
+    if path.is_dir():
+        if not (path / "train.u16").exists():
+            raise StateError(f"--data={str(data)!r}: a directory must hold train.u16 "
+                             "(scripts/prepare_tiny_dsa_data.py writes one)")
+        return path / "train.u16"
+    return path
+
+
+def load_calibration(path, model_dir=None, *, seq_len: int = 2048, num_seqs: int = 8,
+                     start: int = 0) -> list[list[int]]:
+    """Read the calibration sequences of ``path`` (formats in the module docstring; a corpus directory means its
+    ``train.u16``, :func:`calibration_file`).
+
+    Raises:
+        StateError: unreadable file, a directory without ``train.u16``, or no sequence of at least 2 tokens.
+    """
+    path = calibration_file(path)
     if seq_len < 2 or num_seqs < 1 or start < 0:
         raise StateError(f"calibration: need --seq-len >= 2, --num-seqs >= 1, --start >= 0 (got {seq_len}, "
                          f"{num_seqs}, {start})")
@@ -184,11 +201,19 @@ def load_state(path, expected: dict) -> dict:
     return state
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path, data: dict) -> None:
-    """Write JSON to ``path`` atomically: a reader sees the old file or the new one, never a partial file."""
+    """Write JSON to ``path`` atomically: a reader sees the old file or the new one, never a partial file. The file
+    gets the permissions the user's umask gives a new file (``mkstemp`` alone would make it 0600)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)
             f.write("\n")

@@ -57,7 +57,8 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lm_loss(model, tokens: np.ndarray, context: int, max_tokens: int = 131072, batch_size: int = 8) -> dict:
+def lm_loss(model, tokens: np.ndarray, context: int, max_tokens: int = 131072, batch_size: int = 8,
+            progress: bool = False) -> dict:
     """Mean next-token loss over disjoint ``context + 1``-token windows of ``tokens`` (at most ``max_tokens``)."""
     dev = next(model.parameters()).device
     n = min(len(tokens) // (context + 1), max(1, max_tokens // context))
@@ -65,7 +66,11 @@ def lm_loss(model, tokens: np.ndarray, context: int, max_tokens: int = 131072, b
         return {"loss": None, "ppl": None, "windows": 0, "tokens": 0}
     windows = np.stack([tokens[i * (context + 1):(i + 1) * (context + 1)] for i in range(n)]).astype(np.int64)
     total, count = 0.0, 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, desc=f"LM loss @{context}", unit="window", disable=not progress, leave=False)
     for s in range(0, n, batch_size):
+        bar.update(min(batch_size, n - s))
         x = torch.from_numpy(windows[s:s + batch_size]).to(dev)
         logits = _logits(model, x[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
@@ -77,19 +82,25 @@ def lm_loss(model, tokens: np.ndarray, context: int, max_tokens: int = 131072, b
 
 @torch.no_grad()
 def retrieval_accuracy(model, tokenizer, haystack: np.ndarray, context: int, depths=DEFAULT_DEPTHS,
-                       examples: int = 20, needles: int = 4, seed: int = 0, batch_size: int = 8) -> dict:
+                       examples: int = 20, needles: int = 4, seed: int = 0, batch_size: int = 8,
+                       progress: bool = False) -> dict:
     """Accuracy per needle depth at one context length (see module docstring)."""
     from ..data.retrieval import RetrievalBuilder
 
     dev = next(model.parameters()).device
     builder = RetrievalBuilder(tokenizer)
     out = {}
+    from tqdm import tqdm
+
+    bar = tqdm(total=examples * len(depths), desc=f"retrieval @{context}", unit="doc", disable=not progress,
+               leave=False)
     for d in depths:
         rng = np.random.default_rng([seed, context, int(round(d * 1000))])
         docs = [builder.make_document(rng, haystack, context, needles, 1, target_depth=d) for _ in range(examples)]
         correct = 0
         for s in range(0, examples, batch_size):
             chunk = docs[s:s + batch_size]
+            bar.update(len(chunk))
             x = torch.from_numpy(np.stack([c.ids for c in chunk])).to(dev)
             pred = _logits(model, x).argmax(-1)
             for b, c in enumerate(chunk):
@@ -103,10 +114,11 @@ def retrieval_accuracy(model, tokenizer, haystack: np.ndarray, context: int, dep
 def evaluate(model_dir: str | Path, data_dir: str | Path, *, pattern: str | None = None, dense: bool = False,
              contexts=DEFAULT_CONTEXTS, depths=DEFAULT_DEPTHS, max_tokens: int = 131072, examples: int = 20,
              needles: int = 4, batch_size: int = 8, device: str | None = None, dtype: str = "float32",
-             model=None, seed: int = 0, retrieval: bool = True) -> dict:
+             model=None, seed: int = 0, retrieval: bool = True, progress: bool = False) -> dict:
     """Evaluate a DSA model directory; returns ``{"lm": {ctx: {...}}, "retrieval": {ctx: {depth: acc}}, ...}``.
 
-    ``model`` may be passed pre-loaded (e.g. by the pattern search, which switches patterns in place).
+    ``model`` may be passed pre-loaded (e.g. by the pattern search, which switches patterns in place);
+    ``progress`` shows tqdm bars over windows and documents (the ``eval`` command does).
     """
     from tokenizers import Tokenizer
 
@@ -126,10 +138,10 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, pattern: str | None
     res: dict = {"model": str(model_dir), "pattern": pattern, "dense": dense, "dtype": dtype, "device": str(device),
                  "index_topk": model.config.index_topk, "lm": {}, "retrieval": {}}
     for c in contexts:
-        res["lm"][str(c)] = lm_loss(model, held, c, max_tokens, batch_size)
+        res["lm"][str(c)] = lm_loss(model, held, c, max_tokens, batch_size, progress)
         if retrieval:
             res["retrieval"][str(c)] = retrieval_accuracy(model, tok, held, c, depths, examples, needles, seed,
-                                                          batch_size)
+                                                          batch_size, progress)
     set_dense(model, False)
     res["wall_s"] = round(time.time() - t0, 1)
     return res
@@ -157,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
                    contexts=[int(c) for c in args.contexts.split(",")],
                    depths=[float(d) for d in args.depths.split(",")], max_tokens=args.max_tokens,
                    examples=args.examples, needles=args.needles, batch_size=args.batch_size, device=args.device,
-                   dtype=args.dtype, retrieval=not args.no_retrieval)
+                   dtype=args.dtype, retrieval=not args.no_retrieval, progress=True)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:
