@@ -46,8 +46,9 @@ def test_analyse_speedup_and_bound():
 def test_batch_1_report_has_no_duplicated_columns_and_draws_the_bound(tmp_path):
     def res(pattern, ttft, tpot, share):
         b1 = {"ttft": _stat(ttft), "tpot": _stat(tpot), "share_prefill": _stat(share), "share_decode": _stat(share),
-              "decode_tok_s": _stat(1 / tpot)}
-        return {"pattern": pattern, "kv_capacity": {"tokens": 1000}, "contexts": {"4096": {"batch1": b1}}}
+              "decode_tok_s": _stat(1 / tpot), "indexer_prefill_s": _stat(share * ttft)}
+        return {"pattern": pattern, "kv_capacity": {"tokens": 1000}, "contexts": {"4096": {"batch1": b1}},
+                "bytes_per_token": {"latent": 100, "indexer_reclaimed": 10, "indexer_not_reclaimed": 40}}
 
     results = {"patterns": {"all-F": res("FFFF", 10.0, 0.1, 0.8), "1/4": res("FSSS", 4.0, 0.05, 0.5)}}
     a = analyse(results, 1)
