@@ -5,6 +5,8 @@ Input lines: {"prompt": "..."} or {"messages": [...]} (chat), optional "max_toke
 
     python examples/offline_batch.py prompts.jsonl out.jsonl [--model DIR] [--pattern FFSF… | --freq 4 |
         --preset NAME] [--max-tokens 128] [--temperature 0]
+
+Without a pattern option the model's own IndexCache pattern (its config.json) is served.
 """
 from __future__ import annotations
 
@@ -27,9 +29,9 @@ def indexcache_overrides(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("input", type=Path)
-    parser.add_argument("output", type=Path)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", type=Path, help='JSONL, one {"prompt": ...} or {"messages": [...]} per line')
+    parser.add_argument("output", type=Path, help="JSONL: each input line plus completion and token counts")
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--pattern", help="explicit F/S pattern, one letter per DSA layer")
@@ -45,7 +47,7 @@ def main() -> None:
 
     rows = [json.loads(line) for line in args.input.read_text().splitlines() if line.strip()]
     llm = LLM(model=args.model, attention_backend="indexcache", hf_overrides=indexcache_overrides(args) or None,
-              max_model_len=args.max_model_len, kv_cache_memory_bytes=1 << 30, tokenizer_mode="hf")
+              max_model_len=args.max_model_len, kv_cache_memory_bytes=1 << 30)
     tokenizer = llm.get_tokenizer()
     prompts, params = [], []
     for row in rows:

@@ -199,3 +199,52 @@ def test_cli_non_dsa_model(tmp_path):
                                                       "index_topk_freq": 2}))
     r = run_cli(tmp_path)
     assert r.returncode == 2 and "no lightning indexer" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- vLLM-only DSA keys
+def test_vllm_only_keys_are_filled_checked_or_refused():
+    from vllm_indexcache.dsa_config import IMPLIED, DSAConfigError, complete_dsa_config
+
+    cfg = {"architectures": ["GlmMoeDsaForCausalLM"], "num_hidden_layers": 4, "n_routed_experts": 4,
+           "first_k_dense_replace": 1, "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]}
+    lines = complete_dsa_config(cfg)
+    assert {k: cfg[k] for k in IMPLIED["GlmMoeDsaForCausalLM"]} == {"scoring_func": "sigmoid",
+                                                                   "topk_method": "noaux_tc",
+                                                                   "indexer_rope_interleave": True}
+    assert ("info", "IndexCache: config.json has no scoring_func; using 'sigmoid' as transformers' GlmMoeDsa does") \
+        in lines and len(lines) == 3
+    assert complete_dsa_config(cfg) == []                                   # idempotent, nothing left to say
+    wrong = {"architectures": ["DeepseekV32ForCausalLM"], "scoring_func": "softmax", "topk_method": "noaux_tc",
+             "indexer_rope_interleave": True}
+    lines = complete_dsa_config(wrong)
+    assert [level for level, _ in lines] == ["warning", "warning"] and wrong["scoring_func"] == "softmax"
+    assert "scoring_func='softmax' contradicts transformers' DeepseekV32 ('sigmoid')" in lines[0][1]
+    # MoE layers every other layer from 2: expressible, written as first_k_dense_replace / moe_layer_freq
+    cfg = dict(IMPLIED["DeepseekV32ForCausalLM"], architectures=["DeepseekV32ForCausalLM"], num_hidden_layers=6,
+               n_routed_experts=4, first_k_dense_replace=1, mlp_layer_types=["dense", "dense", "sparse", "dense",
+                                                                            "sparse", "dense"])
+    assert complete_dsa_config(cfg)[0][0] == "info" and (cfg["first_k_dense_replace"], cfg["moe_layer_freq"]) == (2, 2)
+    cfg["mlp_layer_types"] = ["dense", "sparse", "sparse", "dense", "sparse", "sparse"]
+    with pytest.raises(DSAConfigError, match=r"^mlp_layer_types=\['dense', 'sparse'"):
+        complete_dsa_config(cfg)
+    assert complete_dsa_config({"architectures": ["LlamaForCausalLM"]}) == []
+
+
+@pytest.mark.parametrize("arch", ["DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"])
+def test_checkpoints_this_project_writes_carry_every_vllm_only_key(tmp_path, arch):
+    import torch
+
+    from vllm_indexcache.distill.cli import export_checkpoint
+    from vllm_indexcache.dsa_config import IMPLIED
+    from vllm_indexcache.reference import load_reference
+    from vllm_indexcache.toy import build_toy_model
+    from vllm_indexcache.training.trainer import export_model
+
+    toy = build_toy_model(tmp_path / "toy", arch, num_layers=4)
+    assert {k: json.loads((toy / "config.json").read_text())[k] for k in IMPLIED[arch]} == IMPLIED[arch]
+    bare = build_toy_model(tmp_path / "bare", arch, num_layers=4, bare=True)
+    out = export_checkpoint(load_reference(str(bare)), "FSFS", bare, tmp_path / "distilled", dtype=torch.float32)
+    assert {k: json.loads((out / "config.json").read_text())[k] for k in IMPLIED[arch]} == IMPLIED[arch]
+    if arch == "DeepseekV32ForCausalLM":          # the training recipe trains DeepSeek-V3.2 models only
+        out = export_model(load_reference(str(toy)), tmp_path / "trained", dtype="float32")
+        assert {k: json.loads((out / "config.json").read_text())[k] for k in IMPLIED[arch]} == IMPLIED[arch]

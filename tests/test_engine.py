@@ -158,3 +158,25 @@ def test_pipeline_parallel_stage_starting_on_s_layer(toy_models, monkeypatch):
     reference = _reference(model, "FFFS", prompts, MAX_TOKENS)
     with engine(model, "FFSS", pipeline_parallel_size=2, distributed_executor_backend="mp") as llm:
         _assert_match(_generate(llm, prompts, MAX_TOKENS), reference, "PP=2 FFSS (stage 1 forced F)")
+
+
+@pytest.mark.parametrize("arch", ["DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"])
+def test_bare_save_pretrained_checkpoint_serves_the_transformers_model(tmp_path, arch):
+    """A checkpoint written by transformers' ``save_pretrained`` alone (no scoring_func / topk_method /
+    indexer_rope_interleave in config.json) is served as transformers' model: the plugin fills those keys with the
+    values transformers' class implies before any weight is loaded (without them vLLM routes with softmax, drops the
+    expert-score bias and, for GLM-5, rotates the indexer NeoX-style: 0.4-1.3 nats off at position 0)."""
+    import json
+
+    from vllm_indexcache.dsa_config import IMPLIED
+    from vllm_indexcache.toy import build_toy_model
+
+    model = str(build_toy_model(tmp_path / "bare", arch, num_layers=4, seed=3, bare=True))
+    written = json.loads((tmp_path / "bare" / "config.json").read_text())
+    assert not any(k in written for k in IMPLIED[arch])
+    prompts = _prompts(PROMPT_LENS, seed=5)
+    reference = _reference(model, None, prompts, MAX_TOKENS)
+    with engine(model) as llm:
+        hf_config = llm.llm_engine.model_config.hf_config
+        assert {k: getattr(hf_config, k) for k in IMPLIED[arch]} == IMPLIED[arch]
+        _assert_match(_generate(llm, prompts, MAX_TOKENS), reference, f"bare {arch}")

@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from vllm_indexcache.dsa_config import IMPLIED
+
 ARCHITECTURES = ("DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM")
 
 #: Geometry shared by both toy architectures: small enough for CPU CI, every DSA code path present.
@@ -113,11 +115,14 @@ CHAT_TEMPLATE = (
 
 def build_toy_model(out_dir: str | Path, architecture: str = "DeepseekV32ForCausalLM", num_layers: int = 4,
                     first_k_dense_replace: int = 1, seed: int = 0, tokenizer: bool = True,
-                    init_std: float = 0.08, device: str = "cpu", dtype: str = "float32", **overrides) -> Path:
+                    init_std: float = 0.08, device: str = "cpu", dtype: str = "float32", bare: bool = False,
+                    **overrides) -> Path:
     """Write a random-weight toy DSA model to ``out_dir`` and return the path.
 
-    Weights are ``dtype`` (float32 by default), drawn on ``device`` with ``torch.manual_seed(seed)``; ``init_std`` is larger than transformers' default
-    (0.02) so that logits are not near-uniform and the indexer's scores are far from ties.
+    Weights are ``dtype`` (float32 by default), drawn on ``device`` with ``torch.manual_seed(seed)``; ``init_std`` is
+    larger than transformers' default (0.02) so that logits are not near-uniform and the indexer's scores are far
+    from ties. ``config.json`` carries every vLLM-only key explicitly (:data:`vllm_indexcache.dsa_config.IMPLIED`);
+    ``bare=True`` writes only what ``save_pretrained`` writes for a config that never had them (a user's export).
 
     Raises:
         ValueError: unknown ``architecture``.
@@ -128,6 +133,9 @@ def build_toy_model(out_dir: str | Path, architecture: str = "DeepseekV32ForCaus
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = toy_config(architecture, num_layers, first_k_dense_replace, initializer_range=init_std, **overrides)
+    if bare:
+        for key in IMPLIED[architecture]:
+            delattr(cfg, key)
     torch.manual_seed(seed)
     # The class by name, not AutoModelForCausalLM: importing vLLM re-maps transformers' deepseek_v32 config.
     with torch.device(device):
@@ -137,11 +145,12 @@ def build_toy_model(out_dir: str | Path, architecture: str = "DeepseekV32ForCaus
             if "e_score_correction_bias" in name:
                 p.zero_()
     model.save_pretrained(str(out))
-    # save_pretrained drops attributes the config class does not declare; vLLM needs them.
+    # vLLM reads keys the transformers config class does not declare (dsa_config); written explicitly.
     cfg_path = out / "config.json"
     data = json.loads(cfg_path.read_text())
-    data.update(topk_method=cfg.topk_method, scoring_func=cfg.scoring_func,
-                indexer_rope_interleave=cfg.indexer_rope_interleave, architectures=[architecture])
+    if not bare:
+        data.update(IMPLIED[architecture])
+    data["architectures"] = [architecture]
     cfg_path.write_text(json.dumps(data, indent=2) + "\n")
     if tokenizer:
         write_byte_tokenizer(out)

@@ -164,6 +164,8 @@ def export_checkpoint(model, pattern: str, src_dir: str | Path, out_dir: str | P
     (``model.layers.{i}.self_attn.indexer.*``) are left out; ``config.json`` gets ``index_topk_pattern``."""
     import re
 
+    from vllm_indexcache.dsa_config import complete_dsa_config
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for f in list(out.glob("*.safetensors")) + list(out.glob("*.safetensors.index.json")):
@@ -185,6 +187,7 @@ def export_checkpoint(model, pattern: str, src_dir: str | Path, out_dir: str | P
     for key in ("index_topk_freq", "index_skip_topk_offset", "index_cache_preset"):
         cfg.pop(key, None)
     cfg["index_topk_pattern"] = pattern
+    complete_dsa_config(cfg)           # every vLLM-only key explicit, also when the source lacked one
     if dtype is not None:
         cfg["dtype"] = str(dtype).replace("torch.", "")
     if cfg.get("model_type") == "glm_moe_dsa":

@@ -76,8 +76,9 @@ def export_model(model, out_dir: str | Path, dtype: str = "bfloat16", tokenizer_
     m.save_pretrained(str(out), max_shard_size=max_shard_size)
     cfg_path = out / "config.json"
     data = json.loads(cfg_path.read_text())
-    data.update(indexer_rope_interleave=False, topk_method="noaux_tc", scoring_func="sigmoid",
-                architectures=["DeepseekV32ForCausalLM"])
+    from vllm_indexcache.dsa_config import IMPLIED
+
+    data.update(IMPLIED["DeepseekV32ForCausalLM"], architectures=["DeepseekV32ForCausalLM"])
     cfg_path.write_text(json.dumps(data, indent=2) + "\n")
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():

@@ -1,5 +1,6 @@
 """Resolve and validate IndexCache keys when vLLM builds a model config — before any weight is loaded; and keep a
-DSA model's own chat template.
+DSA model's own chat template. The vLLM-only keys transformers does not save are filled first
+(:mod:`vllm_indexcache.dsa_config`).
 
 vLLM source: ``vllm/config/model.py`` — ``ModelConfig.__post_init__`` applies ``--hf-overrides`` to the HF config and
 then calls ``_try_verify_and_update_model_config`` (once per config). This hook runs there, in the API-server
@@ -80,8 +81,11 @@ def install() -> None:
 
     def _try_verify_and_update_model_config(self):
         from vllm_indexcache.config import IndexCacheError, apply_to_hf_config
+        from vllm_indexcache.dsa_config import complete_dsa_config
 
         try:
+            for level, line in complete_dsa_config(self.hf_config):
+                getattr(logger, level)(line)
             apply_to_hf_config(self.hf_config, self.hf_overrides)
         except IndexCacheError as err:
             _exit_on_error(err)
