@@ -14,7 +14,7 @@ MODEL ?= $(if $(wildcard $(SHIPPED)/config.json),$(SHIPPED),$(TOY))
 INDEXCACHE ?=
 SERVE_ARGS ?= --max-model-len 4096 --kv-cache-memory-bytes 1073741824
 
-.PHONY: setup serve test clean
+.PHONY: setup serve test test-unit lint clean
 
 setup: $(VENV)/.installed
 
@@ -33,8 +33,15 @@ serve: setup
 	$(BIN)/vllm serve $(MODEL) --attention-backend indexcache --host 127.0.0.1 --port $(PORT) \
 		$(if $(INDEXCACHE),--hf-overrides '$(INDEXCACHE)') $(SERVE_ARGS)
 
-test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+# tests/unit: no vLLM engine starts (a couple of minutes); tests/engine: vLLM on CPU, servers on loopback.
+test: lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/engine
+
+test-unit: lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
+lint: setup
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) $(TOY)

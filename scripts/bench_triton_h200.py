@@ -146,7 +146,7 @@ def per_layer(c: int, repeats: int) -> dict:
     wr = w[:rows].contiguous()
     t_sc = timed(lambda: ti._prefill_scores_chunk(q[:rows], k, wr, full, 0, c), repeats)
     res["scores_kernel_tflops"] = 2 * rows * c * H_I * D_I / t_sc / 1e12
-    del q, k, w
+    q = k = w = None  # free the GPU memory before the sparse MLA part
     # sparse MLA prefill: per-token cost on min(c, 16384) tokens
     tm_tokens = min(c, 16384)
     ql = torch.randn(tm_tokens, N, L, device=DEV, dtype=bf)
@@ -156,7 +156,7 @@ def per_layer(c: int, repeats: int) -> dict:
     t_m = timed(lambda: tm.sparse_mla(ql, qp, kv, sl, 192 ** -0.5), repeats)
     res["mla_prefill_s"] = t_m * c / tm_tokens
     res["mla_tflops"] = tm_tokens * N * TOPK * 2 * (L + R + L) / t_m / 1e12
-    del ql, qp, sl
+    ql = qp = sl = None
     # decode step, batch 8, paged (block 64)
     B, bs = 8, 64
     nbk = -(-c // bs)

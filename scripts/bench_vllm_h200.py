@@ -75,7 +75,7 @@ def worker(a) -> int:
     """One engine, one configuration; writes JSON to ``a.json``."""
     from vllm import LLM, SamplingParams
 
-    from vllm_indexcache.bench.cli import _stats, _tpot, kv_capacity
+    from vllm_indexcache.bench.measure import _stats, _tpot, kv_capacity
 
     kwargs = dict(model=str(a.model), skip_tokenizer_init=True, disable_log_stats=False, enforce_eager=True,
                   max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_util, seed=0,

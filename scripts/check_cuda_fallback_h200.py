@@ -20,7 +20,8 @@ correctness criterion on a random model: near-tie selections legitimately differ
 ``--model DIR`` checks an existing checkpoint instead (e.g. ``examples/models/tiny-dsa``): lengths scaled to its
 context, chunked prefill at 2048 tokens, the plugin on ``VLLM_INDEXCACHE_KERNELS=auto``.
 
-Usage (vLLM 0.26 importable, this repo installed as a plugin): ``OUT=/tmp/out python scripts/check_cuda_fallback_h200.py``.
+Usage (vLLM 0.26 importable, this repo installed as a plugin):
+``OUT=/tmp/out python scripts/check_cuda_fallback_h200.py``.
 Writes ``$OUT/check_cuda_fallback_h200.json`` and prints the tables last. Results: ``docs/benchmarks.md`` §4.
 """
 from __future__ import annotations
@@ -264,7 +265,8 @@ def main() -> int:
     if "vs_reference" in result:
         print(f"\nprompt log-probs vs transformers float32 ({PATTERN}, ties=lower): |dlogp| at positions with "
               f"<= {TOPK} context keys (dense) / more (sparse)")
-        print(f"{'engine':7s} {'prompt':>6s} {'dense max':>9s} {'dense mean':>10s} {'sparse max':>10s} {'sparse mean':>11s}")
+        print(f"{'engine':7s} {'prompt':>6s} {'dense max':>9s} {'dense mean':>10s} {'sparse max':>10s} "
+              f"{'sparse mean':>11s}")
         for m, rows in result["vs_reference"].items():
             for n, r in rows.items():
                 sm = "-" if r["sparse_max"] is None else f"{r['sparse_max']:.4f}"

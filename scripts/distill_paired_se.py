@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_indexcache.data.corpus import load_tokens  # noqa: E402
-from vllm_indexcache.distill.cli import load_distilled  # noqa: E402
+from vllm_indexcache.distill.export import load_distilled  # noqa: E402
 from vllm_indexcache.patterns import uniform_pattern  # noqa: E402
 from vllm_indexcache.reference import load_reference  # noqa: E402
 

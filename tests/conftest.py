@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from searchkit import full_run, toy  # noqa: F401  (the search tests' toy models and reference search)
 
 # LLM.apply_model ships a function to the worker process (cloudpickle); vLLM refuses that unless allowed.
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")

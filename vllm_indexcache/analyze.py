@@ -194,7 +194,8 @@ def analyze(model_dir, data, out_dir, *, seq_len: int = 2048, num_seqs: int = 4,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="local DSA model directory")
-    parser.add_argument("--data", required=True, help="calibration data (formats of `search --data`: a corpus directory means its train.u16)")
+    parser.add_argument("--data", required=True,
+                        help="calibration data (formats of `search --data`: a corpus directory means its train.u16)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--num-seqs", type=int, default=4)

@@ -19,7 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("vllm_indexcache.training.evaluate", "held-out LM loss and retrieval accuracy of a DSA model"),
     "distill": ("vllm_indexcache.distill.cli", "training-aware IndexCache: multi-layer indexer distillation (Eq. 1)"),
     "search": ("vllm_indexcache.search.cli", "greedy IndexCache layer search (Algorithm 1), resumable"),
-    "bench": ("vllm_indexcache.bench.cli", "end-to-end speed benchmark through vLLM: TTFT, TPOT, indexer share, KV capacity"),
+    "bench": ("vllm_indexcache.bench.cli",
+              "end-to-end speed benchmark through vLLM: TTFT, TPOT, indexer share, KV capacity"),
     "analyze": ("vllm_indexcache.analyze", "cross-layer top-k overlap heatmap and per-layer indexer time share"),
     "reliability": ("vllm_indexcache.reliability", "bounded load, KV-pressure, bad-input and search-fault checks"),
 }

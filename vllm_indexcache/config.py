@@ -67,7 +67,7 @@ class IndexCacheConfig(BaseModel):
         return v
 
     @classmethod
-    def from_hf_config(cls, hf_config: Any) -> "IndexCacheConfig":
+    def from_hf_config(cls, hf_config: Any) -> IndexCacheConfig:
         """Read the IndexCache keys from a transformers ``PretrainedConfig`` (attributes) or a ``config.json`` dict.
 
         Missing or ``None`` keys take their defaults. A list pattern (transformers also accepts one) of ``F``/``S``

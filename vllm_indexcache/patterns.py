@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vllm_indexcache.pattern_rules import (  # noqa: F401  (re-exported: one rule module, used by every caller)
-    PATTERN_KEY, check_chars, f_layers, parse_pattern, uniform_pattern)
+from vllm_indexcache.pattern_rules import PATTERN_KEY, check_chars, f_layers, parse_pattern, uniform_pattern  # noqa: F401  (re-exported: one rule module, used by every caller)
 
 
 class Preset(BaseModel):
@@ -43,7 +41,7 @@ class Preset(BaseModel):
     index_skip_topk_offset: int | None = Field(default=None, ge=1, strict=True)
 
     @model_validator(mode="after")
-    def _check(self) -> "Preset":
+    def _check(self) -> Preset:
         parse_pattern(self.pattern, self.num_layers, "pattern", self.architecture)
         if self.index_topk_freq is None and self.index_skip_topk_offset is not None:
             raise ValueError("index_skip_topk_offset is set without index_topk_freq")
@@ -61,15 +59,12 @@ class Preset(BaseModel):
 
 
 def presets_dir() -> Path:
-    """Directory holding the preset JSON files.
+    """Directory holding the preset JSON files: the package data ``vllm_indexcache/configs`` (read with
+    ``importlib.resources``; in a checkout it is a link to the repository's ``configs/``, the source of truth, and a
+    wheel carries copies of those files)."""
+    from importlib.resources import files
 
-    The repository's ``configs/`` when the package runs from a checkout (``setup.py`` next to the package), else
-    ``<sys.prefix>/share/vllm-indexcache/configs`` (where ``setup.py``'s ``data_files`` installs them).
-    """
-    root = Path(__file__).resolve().parent.parent
-    if (root / "setup.py").is_file() and (root / "configs").is_dir():
-        return root / "configs"
-    return Path(sys.prefix) / "share" / "vllm-indexcache" / "configs"
+    return Path(str(files("vllm_indexcache") / "configs"))
 
 
 def list_presets() -> list[str]:

@@ -38,8 +38,8 @@ Transformers behaviour worth knowing (5.19):
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 
@@ -91,13 +91,9 @@ def check_pattern(pattern: str, num_layers: int) -> str:
         ValueError: (message names the pattern) not a str of upper-case ``F``/``S``, length ≠ ``num_layers``, or
             layer 0 is ``S`` (an S layer needs a preceding F layer).
     """
-    if not isinstance(pattern, str) or not re.fullmatch(r"[FS]+", pattern):
-        raise ValueError(f"pattern={pattern!r}: must be a non-empty string of upper-case 'F'/'S'")
-    if len(pattern) != num_layers:
-        raise ValueError(f"pattern={pattern!r}: has {len(pattern)} characters, the model has {num_layers} DSA layers")
-    if pattern[0] != "F":
-        raise ValueError(f"pattern={pattern!r}: layer 0 is S, but the first DSA layer must be F")
-    return pattern
+    from vllm_indexcache.pattern_rules import parse_pattern
+
+    return parse_pattern(pattern, num_layers, key="pattern")
 
 
 def _lower_ties_topk(indexer, hidden_states, q_resid, position_embeddings, position_ids, past_key_values):

@@ -3,8 +3,18 @@
 See :mod:`vllm_indexcache.distill.loss` (the loss and the hook-based distiller) and
 :mod:`vllm_indexcache.distill.cli` (``vllm-indexcache distill``).
 """
-from .loss import (DistillLoss, MultiLayerIndexerDistiller, attention_target, indexer_log_probs, indexer_scores,
-                   kl_rows, multi_layer_indexer_loss, served_layers, support_from_topk, visible_from_mask)
+from .loss import (
+                   DistillLoss,
+                   MultiLayerIndexerDistiller,
+                   attention_target,
+                   indexer_log_probs,
+                   indexer_scores,
+                   kl_rows,
+                   multi_layer_indexer_loss,
+                   served_layers,
+                   support_from_topk,
+                   visible_from_mask,
+)
 
 __all__ = ["DistillLoss", "MultiLayerIndexerDistiller", "attention_target", "indexer_log_probs", "indexer_scores",
            "kl_rows", "multi_layer_indexer_loss", "served_layers", "support_from_topk", "visible_from_mask"]

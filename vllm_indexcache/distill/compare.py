@@ -62,7 +62,8 @@ def _search(args, out: Path, min_retention: str) -> dict:
 def run_compare(args) -> int:
     from ..patterns import uniform_pattern
     from ..reference import load_reference
-    from .cli import distill, export_checkpoint, make_batches
+    from .export import export_checkpoint
+    from .trainer import distill, make_batches
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

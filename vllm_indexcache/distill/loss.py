@@ -111,53 +111,43 @@ def attention_target(attn_weights: torch.Tensor, visible: torch.Tensor | None = 
     return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
 
 
-def _rope(indexer):
+def _interleaved(indexer) -> bool:
     from transformers.models.deepseek_v32 import modeling_deepseek_v32 as ds
     from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as glm
 
     if isinstance(indexer, glm.GlmMoeDsaIndexer):
-        return glm.apply_rotary_pos_emb_interleave
+        return True
     if isinstance(indexer, ds.DeepseekV32Indexer):
-        return ds.apply_rotary_pos_emb
+        return False
     raise TypeError(f"{type(indexer).__name__}: expected DeepseekV32Indexer or GlmMoeDsaIndexer")
 
 
 def indexer_scores(indexer, hidden_states: torch.Tensor, q_resid: torch.Tensor,
                    position_embeddings: tuple[torch.Tensor, torch.Tensor],
                    visible: torch.Tensor | None = None) -> torch.Tensor:
-    """Index scores ``I[b, t, s]`` of one transformers indexer, differentiable w.r.t. its parameters.
-
-    Mirrors ``DeepseekV32Indexer.forward`` / ``GlmMoeDsaIndexer.forward`` (transformers 5.19) up to the scores
-    (before top-k), without ``@torch.no_grad`` and without a KV cache (one full sequence per row).
+    """Index scores ``I[b, t, s]`` of one transformers indexer, differentiable w.r.t. its parameters: the training
+    recipe's :func:`vllm_indexcache.training.indexer_loss.indexer_scores` with the RoPE layout of the indexer's class
+    (DeepSeek-V3.2 NeoX, GLM-5 interleaved) and every product in ``promote_types(input dtype, float32)``.
 
     Args:
-        indexer: ``DeepseekV32Indexer`` (NeoX RoPE) or ``GlmMoeDsaIndexer`` (interleaved RoPE).
-        hidden_states: ``[B, T, hidden]`` the attention's (normalised) input. Pass it detached to keep the gradient
-            inside the indexer.
+        indexer: ``DeepseekV32Indexer`` or ``GlmMoeDsaIndexer``.
+        hidden_states: ``[B, T, hidden]`` the attention's (normalised) input (detached keeps the gradient inside
+            the indexer).
         q_resid: ``[B, T, q_lora_rank]`` MLA's ``q_a_layernorm(q_a_proj(x))`` (detached likewise).
         position_embeddings: ``(cos, sin)`` from the model's rotary embedding, ``[B or 1, T, qk_rope_head_dim]``.
-        visible: bool broadcastable to ``[B, T, T]`` (True = visible key); default causal. Invisible entries are
-            ``-inf``.
+        visible: bool broadcastable to ``[B, T, T]`` (True = visible key); default causal; invisible → ``-inf``.
 
     Returns:
         ``[B, T, T]`` in ``promote_types(input dtype, float32)``.
+
+    Raises:
+        TypeError: another indexer class.
     """
-    rope = _rope(indexer)
-    b, t, _ = hidden_states.shape
-    h, d, r = indexer.n_heads, indexer.head_dim, indexer.qk_rope_head_dim
+    from vllm_indexcache.training.indexer_loss import indexer_scores as scores
+
     cos, sin = position_embeddings
-    dt = torch.promote_types(hidden_states.dtype, torch.float32)
-    q = indexer.wq_b(q_resid).view(b, t, h, d)
-    k = indexer.k_norm(indexer.wk(hidden_states)).unsqueeze(2)
-    q_rot, k_rot = rope(q[..., :r], k[..., :r], cos, sin, unsqueeze_dim=2)
-    q = torch.cat([q_rot, q[..., r:]], dim=-1)                                   # [B, T, H, D]
-    k = torch.cat([k_rot, k[..., r:]], dim=-1)[:, :, 0]                          # [B, T, D]
-    logits = torch.einsum("bthd,bsd->bths", q.to(dt), k.to(dt)) * indexer.softmax_scale
-    w = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)).to(dt) * h ** -0.5
-    scores = torch.einsum("bth,bths->bts", w, torch.relu(logits))
-    if visible is None:
-        visible = torch.ones(t, t, dtype=torch.bool, device=scores.device).tril()
-    return scores.masked_fill(~visible.expand_as(scores), float("-inf"))
+    return scores(indexer, hidden_states, q_resid, cos, sin, rope_interleave=_interleaved(indexer), mask=visible,
+                  upcast=True)
 
 
 def indexer_log_probs(scores: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -280,7 +270,7 @@ class MultiLayerIndexerDistiller:
         self._handles: list = []
 
     # -- hooks ---------------------------------------------------------------------------------------------------
-    def attach(self) -> "MultiLayerIndexerDistiller":
+    def attach(self) -> MultiLayerIndexerDistiller:
         if self._handles:
             return self
         self._handles.append(self.model.model.register_forward_pre_hook(lambda m, a: self.clear()))
@@ -300,7 +290,7 @@ class MultiLayerIndexerDistiller:
         self._handles.clear()
         self.clear()
 
-    def __enter__(self) -> "MultiLayerIndexerDistiller":
+    def __enter__(self) -> MultiLayerIndexerDistiller:
         return self.attach()
 
     def __exit__(self, *exc) -> None:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable
 
 #: Retention levels reported along the trajectory (those ≥ the requested retention are recorded).
 LEVELS = tuple(Fraction(1, 2 ** i) for i in range(1, 8))
@@ -134,7 +134,7 @@ class Step:
                 "loss": self.loss, "candidates": {str(k): v for k, v in sorted(self.candidates.items())}}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Step":
+    def from_json(cls, d: dict) -> Step:
         return cls(int(d["step"]), [int(x) for x in d["flipped"]], str(d["pattern"]), float(d["loss"]),
                    {int(k): float(v) for k, v in d["candidates"].items()})
 

@@ -25,9 +25,17 @@ from pathlib import Path
 
 from vllm_indexcache.search import algorithm as alg
 from vllm_indexcache.search.objectives import OBJECTIVES, ObjectiveOptions
-from vllm_indexcache.search.state import (STATE_VERSION, StateError, calibration_file, calibration_identity,
-                                          load_calibration, load_state, model_identity, write_atomic)
 from vllm_indexcache.search.scorers import ENGINES
+from vllm_indexcache.search.state import (
+    STATE_VERSION,
+    StateError,
+    calibration_file,
+    calibration_identity,
+    load_calibration,
+    load_state,
+    model_identity,
+    write_atomic,
+)
 
 #: The objective ``vllm-indexcache search`` uses unless told otherwise (the winner of docs/search.md's comparison).
 DEFAULT_OBJECTIVE = "retrieval"

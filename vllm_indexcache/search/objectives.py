@@ -130,7 +130,8 @@ def weighted_nll(targets: Targets, logprobs: list[np.ndarray]) -> float:
 
 def local_logprobs(seq: list[int], window: int, logprobs_fn) -> np.ndarray:
     """Token log-probs of ``seq`` (``[len − 1]``) when each token sees only ``window + 1``..``2·window`` tokens of
-    context (its full context for the first ``window + 1`` tokens). ``logprobs_fn(list_of_seqs)`` → log-probs of each."""
+    context (its full context for the first ``window + 1`` tokens). ``logprobs_fn(list_of_seqs)`` → log-probs of
+    each."""
     n = len(seq)
     out = np.empty(n - 1, dtype=np.float64)
     head = seq[:min(window + 1, n)]

@@ -19,8 +19,8 @@ Engines:
   built once with every layer F; a pattern is applied by setting each DSA layer's ``skip_topk`` (vLLM 0.32's own
   IndexCache switch, read at run time in ``MultiHeadLatentAttentionWrapper.forward``: with ``skip_topk`` the layer
   does not call its indexer and attends over the top-k buffer as the preceding F layer left it) through
-  ``LLM.apply_model`` — no weight reload, and it reaches every tensor/pipeline-parallel worker. No file of the
-  backend is changed. ``apply_model`` ships a function to the workers, which vLLM allows only with
+  ``LLM.apply_model`` — no weight reload, and it reaches every tensor/pipeline-parallel worker. The worker-side
+  functions are :mod:`vllm_indexcache.vllm_glue.hooks`. ``apply_model`` ships a function to the workers, which vLLM allows only with
   ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``; the scorer sets it for the engine it builds. For ``kl``, vLLM hands back
   log-probs of given tokens only, so the full prompt logits are captured inside the worker (forward hook on the
   model's ``logits_processor``) and the KL is computed there against the all-F reference kept on the worker
@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 
 import numpy as np
 
 from vllm_indexcache.search import objectives as obj
 from vllm_indexcache.search.objectives import OBJECTIVES, ObjectiveOptions
+from vllm_indexcache.vllm_glue import hooks
 
 ENGINES = ("hf", "vllm")
 
@@ -144,93 +144,6 @@ class HFScorer(_WeightedScorer):
         pass
 
 
-def _apply_pattern(pattern: str, model) -> str:
-    """Worker side of :class:`VLLMScorer`: set ``skip_topk`` of every DSA layer of this worker's stage.
-
-    Returns the applied local pattern (``"."`` for layers not on this worker). Raises on a layer without an
-    indexer made F (engine not built all-F) or a stage whose first layer would be S.
-    """
-    local = ["."] * len(pattern)
-    for name, module in model.named_modules():
-        if not (hasattr(module, "skip_topk") and hasattr(module, "indexer") and hasattr(module, "is_sparse")):
-            continue
-        m = re.search(r"layers\.(\d+)\.", name + ".")
-        if m is None:
-            continue
-        i = int(m.group(1))
-        if i >= len(pattern):  # MTP / NextN layers always compute their own top-k
-            continue
-        skip = pattern[i] == "S"
-        if module.indexer is None and not skip:
-            raise RuntimeError(f"layer {i} has no indexer in this engine; build it all-F to search")
-        module.skip_topk = skip
-        local[i] = pattern[i]
-    first = next((c for c in local if c != "."), "F")
-    if first == "S":
-        raise RuntimeError("the first layer of a pipeline stage cannot be S; use --pp-blocks equal to the "
-                           "pipeline-parallel size")
-    return "".join(local)
-
-
-_KL = "_indexcache_kl"
-
-
-def _kl_state(model) -> dict:
-    """Worker side: the KL capture state kept on the model (hook on the logits processor, captured rows,
-    reference log-probs per calibration sequence)."""
-    st = model.__dict__.get(_KL)
-    if st is None:
-        st = {"captured": [], "reference": {}, "handle": None}
-        proc = getattr(model, "logits_processor", None)
-        if proc is not None:   # only the last pipeline stage computes logits
-            def hook(module, args, out):
-                if out is not None and out.dim() == 2:
-                    st["captured"].append(out.detach().float())
-            st["handle"] = proc.register_forward_hook(hook)
-        object.__setattr__(model, _KL, st)
-    return st
-
-
-def _kl_reset(model) -> None:
-    _kl_state(model)["captured"].clear()
-
-
-def _kl_prompt_logp(st: dict, num_rows: int):
-    """The log-probs of the one request's prompt rows among the captured logits (the sampling call has 1 row)."""
-    import torch
-
-    rows = [t for t in st["captured"] if t.shape[0] > 1]
-    st["captured"].clear()
-    if not rows:
-        return None
-    logits = torch.cat(rows)
-    if logits.shape[0] != num_rows:
-        raise RuntimeError(f"captured {logits.shape[0]} prompt-logit rows, expected {num_rows} (chunked prefill?)")
-    return torch.log_softmax(logits, dim=-1)
-
-
-def _kl_store(index: int, num_rows: int, model) -> bool:
-    """Worker side: keep the captured prompt log-probs as the all-F reference of calibration sequence ``index``."""
-    st = _kl_state(model)
-    logp = _kl_prompt_logp(st, num_rows)
-    if logp is None:
-        return False
-    st["reference"][index] = logp
-    return True
-
-
-def _kl_score(index: int, num_rows: int, model):
-    """Worker side: ``Σ_t KL(p_ref,t ‖ p_t)`` of the captured prompt log-probs against the stored reference."""
-    import torch
-
-    st = _kl_state(model)
-    logp = _kl_prompt_logp(st, num_rows)
-    if logp is None:
-        return None
-    ref = st["reference"][index]
-    return float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
-
-
 class VLLMScorer(_WeightedScorer):
     """vLLM scorer (see module docstring).
 
@@ -280,17 +193,17 @@ class VLLMScorer(_WeightedScorer):
         self.pattern = None
         if objective == "kl":
             self.set_pattern("F" * self.num_layers)
-            self.llm.apply_model(_kl_reset)
+            self.llm.apply_model(hooks.kl_reset)
             for i, seq in enumerate(self.seqs):
                 self.llm.generate([{"prompt_token_ids": seq}], self.params, use_tqdm=False)
-                stored = self.llm.apply_model(functools.partial(_kl_store, i, len(seq) - 1))
+                stored = self.llm.apply_model(functools.partial(hooks.kl_store, i, len(seq) - 1))
                 if not any(stored):
                     raise RuntimeError("--objective kl: no worker captured prompt logits")
         self._build_targets(self.seqs, options)
 
     def set_pattern(self, pattern: str) -> list[str]:
         """Apply ``pattern`` on every worker (no reload); returns each worker's local pattern."""
-        out = self.llm.apply_model(functools.partial(_apply_pattern, pattern))
+        out = self.llm.apply_model(functools.partial(hooks.apply_pattern, pattern))
         self.pattern = pattern
         return out
 
@@ -300,7 +213,7 @@ class VLLMScorer(_WeightedScorer):
             total, count = 0.0, 0
             for i, seq in enumerate(self.seqs):
                 self.llm.generate([{"prompt_token_ids": seq}], self.params, use_tqdm=False)
-                parts = [x for x in self.llm.apply_model(functools.partial(_kl_score, i, len(seq) - 1))
+                parts = [x for x in self.llm.apply_model(functools.partial(hooks.kl_score, i, len(seq) - 1))
                          if x is not None]
                 total += parts[0]
                 count += len(seq) - 1

@@ -55,8 +55,8 @@ def causal_mask(t: int, device=None, s: int | None = None) -> torch.Tensor:
 
 
 def indexer_scores(indexer, hidden_states: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, *, rope_interleave: bool = False, mask: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+                   sin: torch.Tensor, *, rope_interleave: bool = False, mask: torch.Tensor | None = None,
+                   upcast: bool = False) -> torch.Tensor:
     """Index scores ``I[b, t, s]`` of one layer's indexer, differentiable w.r.t. the indexer's parameters (and its
     inputs, unless the caller detaches them).
 
@@ -67,11 +67,14 @@ def indexer_scores(indexer, hidden_states: torch.Tensor, q_resid: torch.Tensor, 
         q_resid: ``[B, T, q_lora_rank]`` — ``q_a_layernorm(q_a_proj(hidden_states))``.
         cos, sin: ``[B or 1, T, qk_rope_head_dim]`` from the model's rotary embedding.
         rope_interleave: False for DeepSeek-V3.2 (NeoX), True for GLM-5.
-        mask: bool ``[T, T]`` or ``[B, T, T]``, True = visible; default causal. Invisible entries are ``-inf``.
+        mask: bool broadcastable to ``[B, T, T]``, True = visible; default causal. Invisible entries are ``-inf``.
+        upcast: run the q·k products in ``promote_types(input dtype, float32)`` too (float64 inputs stay float64:
+            the distillation's gradient checks) instead of the inputs' dtype.
 
     Returns:
-        float32 ``[B, T, T]`` scores. The q·k products run in the inputs' dtype (bf16 under autocast); the ReLU,
-        the head weighting and the sum run in float32 as in transformers.
+        ``[B, T, T]`` scores, float32 (``promote_types(input dtype, float32)`` with ``upcast``). Without ``upcast``
+        the q·k products run in the inputs' dtype (bf16 under autocast); the ReLU, the head weighting and the sum
+        run in float32 as in transformers.
     """
     b, t, _ = hidden_states.shape
     h, d, r = indexer.n_heads, indexer.head_dim, indexer.qk_rope_head_dim
@@ -80,12 +83,15 @@ def indexer_scores(indexer, hidden_states: torch.Tensor, q_resid: torch.Tensor, 
     q = torch.cat([rope(q[..., :r], cos, sin), q[..., r:]], dim=-1)
     k = indexer.k_norm(indexer.wk(hidden_states))  # [B, T, D]
     k = torch.cat([rope(k[..., :r], cos, sin), k[..., r:]], dim=-1)
-    logits = torch.einsum("bthd,bsd->bths", q, k.to(q.dtype)).float() * indexer.softmax_scale  # [B, T, H, S]
-    w = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)).float() * h ** -0.5  # [B, T, H]
+    dt = torch.promote_types(hidden_states.dtype, torch.float32)
+    if upcast:
+        q, k = q.to(dt), k.to(dt)
+    logits = torch.einsum("bthd,bsd->bths", q, k.to(q.dtype)).to(dt) * indexer.softmax_scale  # [B, T, H, S]
+    w = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)).to(dt) * h ** -0.5  # [B, T, H]
     scores = torch.einsum("bth,bths->bts", w, F.relu(logits))
     if mask is None:
         mask = causal_mask(t, hidden_states.device)
-    return scores.masked_fill(~mask, float("-inf"))
+    return scores.masked_fill(~mask.expand_as(scores), float("-inf"))
 
 
 def topk_mask(scores: torch.Tensor, k: int, visible: torch.Tensor) -> torch.Tensor:

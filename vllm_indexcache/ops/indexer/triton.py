@@ -18,7 +18,7 @@
 
 The top-k itself is ``torch.topk`` on the kernel's score chunks (a CUDA radix select), not a Triton kernel; the
 final order is made deterministic (descending score, ties towards the lower position) with a stable sort.
-Used by the CUDA Triton fallback of the INDEXCACHE backend (:mod:`vllm_indexcache.backend.cuda_indexer`); the CPU
+Used by the CUDA Triton fallback of the INDEXCACHE backend (:mod:`vllm_indexcache.vllm_glue.cuda.indexer`); the CPU
 backend uses :mod:`.cpu`.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .naive import check_indexer_inputs
+
 
 def _upcast() -> bool:
     """Triton's interpreter (``TRITON_INTERPRET=1``) computes bf16 ``tl.dot`` wrongly (measured with triton 3.9:
@@ -50,7 +51,8 @@ __all__ = ["indexer_scores", "indexer_topk", "indexer_scores_decode", "indexer_t
 @triton.jit
 def _prefill_scores_kernel(q_ptr, k_ptr, w_ptr, pos_ptr, out_ptr, T, S_chunk, key_start, H,
                            stride_qt, stride_qh, stride_ks, stride_wt, stride_ot,
-                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+                           PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -102,7 +104,7 @@ def _decode_scores_kernel(q_ptr, kc_ptr, w_ptr, bt_ptr, seqlen_ptr, out_ptr, H, 
     if UPCAST:
         q = q.to(tl.float32)
         kt = kt.to(tl.float32)
-    logit = tl.dot(q, kt, out_dtype=tl.float32, input_precision=PREC)                                           # [BLOCK_H, BLOCK_S]
+    logit = tl.dot(q, kt, out_dtype=tl.float32, input_precision=PREC)  # [BLOCK_H, BLOCK_S]
     score = tl.sum(tl.maximum(logit, 0.0) * w[:, None], axis=0)
     score = tl.where(s_mask, score, float("-inf"))
     tl.store(out_ptr + b * stride_ot + rs, score, mask=rs < S_max)
@@ -119,7 +121,8 @@ def _prefill_scores_chunk(q, k, w, pos, key_start: int, key_len: int, block_t: i
     grid = (triton.cdiv(T, block_t), triton.cdiv(key_len, block_s))
     _prefill_scores_kernel[grid](q, k, w, pos, out, T, key_len, key_start, H,
                                  q.stride(0), q.stride(1), k.stride(0), w.stride(0), out.stride(0),
-                                 D=D, BLOCK_D=_pow2(D), BLOCK_T=block_t, BLOCK_S=block_s, PREC=_prec(q.dtype), UPCAST=_upcast())
+                                 D=D, BLOCK_D=_pow2(D), BLOCK_T=block_t, BLOCK_S=block_s, PREC=_prec(q.dtype),
+                                 UPCAST=_upcast())
     return out
 
 

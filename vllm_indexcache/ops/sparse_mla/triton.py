@@ -10,7 +10,7 @@ One program per (query token, block of ``BLOCK_N`` heads): it walks the token's 
 block (the MQA structure of absorbed MLA: one latent "head" shared by every query head), and runs an online softmax
 (FlashAttention style) with a ``[BLOCK_N, L]`` fp32 accumulator. Prefill and decode use the same kernel — every
 query token carries its own slot list. A token without valid slots gets zeros, as the reference.
-Used by the CUDA Triton fallback of the INDEXCACHE backend (:mod:`vllm_indexcache.backend.cuda_triton`); the CPU
+Used by the CUDA Triton fallback of the INDEXCACHE backend (:mod:`vllm_indexcache.vllm_glue.cuda.sparse_mla`); the CPU
 backend uses :mod:`.cpu`.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .naive import check_sparse_mla_inputs
+
 
 def _prec(dtype: torch.dtype) -> str:
     """fp32 inputs: exact fp32 products ("ieee"), not TF32 (Triton's default on NVIDIA GPUs); others: the dtype's."""
@@ -63,7 +64,8 @@ def _sparse_mla_kernel(ql_ptr, qp_ptr, kv_ptr, slot_ptr, out_ptr, N, K, scale,
                        other=0.0).to(ql.dtype)                                            # [BLOCK_K, BLOCK_L]
         k_pe = tl.load(kv_ptr + base[:, None] + L + rr[None, :], mask=valid[:, None] & r_mask[None, :],
                        other=0.0).to(qp.dtype)                                            # [BLOCK_K, BLOCK_R]
-        s = tl.dot(ql, tl.trans(kv_c), out_dtype=tl.float32, input_precision=PREC) + tl.dot(qp, tl.trans(k_pe), out_dtype=tl.float32, input_precision=PREC)
+        s = (tl.dot(ql, tl.trans(kv_c), out_dtype=tl.float32, input_precision=PREC)
+             + tl.dot(qp, tl.trans(k_pe), out_dtype=tl.float32, input_precision=PREC))
         s = tl.where(valid[None, :], s * scale, float("-inf"))                            # [BLOCK_N, BLOCK_K]
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -107,6 +109,7 @@ def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     _sparse_mla_kernel[grid](ql, qp, kv, sl, out, N, K, float(softmax_scale),
                              ql.stride(0), ql.stride(1), qp.stride(0), qp.stride(1), kv.stride(0), sl.stride(0),
                              out.stride(0), out.stride(1), L=L, R=R, BLOCK_L=max(16, triton.next_power_of_2(L)),
-                             BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_N=block_n, BLOCK_K=block_k, PREC=_prec(ql.dtype),
+                             BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_N=block_n, BLOCK_K=block_k,
+                             PREC=_prec(ql.dtype),
                              UPCAST=os.environ.get("TRITON_INTERPRET") == "1")
     return out

@@ -1,4 +1,4 @@
-"""The CUDA platform hook's backend choice (vllm_glue/cuda_platform.py), with vLLM's selector replaced by fakes.
+"""The CUDA platform hook's backend choice (vllm_glue/cuda/platform.py), with vLLM's selector replaced by fakes.
 
 The hook itself only runs inside CUDA vLLM (checked on the H200 by scripts/bench_vllm_h200.py); what it decides is
 plain logic and is checked here on CPU.
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_indexcache.vllm_glue import cuda_platform as cp
+from vllm_indexcache.vllm_glue.cuda import platform as cp
 
 NATIVE = "vllm.v1.attention.backends.mla.flashmla_sparse.FlashMLASparseBackend"
 DEFAULT = "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"
@@ -68,7 +68,7 @@ def test_importing_the_hook_does_not_import_vllm():
     import subprocess
     import sys
 
-    code = "import sys, vllm_indexcache.vllm_glue.cuda_platform; print('vllm' in sys.modules, 'triton' in sys.modules)"
+    code = "import sys, vllm_indexcache.vllm_glue.cuda.platform; print('vllm' in sys.modules, 'triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
 

@@ -5,9 +5,15 @@ import sys
 
 import pytest
 
-from vllm_indexcache.config import (SOURCE_KEY, IndexCacheConfig, IndexCacheError, apply_to_hf_config, pattern_source,
-                                    resolve_hf_config,
-                                    summary)
+from vllm_indexcache.config import (
+    SOURCE_KEY,
+    IndexCacheConfig,
+    IndexCacheError,
+    apply_to_hf_config,
+    pattern_source,
+    resolve_hf_config,
+    summary,
+)
 from vllm_indexcache.patterns import load_preset
 from vllm_indexcache.toy import toy_config
 
@@ -234,7 +240,7 @@ def test_vllm_only_keys_are_filled_checked_or_refused():
 def test_checkpoints_this_project_writes_carry_every_vllm_only_key(tmp_path, arch):
     import torch
 
-    from vllm_indexcache.distill.cli import export_checkpoint
+    from vllm_indexcache.distill.export import export_checkpoint
     from vllm_indexcache.dsa_config import IMPLIED
     from vllm_indexcache.reference import load_reference
     from vllm_indexcache.toy import build_toy_model

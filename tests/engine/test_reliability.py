@@ -3,7 +3,8 @@
 One toy-model server (4 DSA layers, pattern FSFS, float32) whose KV cache holds about 640 tokens, little more than
 one ``max_model_len`` (512) request: 8 greedy requests sent one at a time (each fits: no preemption) are the
 reference; the same 8 sent at once, plus one client that disconnects mid-stream, must force preemptions and still
-give the reference tokens. Prompts beyond ``max_model_len`` get 400 (``max_tokens`` past it is clamped). A model without a lightning indexer served with
+give the reference tokens. Prompts beyond ``max_model_len`` get 400 (``max_tokens`` past it is clamped). A model
+without a lightning indexer served with
 ``--attention-backend indexcache`` falls back to vLLM's default CPU backend with exactly one warning.
 
 Bad IndexCache settings at start-up are tested in ``tests/test_server.py``; search SIGKILL/resume and refused state
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_indexcache import reliability as rel
+from vllm_indexcache.testing import checks as rel
+from vllm_indexcache.testing.server import Server, server_args
 
 MAX_MODEL_LEN, MAX_TOKENS, N, PATTERN = 512, 16, 8, "FSFS"
 
@@ -35,8 +37,8 @@ def _kv_bytes(model: str, tokens: int) -> int:
 def small_kv_server(toy_models, tmp_path_factory):
     model = toy_models["deepseek"]
     log = tmp_path_factory.mktemp("reliability") / "serve.log"
-    args = rel.server_args(PATTERN, MAX_MODEL_LEN, _kv_bytes(model, 640), "float32")
-    with rel.Server(model, log, args, startup_timeout=300) as srv:
+    args = server_args(PATTERN, MAX_MODEL_LEN, _kv_bytes(model, 640), "float32")
+    with Server(model, log, args, startup_timeout=300) as srv:
         yield srv
 
 

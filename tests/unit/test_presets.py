@@ -3,8 +3,15 @@ import json
 
 import pytest
 
-from vllm_indexcache.patterns import (Preset, f_layers, list_presets, load_preset, parse_pattern, presets_dir,
-                                      uniform_pattern)
+from vllm_indexcache.patterns import (
+    Preset,
+    f_layers,
+    list_presets,
+    load_preset,
+    parse_pattern,
+    presets_dir,
+    uniform_pattern,
+)
 
 LAYERS = {"GlmMoeDsaForCausalLM": 78, "DeepseekV32ForCausalLM": 61}
 EXPECTED_PRESETS = {"glm5-searched-1of2", "glm5-searched-1of4", "glm5.2-uniform-freq4-offset3",

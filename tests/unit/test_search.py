@@ -3,78 +3,20 @@
 Toy models are random-weight DeepseekV32 models (index_topk 32) scored with the transformers reference; calibration
 windows are longer than index_topk so the pattern changes the loss.
 """
-import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from searchkit import NUM_SEQS, SEQ_LEN, cached_factory, kill_after, make_args
 
 from vllm_indexcache.search import algorithm as alg
 from vllm_indexcache.search.cli import main as search_main
 from vllm_indexcache.search.cli import run, state_path
-from vllm_indexcache.search.scorers import HFScorer
-from vllm_indexcache.search.state import StateError, calibration_identity, load_calibration
-from vllm_indexcache.toy import build_toy_model
-
-SEQ_LEN, NUM_SEQS = 80, 2
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search")
-    model5 = build_toy_model(root / "toy5", num_layers=5, seed=0, tokenizer=False)
-    other5 = build_toy_model(root / "other5", num_layers=5, seed=1, tokenizer=False)
-    rng = np.random.default_rng(0)
-    data = root / "calib.u16"
-    rng.integers(3, 512, size=1000).astype(np.uint16).tofile(data)
-    data2 = root / "calib2.u16"
-    rng.integers(3, 512, size=1000).astype(np.uint16).tofile(data2)
-    return {"root": root, "model": model5, "other": other5, "data": data, "data2": data2}
-
-
-_MODELS: dict = {}
-
-
-def kill_after(n: int):
-    """``on_step`` hook that raises after ``n`` committed (and saved) steps: a search killed mid-way."""
-    done = []
-
-    def hook(step):
-        done.append(step)
-        if len(done) >= n:
-            raise RuntimeError(f"simulated kill after {len(done)} steps")
-    return hook
-
-
-def cached_factory(args, seqs):
-    """HF scorer that reuses one loaded model per directory (the model is switched in place, never mutated)."""
-    from vllm_indexcache.reference import load_reference
-
-    key = str(args.model)
-    if key not in _MODELS:
-        _MODELS[key] = load_reference(key, ties="lower")
-    return HFScorer(args.model, seqs, args.objective, model=_MODELS[key])
-
-
-def make_args(model, data, out, **kw):
-    ns = dict(model=str(model), data=str(data), retain="1/8", out=str(out), engine="hf", objective="lm-loss",
-              pp_blocks=1, resume=False, seq_len=SEQ_LEN, num_seqs=NUM_SEQS, start=0, device="cpu",
-              dtype="float32", tensor_parallel_size=1, pipeline_parallel_size=1, kv_cache_memory_bytes=None,
-              no_progress=True)
-    ns.update(kw)
-    return argparse.Namespace(**ns)
-
-
-@pytest.fixture(scope="module")
-def full_run(toy):
-    out = toy["root"] / "full" / "search.json"
-    return run(make_args(toy["model"], toy["data"], out), scorer_factory=cached_factory)
+from vllm_indexcache.search.state import calibration_identity, load_calibration
 
 
 # ---------------------------------------------------------------------------------------------- pure algorithm
@@ -209,7 +151,7 @@ def test_resume_after_sigkill_of_a_real_process(full_run, toy):
     cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
            "--retain", "1/8", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
            "--device", "cpu", "--objective", "lm-loss", "--probe", "none", "--no-progress"]
-    from vllm_indexcache.reliability import sigkill_after_first_step
+    from vllm_indexcache.testing.server import sigkill_after_first_step
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_at = sigkill_after_first_step(proc, spath, timeout=120)
@@ -244,7 +186,7 @@ def test_mismatched_or_corrupt_state_is_refused_and_left_unchanged(full_run, toy
     out = toy["root"] / "full" / "search.json"
     spath = state_path(out)
     if kind == "corrupt":
-        out = toy["root"] / f"corrupt" / "search.json"
+        out = toy["root"] / "corrupt" / "search.json"
         out.parent.mkdir(exist_ok=True)
         spath = state_path(out)
         spath.write_text(state_path(toy["root"] / "full" / "search.json").read_text()[:300])
@@ -290,74 +232,8 @@ def test_kl_objective_is_zero_at_all_f_and_positive_after_flips(toy):
     assert res["target_f"] == 3 and res["final_pattern"].count("F") == 3
 
 
-def test_vllm_engine_matches_hf_engine_on_toy(full_run, toy):
-    """``--engine vllm`` (INDEXCACHE plugin on CPU, pattern switched through ``skip_topk`` without reloading) scores
-    every candidate like the transformers reference and picks the same flips. vLLM runs in a subprocess (importing
-    it re-maps transformers' AutoConfig)."""
-    out = toy["root"] / "vllm" / "search.json"
-    cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
-           "--retain", "1/8", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
-           "--engine", "vllm", "--kv-cache-memory-bytes", str(256 << 20), "--objective", "lm-loss", "--probe", "none",
-           "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(out.read_text())
-    assert res["engine"] == "vllm"
-    assert [s["flipped"] for s in res["steps"]] == [s["flipped"] for s in full_run["steps"]]
-    assert res["baseline_loss"] == pytest.approx(full_run["baseline_loss"], abs=1e-5)
-    for a, b in zip(res["steps"], full_run["steps"]):
-        assert a["candidates"].keys() == b["candidates"].keys()
-        for k in a["candidates"]:
-            assert a["candidates"][k] == pytest.approx(b["candidates"][k], abs=1e-5)
-
-
-
-
-def test_vllm_kl_objective_matches_hf(toy):
-    """``--objective kl --engine vllm`` (prompt logits captured in the worker) equals the hf engine's KL."""
-    ref = run(make_args(toy["model"], toy["data"], toy["root"] / "kl-hf" / "search.json", objective="kl",
-                        retain="3/5"), scorer_factory=cached_factory)
-    out = toy["root"] / "kl-vllm" / "search.json"
-    cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
-           "--retain", "3/5", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
-           "--engine", "vllm", "--objective", "kl", "--kv-cache-memory-bytes", str(256 << 20), "--probe", "none",
-           "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(out.read_text())
-    assert res["objective"] == "kl" and res["baseline_loss"] == 0.0
-    assert [s["flipped"] for s in res["steps"]] == [s["flipped"] for s in ref["steps"]] and len(res["steps"]) == 2
-    for a, b in zip(res["steps"], ref["steps"]):
-        assert a["loss"] > 1e-4
-        for k in a["candidates"]:
-            assert a["candidates"][k] == pytest.approx(b["candidates"][k], rel=1e-4, abs=1e-7)
-
-
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU workers need two cores")
-def test_vllm_pipeline_parallel_matches_hf_pp_blocks(toy):
-    """``--engine vllm --pipeline-parallel-size 2 --pp-blocks 2``: the pattern is switched on both stage workers
-    (each stage's first layer stays F) and every candidate scores like ``--engine hf --pp-blocks 2``."""
-    ref = run(make_args(toy["model"], toy["data"], toy["root"] / "pp-hf" / "search.json", pp_blocks=2, retain="1/4"),
-              scorer_factory=cached_factory)
-    out = toy["root"] / "pp-vllm" / "search.json"
-    cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
-           "--retain", "1/4", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
-           "--engine", "vllm", "--pipeline-parallel-size", "2", "--pp-blocks", "2",
-           "--kv-cache-memory-bytes", str(256 << 20), "--objective", "lm-loss", "--probe", "none", "--no-progress"]
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1")   # vLLM CPU: one core per stage worker
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(out.read_text())
-    assert res["blocks"] == [[0, 3], [3, 5]]
-    assert [s["flipped"] for s in res["steps"]] == [s["flipped"] for s in ref["steps"]]
-    for a, b in zip(res["steps"], ref["steps"]):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        for k in a["candidates"]:
-            assert a["candidates"][k] == pytest.approx(b["candidates"][k], abs=1e-5)
-
-
 # ---------------------------------------------------------------------------------------------- tiny-dsa presets
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "models" / "tiny-dsa"
 TABLE2 = REPO / "docs" / "tiny-dsa-table2" / "objectives"
 TINY_SEARCH = TABLE2 / "retrieval" / "search.json"

@@ -8,7 +8,7 @@ this keeps them in the model dtype.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -23,10 +23,10 @@ from vllm.v1.attention.backend import AttentionLayer, MultipleOf
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
 from vllm_indexcache import BACKEND_NAME
-from vllm_indexcache.backend.indexer import adopt_indexer
-from vllm_indexcache.backend.metadata import IndexCacheMetadata, IndexCacheMetadataBuilder
 from vllm_indexcache.ops.paging import local_to_global_slots
 from vllm_indexcache.ops.sparse_mla.cpu import sparse_mla
+from vllm_indexcache.vllm_glue.cpu.indexer import adopt_indexer
+from vllm_indexcache.vllm_glue.cpu.metadata import IndexCacheMetadata, IndexCacheMetadataBuilder
 
 
 class IndexCacheSparseMLABackend(CPUMLABackend):
@@ -56,7 +56,7 @@ class IndexCacheSparseMLABackend(CPUMLABackend):
         return True
 
     @staticmethod
-    def get_impl_cls() -> type["IndexCacheSparseMLAImpl"]:
+    def get_impl_cls() -> type[IndexCacheSparseMLAImpl]:
         return IndexCacheSparseMLAImpl
 
     @staticmethod

@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from vllm_indexcache.ops.indexer.naive import indexer_topk_naive
-from vllm_indexcache.reference import (check_pattern, default_pattern, get_pattern, greedy_generate, indexer_qkw,
-                                       load_reference, prompt_logprobs, record_topk, set_pattern)
+from vllm_indexcache.reference import (
+    check_pattern,
+    default_pattern,
+    get_pattern,
+    greedy_generate,
+    indexer_qkw,
+    load_reference,
+    prompt_logprobs,
+    record_topk,
+    set_pattern,
+)
 from vllm_indexcache.toy import build_toy_model
 
 ARCHS = ["DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"]

@@ -5,7 +5,8 @@ DeepGEMM (``sparse_attn_indexer`` custom op; its metadata builder ``DeepseekV32I
 DeepGEMM's ``get_paged_mqa_logits_metadata``). ``SparseAttnIndexer.__init__`` raises "Sparse Attention Indexer CUDA
 op requires DeepGEMM support" when DeepGEMM is absent.
 
-Route chosen: an **unquantised K-cache** as on CPU (``backend/indexer.py``), because it needs no DeepGEMM anywhere:
+Route chosen: an **unquantised K-cache** as on CPU (``vllm_glue/cpu/indexer.py``), because it needs no DeepGEMM
+anywhere:
 the F layer's ``Indexer`` and its ``DeepseekV32IndexerCache`` are switched in place (:func:`adopt_indexer_cuda`,
 called from the sparse MLA impl's constructor, before vLLM collects KV-cache specs) to subclasses whose K-cache is
 ``[num_blocks, block_size, index_head_dim]`` in the model dtype, whose metadata comes from
@@ -29,13 +30,17 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.sparse_attn_indexer import SparseAttnIndexer
 from vllm.model_executor.models.deepseek_v2 import DeepseekV32IndexerCache, Indexer
 from vllm.utils.torch_utils import direct_register_custom_op
-from vllm.v1.attention.backend import (AttentionCGSupport, AttentionMetadata, AttentionMetadataBuilder,
-                                       CommonAttentionMetadata)
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+)
 from vllm.v1.attention.backends.mla.indexer import DeepseekV32IndexerBackend
 from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
-from vllm_indexcache.backend.indexer_projection import indexer_qkw
 from vllm_indexcache.ops.indexer.paged_triton import paged_indexer_step
+from vllm_indexcache.vllm_glue.indexer_projection import indexer_qkw
 
 _GUARD_INSTALLED = False
 
@@ -151,7 +156,7 @@ def install_deep_gemm_guard() -> None:
     ``SparseAttnIndexer.__init__`` raises at its very end (all attributes already set) when DeepGEMM is missing,
     long before the layer's attention impl can adopt the indexer. The wrapper defers that error to the op's first
     forward, which never comes for adopted (fallback) layers and still fails loudly for native ones. Must be
-    installed before the model is built (from the CUDA platform hook); importing this module installs it too.
+    installed before the model is built: ``vllm_glue.install()`` does it through the CUDA platform hook.
     """
     global _GUARD_INSTALLED
     if _GUARD_INSTALLED:
@@ -177,5 +182,3 @@ def install_deep_gemm_guard() -> None:
     SparseAttnIndexer.__init__ = __init__
     SparseAttnIndexer.forward_cuda = forward_cuda
 
-
-install_deep_gemm_guard()

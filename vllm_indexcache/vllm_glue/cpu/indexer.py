@@ -22,9 +22,9 @@ from vllm.model_executor.models.deepseek_v2 import DeepseekV32IndexerCache, Inde
 from vllm.v1.attention.backend import AttentionBackend, MultipleOf
 from vllm.v1.kv_cache_interface import MLAAttentionSpec, SparseCacheRole
 
-from vllm_indexcache.backend.indexer_projection import indexer_qkw
-from vllm_indexcache.backend.metadata import IndexCacheMetadata, IndexCacheMetadataBuilder
-from vllm_indexcache.ops.indexer.cpu import indexer_topk
+from vllm_indexcache.ops.indexer.paged_cpu import paged_indexer_step_cpu
+from vllm_indexcache.vllm_glue.cpu.metadata import IndexCacheMetadata, IndexCacheMetadataBuilder
+from vllm_indexcache.vllm_glue.indexer_projection import indexer_qkw
 
 
 class IndexCacheIndexerBackend(AttentionBackend):
@@ -81,7 +81,8 @@ class IndexCacheIndexer(Indexer):
 
 def run_lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                           k_cache: IndexCacheIndexerKCache, topk_buffer: torch.Tensor, topk: int) -> None:
-    """Insert this step's keys into the paged indexer K-cache, then write each query token's top-k.
+    """Insert this step's keys into the paged indexer K-cache, then write each query token's top-k
+    (:func:`vllm_indexcache.ops.indexer.paged_cpu.paged_indexer_step_cpu` on this step's metadata).
 
     Args:
         q: ``[T, H, D]`` indexer queries (RoPE applied), model dtype.
@@ -96,21 +97,9 @@ def run_lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tenso
     if not isinstance(attn_metadata, dict):  # profile / dummy run: nothing cached, nothing read
         return
     m: IndexCacheMetadata = attn_metadata[k_cache.prefix]
-    num_tokens = m.num_actual_tokens
-    cache = k_cache.kv_cache.view(-1, k_cache.kv_cache.shape[-1])
-    slots = m.slot_mapping[:num_tokens].long()
-    valid = slots >= 0
-    cache[slots[valid]] = k[:num_tokens][valid].to(cache.dtype)
-    topk_buffer[:num_tokens] = -1
-    qsl, seq_lens, bs = m.query_start_loc_host, m.seq_lens_host, m.block_size
-    for r in range(m.num_reqs):
-        start, end = qsl[r], qsl[r + 1]
-        if end == start:
-            continue
-        pos = torch.arange(seq_lens[r], device=cache.device)
-        key_slots = m.block_table[r, pos // bs].long() * bs + pos % bs
-        topk_buffer[start:end] = indexer_topk(q[start:end], cache[key_slots], weights[start:end],
-                                              m.positions[start:end], topk)
+    paged_indexer_step_cpu(q, k, weights, k_cache.kv_cache.view(-1, k_cache.kv_cache.shape[-1]), m.slot_mapping,
+                           m.block_table, m.query_start_loc_host[:m.num_reqs + 1], m.seq_lens_host, m.positions,
+                           m.block_size, topk, topk_buffer, m.num_actual_tokens)
 
 
 def adopt_indexer(indexer: Indexer) -> None:

@@ -1,6 +1,6 @@
 """Triton fallback of the INDEXCACHE sparse MLA backend for CUDA vLLM 0.26 (no FlashMLA, no DeepGEMM).
 
-Selected by ``vllm_glue/cuda_platform.py`` when ``--attention-backend indexcache`` is asked for on a GPU where no
+Selected by ``vllm_glue/cuda/platform.py`` when ``--attention-backend indexcache`` is asked for on a GPU where no
 native sparse MLA backend validates, or when ``VLLM_INDEXCACHE_KERNELS=triton`` forces it. Built on vLLM 0.26's
 ``FlashMLASparseBackend`` (``v1/attention/backends/mla/flashmla_sparse.py``), bf16 latent cache only:
 
@@ -18,7 +18,7 @@ native sparse MLA backend validates, or when ``VLLM_INDEXCACHE_KERNELS=triton`` 
   has 128 + 32, which ``concat_mla_q`` refuses). vLLM's own Triton ``triton_convert_req_index_to_global_index``
   still maps request-local top-k to slots; short prefills (``seq_len <= index_topk``) still go to vLLM's dense MHA
   prefill backend, exactly as natively. F layers' indexers
-  are adopted by :func:`vllm_indexcache.backend.cuda_indexer.adopt_indexer_cuda` (unquantised keys, Triton top-k).
+  are adopted by :func:`vllm_indexcache.vllm_glue.cuda.indexer.adopt_indexer_cuda` (unquantised keys, Triton top-k).
 """
 from __future__ import annotations
 
@@ -26,13 +26,16 @@ from typing import ClassVar
 
 import torch
 from vllm.v1.attention.backend import AttentionCGSupport, MultipleOf
-from vllm.v1.attention.backends.mla.flashmla_sparse import (FlashMLASparseBackend, FlashMLASparseImpl,
-                                                           FlashMLASparseMetadataBuilder,
-                                                           triton_convert_req_index_to_global_index)
+from vllm.v1.attention.backends.mla.flashmla_sparse import (
+    FlashMLASparseBackend,
+    FlashMLASparseImpl,
+    FlashMLASparseMetadataBuilder,
+    triton_convert_req_index_to_global_index,
+)
 
 from vllm_indexcache import BACKEND_NAME
-from vllm_indexcache.backend.cuda_indexer import adopt_indexer_cuda
 from vllm_indexcache.ops.sparse_mla.triton import sparse_mla
+from vllm_indexcache.vllm_glue.cuda.indexer import adopt_indexer_cuda
 
 _FP8_REASON = ("kv_cache_dtype {0!r}: the INDEXCACHE Triton fallback keeps the MLA latent cache in bfloat16 "
                "(FlashMLA's fp8_ds_mla layout needs FlashMLA kernels); use --kv-cache-dtype auto")
@@ -53,11 +56,11 @@ class IndexCacheTritonSparseMLABackend(FlashMLASparseBackend):
         return [64]
 
     @staticmethod
-    def get_builder_cls() -> type["IndexCacheTritonSparseMLAMetadataBuilder"]:
+    def get_builder_cls() -> type[IndexCacheTritonSparseMLAMetadataBuilder]:
         return IndexCacheTritonSparseMLAMetadataBuilder
 
     @staticmethod
-    def get_impl_cls() -> type["IndexCacheTritonSparseMLAImpl"]:
+    def get_impl_cls() -> type[IndexCacheTritonSparseMLAImpl]:
         return IndexCacheTritonSparseMLAImpl
 
     @classmethod

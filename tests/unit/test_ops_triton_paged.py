@@ -2,7 +2,7 @@
 
 * ``indexer_scores_decode`` on a 3-D K-cache whose pages are padded (block stride > block_size · D), as vLLM lays
   out KV-cache groups of unequal page sizes;
-* ``paged_indexer_step`` (the F-layer indexer step of ``backend/cuda_indexer.py``) on a mixed batch: two decodes,
+* ``paged_indexer_step`` (the F-layer indexer step of ``vllm_glue/cuda/indexer.py``) on a mixed batch: two decodes,
   a one-token prefill, a fresh prefill and a chunked prefill continuing a cached context, with padding rows —
   key insertion and every request's top-k checked against ``indexer_topk_naive``.
 """

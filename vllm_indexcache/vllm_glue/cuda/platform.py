@@ -10,7 +10,7 @@ For sparse MLA (DSA) layers with ``INDEXCACHE`` selected, the hook picks the ker
   (FlashMLA sparse + DeepGEMM indexer on Hopper/Blackwell) and the model's geometry is one those kernels take
   (:func:`native_geometry_problem`) — the plugin then adds its configuration, validation, presets, pipeline-stage
   fix and start-up report around vLLM's own kernels; otherwise the project's Triton kernels
-  (:mod:`vllm_indexcache.backend.cuda_triton`).
+  (:mod:`vllm_indexcache.vllm_glue.cuda.sparse_mla`).
 * ``native``: vLLM's kernels or vLLM's own error; ``triton``: the Triton kernels even where native ones exist.
 
 A model without a lightning indexer asked for ``INDEXCACHE`` gets vLLM's default backend and one warning, as on CPU.
@@ -38,7 +38,7 @@ def _log_once(level: int, msg: str, *args) -> None:
 
 
 #: Class path of the Triton fallback backend (GPUs without vLLM's native DSA kernels).
-TRITON_BACKEND_PATH = "vllm_indexcache.backend.cuda_triton.IndexCacheTritonSparseMLABackend"
+TRITON_BACKEND_PATH = "vllm_indexcache.vllm_glue.cuda.sparse_mla.IndexCacheTritonSparseMLABackend"
 KERNELS_ENV = "VLLM_INDEXCACHE_KERNELS"
 KERNEL_CHOICES = ("auto", "native", "triton")
 _PATCHED = False
@@ -146,6 +146,6 @@ def install() -> None:
     platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     # F layers' Indexer is built before its attention layer picks a backend; on GPUs without DeepGEMM vLLM raises
     # there, so the error is deferred to the native indexer's first forward (the Triton fallback never calls it).
-    from vllm_indexcache.backend.cuda_indexer import install_deep_gemm_guard
+    from vllm_indexcache.vllm_glue.cuda.indexer import install_deep_gemm_guard
 
     install_deep_gemm_guard()

@@ -23,7 +23,7 @@ from vllm_indexcache.search.state import StateError
 from vllm_indexcache.toy import build_toy_model
 
 NUM_LAYERS, COPY_LAYER, COPY_DISTANCE, WINDOW = 5, 3, 64, 32
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "models" / "tiny-dsa"
 
 

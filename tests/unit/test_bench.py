@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_indexcache.bench.cli import amdahl, analyse, plot, resolve_pattern, summary_md
+from vllm_indexcache.bench.measure import resolve_pattern
+from vllm_indexcache.bench.report import amdahl, analyse, plot, summary_md
 
 
 def test_resolve_pattern():

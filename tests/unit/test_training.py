@@ -14,7 +14,7 @@ from vllm_indexcache.data.corpus import build_from_documents
 from vllm_indexcache.training.config import TrainConfig
 from vllm_indexcache.training.trainer import run_stage, train
 
-PKG = Path(__file__).resolve().parents[1] / "vllm_indexcache"
+PKG = Path(__file__).resolve().parents[2] / "vllm_indexcache"
 
 
 @pytest.fixture(scope="module")

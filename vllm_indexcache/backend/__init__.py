@@ -1,1 +1,0 @@
-"""The INDEXCACHE attention backend: per-step metadata, the sparse MLA backend and the lightning-indexer backend."""

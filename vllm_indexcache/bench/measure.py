@@ -1,0 +1,203 @@
+"""Measurement for ``vllm-indexcache bench`` (module docstring of :mod:`.cli`): the benchmark model, one engine per
+pattern with batch-1 and batch-``B`` samples of TTFT/TPOT, the profiled indexer time, KV capacity, the machine."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+PROFILE_ENV = "VLLM_INDEXCACHE_PROFILE"
+BATCH_SHARED_TAIL = 16
+
+
+# ----------------------------------------------------------------------------------------------------------- patterns
+def resolve_pattern(spec: str, num_layers: int) -> str:
+    """``all-F`` → every layer F; ``1/k`` → F at layers ``0, k, 2k, ...`` (``ceil(n/k)`` F layers: exactly ``n/k``
+    when ``k`` divides ``n``); a literal F/S string or a preset name/path (``configs/``) as is.
+
+    Raises:
+        ValueError: an invalid spec or a pattern of the wrong length.
+    """
+    from vllm_indexcache.pattern_rules import uniform_pattern
+    from vllm_indexcache.patterns import check_chars, load_preset
+
+    if spec.lower() in ("all-f", "allf", "f", "1/1"):
+        return "F" * num_layers
+    if spec.startswith("1/") and spec[2:].isdigit():
+        k = int(spec[2:])
+        if k < 1:
+            raise ValueError(f"pattern {spec!r}: k must be >= 1")
+        return uniform_pattern(num_layers, k, 1)
+    if set(spec) <= {"F", "S"}:
+        pattern = check_chars(spec)
+    else:
+        pattern = load_preset(spec).pattern
+    if len(pattern) != num_layers:
+        raise ValueError(f"pattern {spec!r} has {len(pattern)} layers, the model has {num_layers}")
+    return pattern
+
+
+# -------------------------------------------------------------------------------------------------------- profiling
+class IndexerProfiler:
+    """Wall time of ``run_lightning_indexer`` (the F layers' scoring + top-k + K-cache insert), split by step kind."""
+
+    def __init__(self):
+        self.seconds = {"prefill": 0.0, "decode": 0.0}
+        self.calls = {"prefill": 0, "decode": 0}
+        self._orig = None
+
+    def install(self) -> None:
+        from vllm_indexcache.vllm_glue.hooks import time_lightning_indexer
+
+        self._orig = time_lightning_indexer(self.seconds, self.calls)
+
+    def uninstall(self) -> None:
+        if self._orig is not None:
+            self._orig()
+            self._orig = None
+
+    def reset(self) -> None:
+        for key in self.seconds:
+            self.seconds[key] = 0.0
+            self.calls[key] = 0
+
+
+# ------------------------------------------------------------------------------------------------------------- model
+def build_bench_model(out_dir: str | Path, num_layers: int, max_context: int, index_topk: int = 128,
+                      seed: int = 0) -> Path:
+    """The benchmark toy: :func:`vllm_indexcache.toy.build_toy_model` geometry (hidden 128, 4 MLA heads,
+    kv_lora_rank 64 + rope 32, indexer 4 heads × 128), ``num_layers`` DSA layers all with a dense MLP
+    (``first_k_dense_replace = num_layers``), ``index_topk`` 128, random float32 weights, no tokenizer."""
+    from vllm_indexcache.toy import build_toy_model
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        cfg = json.loads((out / "config.json").read_text())
+        if (cfg["num_hidden_layers"] == num_layers and cfg["max_position_embeddings"] >= max_context
+                and cfg["index_topk"] == index_topk):
+            return out
+    return build_toy_model(out, num_layers=num_layers, first_k_dense_replace=num_layers, seed=seed,
+                           tokenizer=False, index_topk=index_topk,
+                           max_position_embeddings=max(4096, 1 << (max_context - 1).bit_length()))
+
+
+# ------------------------------------------------------------------------------------------------------- measurement
+def _stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
+            "samples": values}
+
+
+def _ttft(out) -> float:
+    m = out.metrics
+    return m.first_token_ts - m.queued_ts
+
+
+def _tpot(out) -> float:
+    m = out.metrics
+    n = len(out.outputs[0].token_ids)
+    return (m.last_token_ts - m.first_token_ts) / max(1, n - 1)
+
+
+def kv_capacity(llm) -> dict:
+    cc = llm.llm_engine.vllm_config.cache_config
+    return {"num_blocks": int(cc.num_gpu_blocks), "block_size": int(cc.block_size),
+            "tokens": int(cc.num_gpu_blocks) * int(cc.block_size)}
+
+
+def bytes_per_token(hf_config, pattern: str, dtype_bytes: int) -> dict:
+    """Per-token KV bytes of the INDEXCACHE backend: MLA latent ``kv_lora_rank + qk_rope_head_dim`` values in every
+    layer, plus indexer keys ``index_head_dim`` values in F layers only (reclaimed) or in every layer (not)."""
+    latent = (hf_config.kv_lora_rank + hf_config.qk_rope_head_dim) * dtype_bytes * len(pattern)
+    per_indexer = hf_config.index_head_dim * dtype_bytes
+    return {"latent": latent, "indexer_reclaimed": per_indexer * pattern.count("F"),
+            "indexer_not_reclaimed": per_indexer * len(pattern)}
+
+
+def run_pattern(model: str, pattern: str, contexts: list[int], repeats: list[int], decode_tokens: int, batch: int,
+                engine_kwargs: dict, prof: IndexerProfiler, seed: int, extra_overrides: dict | None = None,
+                log=print) -> dict:
+    """One engine for ``pattern``; all contexts; returns the raw samples and medians."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, attention_backend="indexcache",
+              hf_overrides={"index_topk_pattern": pattern, **(extra_overrides or {})},
+              disable_log_stats=False, **engine_kwargs)
+    res = {"pattern": pattern, "kv_capacity": kv_capacity(llm), "contexts": {}}
+    hf = llm.llm_engine.vllm_config.model_config.hf_config
+    res["dtype"] = str(llm.llm_engine.vllm_config.model_config.dtype)
+    vocab = hf.vocab_size
+    rng = random.Random(seed)
+    sp = SamplingParams(max_tokens=decode_tokens, min_tokens=decode_tokens, ignore_eos=True, temperature=0.0)
+    rand = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
+    # warm-up: one short request of each kind
+    llm.generate([{"prompt_token_ids": rand(64)}], sp, use_tqdm=False)
+    llm.generate([{"prompt_token_ids": rand(64)} for _ in range(batch)], sp, use_tqdm=False)
+    for ctx, n_rep in zip(contexts, repeats):
+        b1 = {"ttft": [], "tpot": [], "share_prefill": [], "share_decode": [], "indexer_prefill_s": [],
+              "indexer_decode_s": []}
+        bb = {"tpot": [], "share_decode": []}
+        for r in range(n_rep):
+            prompt = rand(ctx)
+            prof.reset()
+            out = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+            m = out.metrics
+            ttft, tpot = _ttft(out), _tpot(out)
+            b1["ttft"].append(ttft)
+            b1["tpot"].append(tpot)
+            b1["indexer_prefill_s"].append(prof.seconds["prefill"])
+            b1["indexer_decode_s"].append(prof.seconds["decode"])
+            b1["share_prefill"].append(prof.seconds["prefill"] / ttft)
+            b1["share_decode"].append(prof.seconds["decode"] / max(1e-12, m.last_token_ts - m.first_token_ts))
+            if batch > 1:
+                prefix = prompt[: ctx - BATCH_SHARED_TAIL]
+                prompts = [{"prompt_token_ids": prefix + rand(BATCH_SHARED_TAIL)} for _ in range(batch)]
+                prof.reset()
+                outs = llm.generate(prompts, sp, use_tqdm=False)
+                tp = statistics.median(_tpot(o) for o in outs)
+                span = (max(o.metrics.last_token_ts for o in outs) - max(o.metrics.first_token_ts for o in outs))
+                bb["tpot"].append(tp)
+                bb["share_decode"].append(prof.seconds["decode"] / max(1e-12, span))
+            log(f"  [{pattern}] ctx {ctx} rep {r}: TTFT {ttft:.3f}s TPOT {tpot * 1e3:.1f}ms "
+                f"idx-share prefill {b1['share_prefill'][-1]:.2f} decode {b1['share_decode'][-1]:.2f}"
+                + (f" | batch {batch} TPOT {bb['tpot'][-1] * 1e3:.1f}ms" if batch > 1 else ""))
+        entry = {"batch1": {k: _stats(v) for k, v in b1.items()}}
+        entry["batch1"]["decode_tok_s"] = _stats([1.0 / t for t in b1["tpot"]])
+        if batch > 1:
+            entry[f"batch{batch}"] = {k: _stats(v) for k, v in bb.items()}
+            entry[f"batch{batch}"]["decode_tok_s"] = _stats([batch / t for t in bb["tpot"]])
+        res["contexts"][str(ctx)] = entry
+    res["bytes_per_token"] = bytes_per_token(hf, pattern, llm.llm_engine.vllm_config.model_config.dtype.itemsize)
+    del llm
+    gc.collect()
+    return res
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": os.cpu_count()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in lscpu.splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "Socket(s)"):
+                info[key.strip()] = val.strip()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import torch
+        import vllm
+        info.update(torch=torch.__version__, vllm=vllm.__version__, torch_threads=torch.get_num_threads())
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        info["loadavg_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+

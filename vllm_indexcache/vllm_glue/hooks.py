@@ -1,0 +1,132 @@
+"""Run-time hooks the tools use inside vLLM's workers (shipped there with ``LLM.apply_model``) or process: the
+search's pattern switch and logits capture, and the benchmark's indexer timing.
+
+* :func:`apply_pattern` — sets ``skip_topk`` of every DSA layer, vLLM 0.32's own run-time IndexCache switch read in
+  ``MultiHeadLatentAttentionWrapper.forward`` (with it the layer skips its indexer and sparse-attends over the top-k
+  buffer as the preceding F layer left it): patterns change without reloading weights, on every TP/PP worker.
+* :func:`kl_reset` / :func:`kl_store` / :func:`kl_score` — a forward hook on the model's ``logits_processor`` keeps
+  the prompt logits of one request, so the KL objective is computed where the full distribution lives.
+* :func:`time_lightning_indexer` — wraps the CPU backend's ``run_lightning_indexer`` to time the F layers' indexer
+  per step kind (prefill / decode).
+"""
+from __future__ import annotations
+
+import re
+import time
+
+
+def apply_pattern(pattern: str, model) -> str:
+    """Worker side of the search's vLLM scorer (``LLM.apply_model``): set ``skip_topk`` of every DSA layer of this
+    worker's stage.
+
+    Returns the applied local pattern (``"."`` for layers not on this worker). Raises on a layer without an
+    indexer made F (engine not built all-F) or a stage whose first layer would be S.
+    """
+    local = ["."] * len(pattern)
+    for name, module in model.named_modules():
+        if not (hasattr(module, "skip_topk") and hasattr(module, "indexer") and hasattr(module, "is_sparse")):
+            continue
+        m = re.search(r"layers\.(\d+)\.", name + ".")
+        if m is None:
+            continue
+        i = int(m.group(1))
+        if i >= len(pattern):  # MTP / NextN layers always compute their own top-k
+            continue
+        skip = pattern[i] == "S"
+        if module.indexer is None and not skip:
+            raise RuntimeError(f"layer {i} has no indexer in this engine; build it all-F to search")
+        module.skip_topk = skip
+        local[i] = pattern[i]
+    first = next((c for c in local if c != "."), "F")
+    if first == "S":
+        raise RuntimeError("the first layer of a pipeline stage cannot be S; use --pp-blocks equal to the "
+                           "pipeline-parallel size")
+    return "".join(local)
+
+
+_KL = "_indexcache_kl"
+
+
+def _kl_state(model) -> dict:
+    """Worker side: the KL capture state kept on the model (hook on the logits processor, captured rows,
+    reference log-probs per calibration sequence)."""
+    st = model.__dict__.get(_KL)
+    if st is None:
+        st = {"captured": [], "reference": {}, "handle": None}
+        proc = getattr(model, "logits_processor", None)
+        if proc is not None:   # only the last pipeline stage computes logits
+            def hook(module, args, out):
+                if out is not None and out.dim() == 2:
+                    st["captured"].append(out.detach().float())
+            st["handle"] = proc.register_forward_hook(hook)
+        object.__setattr__(model, _KL, st)
+    return st
+
+
+def kl_reset(model) -> None:
+    _kl_state(model)["captured"].clear()
+
+
+def _kl_prompt_logp(st: dict, num_rows: int):
+    """The log-probs of the one request's prompt rows among the captured logits (the sampling call has 1 row)."""
+    import torch
+
+    rows = [t for t in st["captured"] if t.shape[0] > 1]
+    st["captured"].clear()
+    if not rows:
+        return None
+    logits = torch.cat(rows)
+    if logits.shape[0] != num_rows:
+        raise RuntimeError(f"captured {logits.shape[0]} prompt-logit rows, expected {num_rows} (chunked prefill?)")
+    return torch.log_softmax(logits, dim=-1)
+
+
+def kl_store(index: int, num_rows: int, model) -> bool:
+    """Worker side: keep the captured prompt log-probs as the all-F reference of calibration sequence ``index``."""
+    st = _kl_state(model)
+    logp = _kl_prompt_logp(st, num_rows)
+    if logp is None:
+        return False
+    st["reference"][index] = logp
+    return True
+
+
+def kl_score(index: int, num_rows: int, model):
+    """Worker side: ``Σ_t KL(p_ref,t ‖ p_t)`` of the captured prompt log-probs against the stored reference."""
+    import torch
+
+    st = _kl_state(model)
+    logp = _kl_prompt_logp(st, num_rows)
+    if logp is None:
+        return None
+    ref = st["reference"][index]
+    return float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
+
+
+def time_lightning_indexer(seconds: dict, calls: dict):
+    """Wrap the CPU INDEXCACHE backend's ``run_lightning_indexer`` so that each call adds its wall time (s) to
+    ``seconds["prefill" | "decode"]`` and counts it in ``calls`` (a step whose query tokens equal its requests is
+    decode). Returns the function that restores the original."""
+    from vllm.forward_context import get_forward_context
+
+    import vllm_indexcache.vllm_glue.cpu.indexer as ix
+
+    orig = ix.run_lightning_indexer
+
+    def timed(q, k, weights, k_cache, topk_buffer, topk):
+        meta = get_forward_context().attn_metadata
+        if not isinstance(meta, dict):
+            return orig(q, k, weights, k_cache, topk_buffer, topk)
+        m = meta[k_cache.prefix]
+        kind = "decode" if m.num_actual_tokens == m.num_reqs else "prefill"
+        t0 = time.perf_counter()
+        orig(q, k, weights, k_cache, topk_buffer, topk)
+        seconds[kind] += time.perf_counter() - t0
+        calls[kind] += 1
+
+    ix.run_lightning_indexer = timed
+
+    def restore() -> None:
+        ix.run_lightning_indexer = orig
+
+    return restore
