@@ -164,3 +164,47 @@ def test_naive_matches_transformers_indexer(toy_model, seq_len):
             kth = scores[t, ours[t, n - 1]]
             assert all(scores[t, s] == kth for s in mine ^ theirs), f"row {t}"
     assert tie_rows <= seq_len // 10
+
+
+def test_paged_cpu_step_on_a_mixed_batch_equals_the_naive_topk():
+    """``paged_indexer_step_cpu`` (the CPU backend's per-step driver): keys land at their slots and every request's
+    top-k equals ``indexer_topk_naive`` on its gathered keys — decodes, a one-token prefill, a fresh prefill and a
+    chunked prefill continuing a cached context in one step."""
+    from vllm_indexcache.ops.indexer.naive import indexer_topk_naive
+    from vllm_indexcache.ops.indexer.paged_cpu import paged_indexer_step_cpu
+
+    torch.manual_seed(4)
+    H, D, bs, topk, num_blocks = 4, 32, 16, 24, 20
+    reqs = [(30, 1), (47, 1), (0, 1), (0, 21), (35, 13)]      # (context already cached, query tokens this step)
+    perm = torch.randperm(num_blocks).tolist()
+    block_table = torch.zeros(len(reqs), 4, dtype=torch.int32)
+    used = 0
+    for r, (ctx, ql) in enumerate(reqs):
+        nb = -(-(ctx + ql) // bs)
+        block_table[r, :nb] = torch.tensor(perm[used:used + nb])
+        used += nb
+    cache = torch.zeros(num_blocks * bs, D)
+    all_keys = [torch.randn(ctx + ql, D) for ctx, ql in reqs]
+    for r, (ctx, _) in enumerate(reqs):
+        for p in range(ctx):
+            cache[int(block_table[r, p // bs]) * bs + p % bs] = all_keys[r][p]
+    qsl, slots, new_k, positions = [0], [], [], []
+    for r, (ctx, ql) in enumerate(reqs):
+        qsl.append(qsl[-1] + ql)
+        for p in range(ctx, ctx + ql):
+            slots.append(int(block_table[r, p // bs]) * bs + p % bs)
+            new_k.append(all_keys[r][p])
+            positions.append(p)
+    T = qsl[-1]
+    q, w = torch.randn(T, H, D), torch.randn(T, H)
+    out = torch.full((T + 4, topk), 7, dtype=torch.int32)
+    paged_indexer_step_cpu(q, torch.stack(new_k), w, cache, torch.tensor(slots), block_table, qsl,
+                           [ctx + ql for ctx, ql in reqs], torch.tensor(positions), bs, topk, out, T)
+    assert (out[T:] == 7).all()
+    for r, (ctx, ql) in enumerate(reqs):
+        p = torch.arange(ctx + ql)
+        keys = cache[block_table[r, p // bs].long() * bs + p % bs]
+        torch.testing.assert_close(keys, all_keys[r])
+        s, e = qsl[r], qsl[r + 1]
+        want = indexer_topk_naive(q[s:e], keys, w[s:e], torch.arange(ctx, ctx + ql), topk)
+        assert torch.equal(out[s:e].sort(-1).values, want.int().sort(-1).values)

@@ -20,8 +20,9 @@ Engines:
   IndexCache switch, read at run time in ``MultiHeadLatentAttentionWrapper.forward``: with ``skip_topk`` the layer
   does not call its indexer and attends over the top-k buffer as the preceding F layer left it) through
   ``LLM.apply_model`` — no weight reload, and it reaches every tensor/pipeline-parallel worker. The worker-side
-  functions are :mod:`vllm_indexcache.vllm_glue.hooks`. ``apply_model`` ships a function to the workers, which vLLM allows only with
-  ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``; the scorer sets it for the engine it builds. For ``kl``, vLLM hands back
+  functions are :mod:`vllm_indexcache.vllm_glue.hooks`. ``apply_model`` ships a function to the workers, which
+  vLLM allows only with ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``; the scorer sets it for the engine it builds. For
+  ``kl``, vLLM hands back
   log-probs of given tokens only, so the full prompt logits are captured inside the worker (forward hook on the
   model's ``logits_processor``) and the KL is computed there against the all-F reference kept on the worker
   (``vocab × tokens`` floats per calibration sequence).
