@@ -22,10 +22,9 @@ Engines:
   ``LLM.apply_model`` — no weight reload, and it reaches every tensor/pipeline-parallel worker. The worker-side
   functions are :mod:`vllm_indexcache.vllm_glue.hooks`. ``apply_model`` ships a function to the workers, which
   vLLM allows only with ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``; the scorer sets it for the engine it builds. For
-  ``kl``, vLLM hands back
-  log-probs of given tokens only, so the full prompt logits are captured inside the worker (forward hook on the
-  model's ``logits_processor``) and the KL is computed there against the all-F reference kept on the worker
-  (``vocab × tokens`` floats per calibration sequence).
+  ``kl``, vLLM hands back log-probs of given tokens only, so the full prompt logits are captured inside the worker
+  (forward hook on the model's ``logits_processor``) and the KL is computed there against the all-F reference kept
+  on the worker (``vocab × tokens`` floats per calibration sequence).
 """
 from __future__ import annotations
 
