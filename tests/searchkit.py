@@ -5,7 +5,7 @@ import argparse
 import numpy as np
 import pytest
 
-from vllm_indexcache.search.cli import run
+from vllm_indexcache.search.cli import options_from_args, run
 from vllm_indexcache.search.scorers import HFScorer
 from vllm_indexcache.toy import build_toy_model
 
@@ -46,7 +46,7 @@ def cached_factory(args, seqs):
     key = str(args.model)
     if key not in _MODELS:
         _MODELS[key] = load_reference(key, ties="lower")
-    return HFScorer(args.model, seqs, args.objective, model=_MODELS[key])
+    return HFScorer(args.model, seqs, args.objective, model=_MODELS[key], options=options_from_args(args))
 
 
 def make_args(model, data, out, **kw):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from searchkit import NUM_SEQS, SEQ_LEN, cached_factory, kill_after, make_args
@@ -17,6 +18,7 @@ from vllm_indexcache.search import algorithm as alg
 from vllm_indexcache.search.cli import main as search_main
 from vllm_indexcache.search.cli import run, state_path
 from vllm_indexcache.search.state import calibration_identity, load_calibration
+from vllm_indexcache.toy import build_toy_model
 
 
 # ---------------------------------------------------------------------------------------------- pure algorithm
@@ -171,6 +173,33 @@ def test_resume_after_sigkill_of_a_real_process(full_run, toy):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
 
 
+def test_resume_after_sigkill_with_the_retrieval_objective(tmp_path):
+    """The same with ``--objective retrieval`` (needle documents built from the calibration windows with the model's
+    tokenizer): the SIGKILLed and resumed search ends as the uninterrupted one."""
+    model = build_toy_model(tmp_path / "toy5t", num_layers=5, seed=0, tokenizer=True)
+    data = tmp_path / "calib.u16"
+    np.random.default_rng(2).integers(3, 512, size=1000).astype(np.uint16).tofile(data)
+    opts = dict(objective="retrieval", seq_len=300, retain="2/5", retrieval_docs=2, retrieval_needles=1)
+    full = run(make_args(model, data, tmp_path / "full" / "search.json", **opts), scorer_factory=cached_factory)
+    assert full["objective_parts"]["answer"] >= 2 * 3 and len(full["steps"]) == 3
+    out = tmp_path / "killed" / "search.json"
+    out.parent.mkdir()
+    cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(model), "--data", str(data), "--retain", "2/5",
+           "--out", str(out), "--seq-len", "300", "--num-seqs", str(NUM_SEQS), "--device", "cpu", "--objective",
+           "retrieval", "--retrieval-docs", "2", "--retrieval-needles", "1", "--probe", "none", "--no-progress"]
+    from vllm_indexcache.testing.server import sigkill_after_first_step
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = sigkill_after_first_step(proc, state_path(out), timeout=120)
+    assert killed_at is not None and 1 <= killed_at < 3 and proc.returncode == -signal.SIGKILL
+    state = json.loads(state_path(out).read_text())
+    _assert_same_steps(state["steps"], full["steps"][:len(state["steps"])])
+    resumed = run(make_args(model, data, out, resume=True, **opts), scorer_factory=cached_factory)
+    _assert_same_steps(resumed["steps"], full["steps"])
+    assert {k: v["pattern"] for k, v in resumed["levels"].items()} == {k: v["pattern"] for k, v in
+                                                                       full["levels"].items()}
+
+
 def _assert_same_steps(got, want, rel=1e-6):
     assert len(got) == len(want)
     for a, b in zip(got, want):
@@ -281,3 +310,20 @@ def test_tiny_presets_come_from_the_recorded_search_of_the_shipped_model():
     for r in ("1/2", "1/4"):
         assert retr[("searched (retrieval)", r)] >= retr[("uniform", r)]
         assert loss[("searched (retrieval)", r)] <= 1.005 * loss[("uniform", r)]
+
+
+def test_written_files_keep_the_users_umask(tmp_path):
+    import os
+
+    from vllm_indexcache.search.state import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.json", {"x": 1})
+        os.umask(0o077)
+        write_atomic(tmp_path / "b.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644      # mkstemp alone would give 0600
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
