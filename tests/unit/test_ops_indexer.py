@@ -170,36 +170,21 @@ def test_paged_cpu_step_on_a_mixed_batch_equals_the_naive_topk():
     """``paged_indexer_step_cpu`` (the CPU backend's per-step driver): keys land at their slots and every request's
     top-k equals ``indexer_topk_naive`` on its gathered keys — decodes, a one-token prefill, a fresh prefill and a
     chunked prefill continuing a cached context in one step."""
+    from pagedkit import mixed_batch
+
     from vllm_indexcache.ops.indexer.naive import indexer_topk_naive
     from vllm_indexcache.ops.indexer.paged_cpu import paged_indexer_step_cpu
 
     torch.manual_seed(4)
     H, D, bs, topk, num_blocks = 4, 32, 16, 24, 20
-    reqs = [(30, 1), (47, 1), (0, 1), (0, 21), (35, 13)]      # (context already cached, query tokens this step)
-    perm = torch.randperm(num_blocks).tolist()
-    block_table = torch.zeros(len(reqs), 4, dtype=torch.int32)
-    used = 0
-    for r, (ctx, ql) in enumerate(reqs):
-        nb = -(-(ctx + ql) // bs)
-        block_table[r, :nb] = torch.tensor(perm[used:used + nb])
-        used += nb
-    cache = torch.zeros(num_blocks * bs, D)
-    all_keys = [torch.randn(ctx + ql, D) for ctx, ql in reqs]
-    for r, (ctx, _) in enumerate(reqs):
-        for p in range(ctx):
-            cache[int(block_table[r, p // bs]) * bs + p % bs] = all_keys[r][p]
-    qsl, slots, new_k, positions = [0], [], [], []
-    for r, (ctx, ql) in enumerate(reqs):
-        qsl.append(qsl[-1] + ql)
-        for p in range(ctx, ctx + ql):
-            slots.append(int(block_table[r, p // bs]) * bs + p % bs)
-            new_k.append(all_keys[r][p])
-            positions.append(p)
+    b = mixed_batch(num_blocks, bs, D)
+    reqs, block_table, all_keys, qsl = b["reqs"], b["block_table"], b["all_keys"], b["qsl"]
+    cache = b["cache"].view(num_blocks * bs, D)
     T = qsl[-1]
     q, w = torch.randn(T, H, D), torch.randn(T, H)
     out = torch.full((T + 4, topk), 7, dtype=torch.int32)
-    paged_indexer_step_cpu(q, torch.stack(new_k), w, cache, torch.tensor(slots), block_table, qsl,
-                           [ctx + ql for ctx, ql in reqs], torch.tensor(positions), bs, topk, out, T)
+    paged_indexer_step_cpu(q, b["new_k"], w, cache, torch.tensor(b["slots"]), block_table, qsl, b["seq_lens"],
+                           torch.tensor(b["positions"]), bs, topk, out, T)
     assert (out[T:] == 7).all()
     for r, (ctx, ql) in enumerate(reqs):
         p = torch.arange(ctx + ql)

@@ -17,6 +17,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
+from pagedkit import mixed_batch  # noqa: E402
+
 from vllm_indexcache.ops.indexer import triton as tri_idx  # noqa: E402
 from vllm_indexcache.ops.indexer.naive import indexer_scores_naive, indexer_topk_naive  # noqa: E402
 from vllm_indexcache.ops.indexer.paged_triton import paged_indexer_step  # noqa: E402
@@ -57,31 +59,14 @@ def test_decode_scores_on_padded_3d_cache():
 def test_paged_indexer_step_mixed_batch():
     torch.manual_seed(4)
     H, D, bs, topk, num_blocks = 4, 32, 16, 24, 20
-    # (context already cached, query tokens this step): decode, decode, 1-token prefill, prefill, chunked prefill
-    reqs = [(30, 1), (47, 1), (0, 1), (0, 21), (35, 13)]
-    perm = torch.randperm(num_blocks).tolist()
-    block_table = torch.zeros(len(reqs), 4, dtype=torch.int32)
-    used = 0
-    for r, (ctx, ql) in enumerate(reqs):
-        nb = -(-(ctx + ql) // bs)
-        block_table[r, :nb] = torch.tensor(perm[used:used + nb])
-        used += nb
-    cache = torch.zeros(num_blocks, bs, D)
-    all_keys = [torch.randn(ctx + ql, D) for ctx, ql in reqs]
-    for r, (ctx, _) in enumerate(reqs):       # context keys were written by earlier steps
-        for p in range(ctx):
-            cache[block_table[r, p // bs], p % bs] = all_keys[r][p]
-    qsl, slots, new_k = [0], [], []
-    for r, (ctx, ql) in enumerate(reqs):
-        qsl.append(qsl[-1] + ql)
-        for p in range(ctx, ctx + ql):
-            slots.append(int(block_table[r, p // bs]) * bs + p % bs)
-            new_k.append(all_keys[r][p])
+    b = mixed_batch(num_blocks, bs, D)
+    reqs, block_table, cache, all_keys, qsl, slots = (b[k] for k in ("reqs", "block_table", "cache", "all_keys",
+                                                                       "qsl", "slots"))
     T, pad = qsl[-1], 3
     q = torch.randn(T + pad, H, D)
     w = torch.randn(T + pad, H)
-    k = torch.cat([torch.stack(new_k), torch.randn(pad, D)])
-    seq_lens = [ctx + ql for ctx, ql in reqs]
+    k = torch.cat([b["new_k"], torch.randn(pad, D)])
+    seq_lens = b["seq_lens"]
     out = torch.full((T + pad + 5, topk), 7, dtype=torch.int32)
     dev = lambda x: x.to(DEV)  # noqa: E731
     cache_d, out_d = dev(cache), dev(out)
