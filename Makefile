@@ -35,7 +35,7 @@ serve: setup
 	$(BIN)/vllm serve $(MODEL) --attention-backend indexcache --host 127.0.0.1 --port $(PORT) \
 		$(if $(INDEXCACHE),--hf-overrides '$(INDEXCACHE)') $(SERVE_ARGS)
 
-# tests/unit: no vLLM engine starts (a couple of minutes); tests/engine: vLLM on CPU, servers on loopback.
+# tests/unit: no vLLM engine starts; tests/engine: vLLM on CPU, servers on loopback.
 test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/engine
 

