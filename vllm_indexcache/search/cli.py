@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from vllm_indexcache.search import algorithm as alg
@@ -95,24 +94,27 @@ def options_from_args(args) -> ObjectiveOptions:
     return ObjectiveOptions(**{k: getattr(args, k, getattr(d, k)) for k in d.__dataclass_fields__})
 
 
-def make_scorer(args, seqs):
-    """Build the scorer of ``args.engine`` (imports torch/vLLM only here)."""
-    options = options_from_args(args)
-    if args.engine == "hf":
+#: The engine options :func:`search` passes to :func:`make_scorer` (the CLI's flags of the same names).
+ENGINE_OPTIONS = ("device", "dtype", "tensor_parallel_size", "pipeline_parallel_size", "kv_cache_memory_bytes")
+
+
+def make_scorer(model, seqs, *, engine: str, objective: str, options: ObjectiveOptions, device: str | None = None,
+                dtype: str = "float32", tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                kv_cache_memory_bytes: int | None = None):
+    """Build the scorer of ``engine`` (imports torch/vLLM only here); ``device`` is the hf engine's (default cuda
+    if available), the parallel sizes and ``kv_cache_memory_bytes`` the vllm engine's."""
+    if engine == "hf":
         import torch
 
         from vllm_indexcache.search.scorers import HFScorer
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return HFScorer(args.model, seqs, args.objective, device=device, dtype=args.dtype, options=options)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return HFScorer(model, seqs, objective, device=device, dtype=dtype, options=options)
     from vllm_indexcache.search.scorers import VLLMScorer
 
-    extra = {}
-    if args.kv_cache_memory_bytes is not None:
-        extra["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
-    return VLLMScorer(args.model, seqs, args.objective, dtype=args.dtype,
-                      tensor_parallel_size=args.tensor_parallel_size,
-                      pipeline_parallel_size=args.pipeline_parallel_size, options=options, **extra)
+    extra = {} if kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": kv_cache_memory_bytes}
+    return VLLMScorer(model, seqs, objective, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                      pipeline_parallel_size=pipeline_parallel_size, options=options, **extra)
 
 
 def plot(result: dict, png) -> None:
@@ -150,16 +152,17 @@ def run_gate(scorer, seqs, levels: dict, *, docs: int = 20, seed: int = 7, margi
     Returns ``{"probe": {...}, "all_f": acc, "levels": {level: {"pattern", "accuracy", "loss_vs_all_f", "ok"}},
     "skipped": reason or None}``.
     """
-    from vllm_indexcache.search.objectives import ObjectiveError, probe_documents
+    from vllm_indexcache.search.objectives import PROBE_NEEDLES, ObjectiveError, model_encoder, probe_documents
 
     n = scorer.num_layers
     try:
-        probe = probe_documents(seqs, obj_encoder(scorer), docs=docs, seed=seed)
+        probe = probe_documents(seqs, model_encoder(scorer.model_dir), docs=docs, seed=seed)
     except (ObjectiveError, OSError, ValueError) as e:   # no tokenizer, or windows too short for needles
         reason = f"no retrieval probe: {str(e).splitlines()[0]}"
         echo(f"retrieval gate: {reason}")
         return {"probe": None, "all_f": None, "levels": {}, "skipped": reason}
-    out = {"probe": {"documents": docs, "seed": seed, "length": int(len(probe[0].ids)), "needles": 4,
+    out = {"probe": {"documents": docs, "seed": seed, "length": int(len(probe[0].ids)),
+                     "needles": PROBE_NEEDLES,
                      "vocabulary": "calibration"}, "margin": margin, "levels": {}, "skipped": None}
     base = scorer.probe("F" * n, probe)
     out["all_f"] = base
@@ -184,12 +187,6 @@ def run_gate(scorer, seqs, levels: dict, *, docs: int = 20, seed: int = 7, margi
     return out
 
 
-def obj_encoder(scorer):
-    from vllm_indexcache.search.objectives import model_encoder
-
-    return model_encoder(scorer.model_dir)
-
-
 def search(model, data, out, *, retain: str = "1/4", engine: str = "hf", objective: str = DEFAULT_OBJECTIVE,
            options: ObjectiveOptions | None = None, pp_blocks: int = 1, resume: bool = False, seq_len: int = 2048,
            num_seqs: int = 8, start: int = 0, scorer_factory=None, probe: str = "retrieval", probe_docs: int = 20,
@@ -208,8 +205,8 @@ def search(model, data, out, *, retain: str = "1/4", engine: str = "hf", objecti
         pp_blocks: pipeline blocks (each block's first layer stays F).
         resume: continue from ``out.state.json`` (refused when it belongs to another search).
         seq_len, num_seqs, start: calibration windows.
-        scorer_factory: ``(seqs) → scorer`` (default: built from ``engine`` and ``engine_options``: ``device``,
-            ``dtype``, ``tensor_parallel_size``, ``pipeline_parallel_size``, ``kv_cache_memory_bytes``).
+        scorer_factory: ``(seqs) → scorer`` (default: :func:`make_scorer` of ``engine`` with ``engine_options``,
+            keys of :data:`ENGINE_OPTIONS`).
         probe, probe_docs, probe_seed, gate_margin: the retrieval gate (:func:`run_gate`; ``probe="none"`` skips).
         on_step: called with each committed :class:`.algorithm.Step` after its state is written.
 
@@ -243,14 +240,8 @@ def search(model, data, out, *, retain: str = "1/4", engine: str = "hf", objecti
     evals_done = int(state.get("evaluations", 0)) if state else 0
 
     if scorer_factory is None:
-        ns = argparse.Namespace(model=str(model), engine=engine, objective=objective, **(engine_options or {}))
-        for k, v in {"device": None, "dtype": "float32", "tensor_parallel_size": 1, "pipeline_parallel_size": 1,
-                     "kv_cache_memory_bytes": None}.items():
-            if not hasattr(ns, k):
-                setattr(ns, k, v)
-        for k, v in asdict(options).items():
-            setattr(ns, k, v)
-        scorer = make_scorer(ns, seqs)
+        scorer = make_scorer(model, seqs, engine=engine, objective=objective, options=options,
+                             **(engine_options or {}))
     else:
         scorer = scorer_factory(seqs)
     try:
@@ -324,9 +315,7 @@ def search(model, data, out, *, retain: str = "1/4", engine: str = "hf", objecti
 
 def run(args, scorer_factory=None, on_step=None) -> dict:
     """The search command's parsed arguments → :func:`search` (``scorer_factory(args, seqs)`` for tests)."""
-    engine_options = {k: getattr(args, k) for k in ("device", "dtype", "tensor_parallel_size",
-                                                     "pipeline_parallel_size", "kv_cache_memory_bytes")
-                      if hasattr(args, k)}
+    engine_options = {k: getattr(args, k) for k in ENGINE_OPTIONS if hasattr(args, k)}
     factory = None if scorer_factory is None else (lambda seqs: scorer_factory(args, seqs))
     return search(args.model, args.data, args.out, retain=args.retain, engine=args.engine,
                   objective=args.objective, options=options_from_args(args), pp_blocks=args.pp_blocks,

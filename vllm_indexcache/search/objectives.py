@@ -250,7 +250,12 @@ def build_targets(objective: str, seqs, options: ObjectiveOptions, logprobs_fn, 
     return t
 
 
-def probe_documents(seqs, encoder, *, docs: int = 20, needles: int = 4, seed: int = 7, length: int | None = None):
+#: Needles per probe document (one of them asked), as in ``vllm-indexcache eval``.
+PROBE_NEEDLES = 4
+
+
+def probe_documents(seqs, encoder, *, docs: int = 20, needles: int = PROBE_NEEDLES, seed: int = 7,
+                    length: int | None = None):
     """The gate's probe: ``docs`` documents, one question each (see :func:`retrieval_documents`)."""
     return retrieval_documents(seqs, encoder, docs=docs, needles=needles, seed=seed, length=length, questions=1)
 
