@@ -76,7 +76,7 @@ class IndexCacheConfig(BaseModel):
         Raises:
             IndexCacheError: any invalid value (see the class).
         """
-        values = {k: v for k in KEYS if (v := _get(hf_config, k)) is not None}
+        values = {k: v for k in KEYS if (v := config_value(hf_config, k)) is not None}
         pattern = values.get("index_topk_pattern")
         if isinstance(pattern, (list, tuple)):
             values["index_topk_pattern"] = "".join({"full": "F", "shared": "S"}.get(x, str(x)) for x in pattern)
@@ -138,13 +138,13 @@ def resolve_hf_config(hf_config: Any) -> str | None:
         IndexCacheError: IndexCache keys on a model without an indexer, or any invalid value.
     """
     architecture = _architecture(hf_config)
-    if _get(hf_config, "index_topk") is None:
+    if config_value(hf_config, "index_topk") is None:
         for key in KEYS:
-            if (value := _get(hf_config, key)) is not None:
+            if (value := config_value(hf_config, key)) is not None:
                 raise IndexCacheError(f"{key}={value!r}: IndexCache keys need a DSA model, but "
                                       f"{architecture or 'this model'} has no lightning indexer (no index_topk)")
         return None
-    num_layers = _get(hf_config, "num_hidden_layers")
+    num_layers = config_value(hf_config, "num_hidden_layers")
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise IndexCacheError(f"num_hidden_layers={num_layers!r}: a DSA model needs an integer layer count >= 1")
     return IndexCacheConfig.from_hf_config(hf_config).resolve(num_layers, architecture)
@@ -160,10 +160,10 @@ def pattern_source(hf_config: Any, overrides: Any = None) -> str:
     has one, else ``"default (no IndexCache keys: all F)"``; a preset adds ``preset NAME``."""
     given = isinstance(overrides, dict) and any(k in overrides for k in KEYS)
     keys = overrides if given else hf_config
-    if not given and not any(_get(hf_config, k) is not None for k in KEYS):
+    if not given and not any(config_value(hf_config, k) is not None for k in KEYS):
         return "default (no IndexCache keys: all F)"
     source = "--hf-overrides" if given else "model config"
-    preset = keys.get("index_cache_preset") if isinstance(keys, dict) else _get(keys, "index_cache_preset")
+    preset = config_value(keys, "index_cache_preset")
     return f"{source}, preset {preset}" if preset else source
 
 
@@ -189,7 +189,7 @@ def apply_to_hf_config(hf_config: Any, overrides: Any = None) -> str | None:
     source = pattern_source(hf_config, overrides)
     if source.startswith("--hf-overrides"):
         for key in KEYS:
-            if key not in overrides and _get(hf_config, key) is not None:
+            if key not in overrides and config_value(hf_config, key) is not None:
                 if isinstance(hf_config, dict):
                     hf_config.pop(key)
                 else:
@@ -223,10 +223,11 @@ def summary(pattern: str, source: str | None = None) -> str:
     return f"IndexCache: {len(pattern)} DSA layers, {n_f} F / {len(pattern) - n_f} S: {pattern}{tail}"
 
 
-def _get(hf_config: Any, key: str) -> Any:
+def config_value(hf_config: Any, key: str) -> Any:
+    """``hf_config[key]`` for a ``config.json`` dict, ``hf_config.key`` for a ``PretrainedConfig``; None if absent."""
     return hf_config.get(key) if isinstance(hf_config, dict) else getattr(hf_config, key, None)
 
 
 def _architecture(hf_config: Any) -> str | None:
-    archs = _get(hf_config, "architectures")
+    archs = config_value(hf_config, "architectures")
     return archs[0] if archs else None

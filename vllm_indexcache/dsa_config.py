@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_indexcache.config import IndexCacheError, _get
+from vllm_indexcache.config import IndexCacheError, config_value
 
 #: architecture → {vLLM-only key: the value transformers' class for that architecture implies}
 IMPLIED: dict[str, dict[str, Any]] = {
@@ -45,7 +45,7 @@ def _set(cfg: Any, key: str, value: Any) -> None:
         setattr(cfg, key, value)
 
 
-def complete_dsa_config(hf_config: Any) -> list[str]:
+def complete_dsa_config(hf_config: Any) -> list[tuple[str, str]]:
     """Fill/check the vLLM-only keys of a DSA config in place (module docstring); return the log lines.
 
     Args:
@@ -58,14 +58,14 @@ def complete_dsa_config(hf_config: Any) -> list[str]:
         DSAConfigError: ``mlp_layer_types`` that vLLM's ``first_k_dense_replace`` / ``moe_layer_freq`` rule cannot
             express.
     """
-    archs = _get(hf_config, "architectures") or [None]
+    archs = config_value(hf_config, "architectures") or [None]
     implied = IMPLIED.get(archs[0])
     if implied is None:
         return []
     name = _CLASS[archs[0]]
     out = []
     for key, value in implied.items():
-        have = _get(hf_config, key)
+        have = config_value(hf_config, key)
         if have is None:
             _set(hf_config, key, value)
             out.append(("info", f"IndexCache: config.json has no {key}; using {value!r} as transformers' {name} "
@@ -77,13 +77,13 @@ def complete_dsa_config(hf_config: Any) -> list[str]:
     return out
 
 
-def _check_moe_layers(hf_config: Any) -> list:
-    types = _get(hf_config, "mlp_layer_types")
-    n = _get(hf_config, "num_hidden_layers")
-    if not types or not isinstance(n, int) or _get(hf_config, "n_routed_experts") is None:
+def _check_moe_layers(hf_config: Any) -> list[tuple[str, str]]:
+    types = config_value(hf_config, "mlp_layer_types")
+    n = config_value(hf_config, "num_hidden_layers")
+    if not types or not isinstance(n, int) or config_value(hf_config, "n_routed_experts") is None:
         return []
-    k = int(_get(hf_config, "first_k_dense_replace") or 0)
-    freq = int(_get(hf_config, "moe_layer_freq") or 1)
+    k = int(config_value(hf_config, "first_k_dense_replace") or 0)
+    freq = int(config_value(hf_config, "moe_layer_freq") or 1)
     want = [t == "sparse" for t in types[:n]]
     if [i >= k and i % freq == 0 for i in range(n)] == want:
         return []
