@@ -12,13 +12,13 @@ stops again; nothing is downloaded. Phases (``--phases``, default all, in this o
     completes with ``max_tokens`` tokens, no 5xx (no retries: ``max_retries=0``), the concurrent token ids equal the
     sequential ones request by request, and vLLM counts the disconnected requests as aborted.
 ``badinput``
-    On server A: prompts beyond ``max_model_len`` (completion, streaming completion, chat) must get HTTP 400; a
-    prompt that fits but whose ``max_tokens`` runs past the limit gets vLLM's usual clamp (200, ``length``); after
-    them the server still answers and a reference request still gives its reference tokens. Then invalid IndexCache
-    settings (``--hf-overrides`` pattern/freq, presets) must make
-    ``vllm-indexcache serve`` exit non-zero before any engine starts, with one ``ERROR: key=value`` line; and a
-    model without a lightning indexer (a tiny random ``LlamaForCausalLM`` written here) served with
-    ``--attention-backend indexcache`` must serve with vLLM's default CPU backend and log exactly one warning.
+    On server A: prompts beyond ``max_model_len`` (completion, streaming completion, chat) must get HTTP 400; a prompt
+    that fits but whose ``max_tokens`` runs past the limit gets vLLM's usual clamp (200, ``length``); after them the
+    server still answers and a reference request still gives its reference tokens. Then invalid IndexCache settings
+    (``--hf-overrides`` pattern/freq, presets) must make ``vllm-indexcache serve`` exit non-zero before any engine
+    starts, with one ``ERROR: key=value`` line; and a model without a lightning indexer (a tiny random
+    ``LlamaForCausalLM`` written here) served with ``--attention-backend indexcache`` must serve with vLLM's default CPU
+    backend and log exactly one warning.
 ``pressure``
     Server B, identical but with a KV cache of about ``max_model_len + --small-kv-extra-tokens`` tokens: the same
     requests at once must force preemptions (``vllm:num_preemptions_total`` on ``/metrics``) and still give the

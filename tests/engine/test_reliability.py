@@ -1,11 +1,11 @@
 """CI-sized reliability check (the full one is ``vllm-indexcache reliability --out DIR``, see docs/reliability.md).
 
-One toy-model server (4 DSA layers, pattern FSFS, float32) whose KV cache holds about 640 tokens, little more than
-one ``max_model_len`` (512) request: 8 greedy requests sent one at a time (each fits: no preemption) are the
-reference; the same 8 sent at once, plus one client that disconnects mid-stream, must force preemptions and still
-give the reference tokens. Prompts beyond ``max_model_len`` get 400 (``max_tokens`` past it is clamped). A model
-without a lightning indexer served with
-``--attention-backend indexcache`` falls back to vLLM's default CPU backend with exactly one warning.
+One toy-model server (4 DSA layers, pattern FSFS, float32) whose KV cache holds about 640 tokens, little more than one
+``max_model_len`` (512) request: 8 greedy requests sent one at a time (each fits: no preemption) are the reference; the
+same 8 sent at once, plus one client that disconnects mid-stream, must force preemptions and still give the reference
+tokens. Prompts beyond ``max_model_len`` get 400 (``max_tokens`` past it is clamped). A model without a lightning
+indexer served with ``--attention-backend indexcache`` falls back to vLLM's default CPU backend with exactly one
+warning.
 
 Bad IndexCache settings at start-up are tested in ``tests/test_server.py``; search SIGKILL/resume and refused state
 files in ``tests/test_search.py``.

@@ -10,14 +10,13 @@ Calibration (``--data``), fixed once and reused for every candidate; a corpus di
 
 Sequences longer than ``seq_len`` are truncated; at most ``num_seqs`` are used.
 
-Identity: the calibration set is identified by the SHA-256 of its token ids (int64 little-endian, each sequence
-prefixed by its length) plus its token and sequence counts; the model by the SHA-256 of ``config.json`` and of its
-weight files (full content up to 4 GiB in total, else name + size + first/last 16 MiB of each file); the IndexCache
-keys of ``config.json`` (:data:`SERVING_KEYS`) are left out, so shipping a pattern in the config keeps the identity.
-The state file
-stores both, with the objective and its options, engine and block count; :func:`load_state` refuses a state whose
-identity differs
-or that cannot be parsed, with a one-line :class:`StateError`, and the CLI never overwrites such a file.
+Identity: the calibration set is identified by the SHA-256 of its token ids (int64 little-endian, each sequence prefixed
+by its length) plus its token and sequence counts; the model by the SHA-256 of ``config.json`` and of its weight files
+(full content up to 4 GiB in total, else name + size + first/last 16 MiB of each file); the IndexCache keys of
+``config.json`` (:data:`SERVING_KEYS`) are left out, so shipping a pattern in the config keeps the identity. The state
+file stores both, with the objective and its options, engine and block count; :func:`load_state` refuses a state whose
+identity differs or that cannot be parsed, with a one-line :class:`StateError`, and the CLI never overwrites such a
+file.
 
 The state is rewritten atomically (temporary file in the same directory, fsync, ``os.replace``) after every
 committed step.

@@ -6,15 +6,14 @@ DeepGEMM's ``get_paged_mqa_logits_metadata``). ``SparseAttnIndexer.__init__`` ra
 op requires DeepGEMM support" when DeepGEMM is absent.
 
 Route chosen: an **unquantised K-cache** as on CPU (``vllm_glue/cpu/indexer.py``), because it needs no DeepGEMM
-anywhere:
-the F layer's ``Indexer`` and its ``DeepseekV32IndexerCache`` are switched in place (:func:`adopt_indexer_cuda`,
-called from the sparse MLA impl's constructor, before vLLM collects KV-cache specs) to subclasses whose K-cache is
-``[num_blocks, block_size, index_head_dim]`` in the model dtype, whose metadata comes from
-:class:`TritonIndexerMetadataBuilder` (no DeepGEMM, no batch-order assumption) and whose forward computes q, k and
-the head weights as vLLM's unfused branch does (minus FP8) and then runs
+anywhere: the F layer's ``Indexer`` and its ``DeepseekV32IndexerCache`` are switched in place
+(:func:`adopt_indexer_cuda`, called from the sparse MLA impl's constructor, before vLLM collects KV-cache specs) to
+subclasses whose K-cache is ``[num_blocks, block_size, index_head_dim]`` in the model dtype, whose metadata comes from
+:class:`TritonIndexerMetadataBuilder` (no DeepGEMM, no batch-order assumption) and whose forward computes q, k and the
+head weights as vLLM's unfused branch does (minus FP8) and then runs
 :func:`vllm_indexcache.ops.indexer.paged_triton.paged_indexer_step` inside the opaque custom op
-``torch.ops.vllm.indexcache_triton_indexer`` (writes ``topk_indices_buffer`` like vLLM's op: request-local
-positions, ``-1`` padding). S layers own no indexer and read the buffer unchanged.
+``torch.ops.vllm.indexcache_triton_indexer`` (writes ``topk_indices_buffer`` like vLLM's op: request-local positions,
+``-1`` padding). S layers own no indexer and read the buffer unchanged.
 
 The step does host syncs (``.tolist()``, ``int(max)``), so it must not be captured in CUDA graphs: the fallback
 builder reports ``AttentionCGSupport.NEVER``; run with ``enforce_eager=True`` (see ``docs`` / the check script).
