@@ -9,14 +9,12 @@ from ``index_topk_pattern`` whether it builds an ``Indexer`` — F — or gets `
 What this adds, per pipeline stage:
 
 * **PP first layer forced F.** vLLM (0.32 CPU, 0.26 CUDA) decides F/S from the *global* layer id and hands no top-k
-  across pipeline
-  stages (``IntermediateTensors`` carries only ``hidden_states``/``residual``), so a stage whose first layer is S
-  would read a buffer nothing wrote. The stage's first layer is made F with a warning (its checkpoint must hold
-  that layer's indexer weights; otherwise loading fails with vLLM's missing-weight error).
+  across pipeline stages (``IntermediateTensors`` carries only ``hidden_states``/``residual``), so a stage whose first
+  layer is S would read a buffer nothing wrote. The stage's first layer is made F with a warning (its checkpoint must
+  hold that layer's indexer weights; otherwise loading fails with vLLM's missing-weight error).
 * **Start-up report**: the pattern and the indexer K-cache bytes per token saved against all-F.
 * **RoPE through the pure-torch path (CPU only).** Inside the CPU worker (``custom_ops=["all"]``) the attention RoPE
-  dispatches
-  to ``RotaryEmbedding.forward_cpu`` → ``ops.rotary_embedding``, which rotated the rope half of MLA's
+  dispatches to ``RotaryEmbedding.forward_cpu`` → ``ops.rotary_embedding``, which rotated the rope half of MLA's
   ``[T, heads, qk_rope_head_dim]`` query wrongly on the DSA test models (measured: it changed the query at position
   0, where RoPE is the identity, so greedy tokens diverged from transformers). The attention RoPE modules are
   switched to ``forward_native`` (same maths as transformers), on contiguous inputs.
