@@ -11,7 +11,7 @@ The weights are built once, at the start of the search, from the calibration win
   ``local_window + 1``..``2·local_window`` tokens (windows of ``2·local_window + 1`` tokens at stride
   ``local_window``, all-F; default window: the model's ``index_topk``, inside which attention is dense anyway). Key
   tokens: the top ``key_fraction`` of calibration positions by gain, among those gaining more than ``long_margin``
-  nats. (LongPPL's fixed threshold of 2 nats selects no token of tiny-dsa's calibration text, hence the fraction.)
+  nats. (LongPPL's fixed threshold of 2 nats selects 1 of 4,094 calibration tokens on tiny-dsa, hence the fraction.)
   Cost per evaluation: the calibration tokens (as ``lm-loss``); once at start: one all-F pass over the calibration
   and one over ~2× its tokens in local windows.
 * ``retrieval`` — synthetic retrieval from the user's text: ``retrieval_docs`` needle documents
