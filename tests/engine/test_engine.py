@@ -165,7 +165,7 @@ def test_bare_save_pretrained_checkpoint_serves_the_transformers_model(tmp_path,
     """A checkpoint written by transformers' ``save_pretrained`` alone (no scoring_func / topk_method /
     indexer_rope_interleave in config.json) is served as transformers' model: the plugin fills those keys with the
     values transformers' class implies before any weight is loaded (without them vLLM routes with softmax, drops the
-    expert-score bias and, for GLM-5, rotates the indexer NeoX-style; on these toys the engine then fails to load)."""
+    expert-score bias and, for GLM-5, rotates the indexer NeoX-style; the DeepSeek toy then fails to load)."""
     import json
 
     from vllm_indexcache.dsa_config import IMPLIED
