@@ -6,16 +6,18 @@ qk_nope 128, v_head 128; lightning indexer 64 heads × 128, top-k 2048), ``--lay
 4096-wide SwiGLU MLP, vocabulary 16384, random bf16 weights (``vllm_indexcache.toy.build_toy_model`` on the GPU).
 
 Every configuration runs in its own process (fresh CUDA context, ``disable_log_stats=False`` so that
-``RequestOutput.metrics`` carries engine timestamps, ``enforce_eager=True`` for all):
+``RequestOutput.metrics`` carries engine timestamps; CUDA graphs on — vLLM's default — unless ``--eager``):
 
 * ``none``        — vLLM alone (``VLLM_PLUGINS=none``), all layers F;
 * ``native-1/2``, ``native-1/4`` — vLLM alone with ``hf_overrides={"index_topk_pattern": ...}``;
 * ``plugin-1/2``, ``plugin-1/4`` — ``attention_backend="indexcache"`` with the same pattern, plugin loaded.
 
 Measured per configuration: TTFT (engine: first token − scheduled) and TPOT (``(last − first) / (n − 1)``) at
-batch 1 for each ``--contexts`` (median of repeats, min–max shown), the wall time and median TTFT of
-``--concurrent`` simultaneous requests of ``--concurrent-contexts`` tokens, and the KV capacity in tokens that
-vLLM allocated. Checks first (greedy tokens of plugin and native identical for the same pattern), table last;
+batch 1 for each ``--contexts`` (median of ``--repeats``, min–max shown); **decode under load**: ``--concurrent``
+requests of ``--concurrent-contexts`` tokens are prefilled, then ``--load-steps`` engine steps in which every request
+decodes one token are timed (ms per step = per-token decode latency at that batch; ``--repeats`` batches); and the
+KV capacity in tokens that vLLM allocated. Checks first (greedy tokens of plugin and native identical for the same
+pattern), tables last (the parity table: plugin time / native time − 1 for the same pattern, per metric, medians);
 everything under ``--out`` (JSON per configuration, ``bench_vllm.json``, ``bench_vllm.md``).
 
 Parallel runs (2 GPUs) are configurations with ``@pp2`` / ``@tp2``: they only generate the check prompts' greedy
@@ -77,7 +79,7 @@ def worker(a) -> int:
 
     from vllm_indexcache.bench.measure import _stats, _tpot, kv_capacity
 
-    kwargs = dict(model=str(a.model), skip_tokenizer_init=True, disable_log_stats=False, enforce_eager=True,
+    kwargs = dict(model=str(a.model), skip_tokenizer_init=True, disable_log_stats=False, enforce_eager=a.eager,
                   max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_util, seed=0,
                   max_num_seqs=max(32, a.concurrent), tensor_parallel_size=a.tp, pipeline_parallel_size=a.pp)
     if a.pattern:
@@ -113,16 +115,45 @@ def worker(a) -> int:
         print(f"[{a.name}] {ctx}: TTFT {statistics.median(ttft):.3f}s TPOT {statistics.median(tpot) * 1e3:.2f}ms",
               flush=True)
     for ctx in a.concurrent_contexts:
-        prompts = [{"prompt_token_ids": rand(ctx)} for _ in range(a.concurrent)]
-        t = time.perf_counter()
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        wall = time.perf_counter() - t
+        steps, walls = [], []
+        for rep in range(a.repeats):
+            t = time.perf_counter()
+            steps.append(decode_under_load(llm, [rand(ctx) for _ in range(a.concurrent)], a.load_steps, f"r{rep}"))
+            walls.append(time.perf_counter() - t)
         res["contexts"].setdefault(str(ctx), {})[f"concurrent{a.concurrent}"] = {
-            "wall_s": wall, "ttft_median": statistics.median(o.metrics.first_token_latency for o in outs),
-            "tpot_median": statistics.median(_tpot(o) for o in outs)}
-        print(f"[{a.name}] {a.concurrent}x{ctx}: {wall:.2f}s", flush=True)
+            "decode_step": _stats(steps), "wall_s": statistics.median(walls)}
+        print(f"[{a.name}] {a.concurrent}x{ctx}: decode {statistics.median(steps) * 1e3:.3f} ms/step "
+              f"{[round(x * 1e3, 3) for x in steps]}", flush=True)
     Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
     return 0
+
+
+def decode_under_load(llm, prompts: list[list[int]], steps: int, tag: str) -> float:
+    """Prefill all ``prompts`` together, then time ``steps`` engine steps in which every request decodes one token.
+
+    Returns seconds per step (median). Uses ``LLMEngine.add_request`` / ``step`` (vLLM's public engine loop); steps
+    are counted only once every request has its first token, and no request finishes inside the window.
+    """
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    n = steps + 8
+    sp = SamplingParams(max_tokens=n + 4, min_tokens=n + 4, ignore_eos=True, temperature=0.0)
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, {"prompt_token_ids": p}, sp)
+    seen = dict.fromkeys(ids, 0)
+    times = []
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        outs = engine.step()
+        dt = time.perf_counter() - t
+        before = min(seen.values())
+        for o in outs:
+            seen[o.request_id] = len(o.outputs[0].token_ids)
+        if before >= 2 and len(times) < steps:   # all prefilled (and one decode step done) before this step
+            times.append(dt)
+    return statistics.median(times)
 
 
 # ------------------------------------------------------------------------------------------------------------ parent
@@ -153,6 +184,7 @@ def run_config(a, name: str) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", "--name", name, "--model", str(a.model), "--json", str(out),
            "--max-model-len", str(a.max_model_len), "--gpu-util", str(a.gpu_util), "--repeats", str(a.repeats),
            "--decode-tokens", str(a.decode_tokens), "--concurrent", str(a.concurrent),
+           "--load-steps", str(a.load_steps), *(["--eager"] if a.eager else []),
            "--tp", str(spec["tp"]), "--pp", str(spec["pp"]),
            "--contexts", "" if parallel else ",".join(map(str, a.contexts)),
            "--concurrent-contexts", "" if parallel else ",".join(map(str, a.concurrent_contexts)),
@@ -194,7 +226,7 @@ def table(results: dict) -> str:
     conc = [(c, k) for c, v in any_r["contexts"].items() for k in v if k.startswith("concurrent")]
     kt = lambda c: f"{int(c) // 1024}K" if int(c) >= 1024 else c  # noqa: E731
     head = (["config", "pattern", "KV tokens"] + [f"TTFT {kt(c)} (s)" for c in contexts]
-            + [f"TPOT {kt(c)} (ms)" for c in contexts] + [f"{k[10:]}×{kt(c)} wall (s)" for c, k in conc])
+            + [f"TPOT {kt(c)} (ms)" for c in contexts] + [f"decode {k[10:]}×{kt(c)} (ms/step)" for c, k in conc])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in single.items():
         cells = [name, f"`{r['pattern'] or 'FFFF'}`", f"{r['kv_capacity']['tokens']:,}"]
@@ -203,13 +235,42 @@ def table(results: dict) -> str:
             sp = f" ({base['contexts'][c]['ttft']['median'] / t['median']:.2f}×)" if base and r is not base else ""
             cells.append(f"{t['median']:.3f} [{t['min']:.3f}–{t['max']:.3f}]{sp}")
         for c in contexts:
-            cells.append(f"{r['contexts'][c]['tpot']['median'] * 1e3:.2f}")
+            tp = r["contexts"][c]["tpot"]
+            cells.append(f"{tp['median'] * 1e3:.3f} [{tp['min'] * 1e3:.3f}–{tp['max'] * 1e3:.3f}]")
         for c, k in conc:
-            w = r["contexts"][c][k]["wall_s"]
-            sp = f" ({base['contexts'][c][k]['wall_s'] / w:.2f}×)" if base and r is not base else ""
-            cells.append(f"{w:.2f}{sp}")
+            d = r["contexts"][c][k]["decode_step"]
+            b = base["contexts"][c][k]["decode_step"]["median"] if base and r is not base else None
+            sp = f" ({b / d['median']:.2f}×)" if b else ""
+            cells.append(f"{d['median'] * 1e3:.3f} [{d['min'] * 1e3:.3f}–{d['max'] * 1e3:.3f}]{sp}")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def parity(results: dict) -> str:
+    """Plugin against vLLM native with the same pattern: ``plugin / native − 1`` of each median, in % (positive =
+    plugin slower), with the plugin's and native's min–max spread in brackets."""
+    rows = ["| pattern | metric | native (median [min–max]) | plugin (median [min–max]) | plugin vs native |",
+            "|---|---|---|---|---|"]
+    for ret in RETENTIONS:
+        nat, plug = results.get(f"native-{ret}"), results.get(f"plugin-{ret}")
+        if not nat or not plug:
+            continue
+        for c, v in nat["contexts"].items():
+            for metric, scale, unit in (("ttft", 1, "s"), ("tpot", 1e3, "ms")):
+                if metric in v and metric in plug["contexts"].get(c, {}):
+                    a, b = v[metric], plug["contexts"][c][metric]
+                    rows.append(f"| {ret} | {metric.upper()} {int(c) // 1024}K ({unit}) | {_spread(a, scale)} | "
+                                f"{_spread(b, scale)} | {(b['median'] / a['median'] - 1) * 100:+.1f} % |")
+            for k in v:
+                if k.startswith("concurrent") and k in plug["contexts"].get(c, {}):
+                    a, b = v[k]["decode_step"], plug["contexts"][c][k]["decode_step"]
+                    rows.append(f"| {ret} | decode {k[10:]}×{int(c) // 1024}K (ms/step) | {_spread(a, 1e3)} | "
+                                f"{_spread(b, 1e3)} | {(b['median'] / a['median'] - 1) * 100:+.1f} % |")
+    return "\n".join(rows)
+
+
+def _spread(st: dict, scale: float) -> str:
+    return f"{st['median'] * scale:.3f} [{st['min'] * scale:.3f}–{st['max'] * scale:.3f}]"
 
 
 def token_checks(results: dict) -> str:
@@ -245,7 +306,7 @@ def render(dirs: list[str], out: Path) -> None:
                 results[r["config"]] = r
     order = lambda n: (("none", "native", "plugin").index(n.split("-")[0]), n)  # noqa: E731
     results = dict(sorted(results.items(), key=lambda kv: order(kv[0])))
-    md = table(results) + "\n\n" + token_checks(results) + "\n"
+    md = table(results) + "\n\n" + parity(results) + "\n\n" + token_checks(results) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_vllm.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "bench_vllm.md").write_text(md)
@@ -257,17 +318,19 @@ def main() -> int:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
     p.add_argument("--model", type=Path, default=Path("/root/bench-v32-model"))
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--contexts", type=ints, default=[16384, 65536, 163840])
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--contexts", type=ints, default=[32768, 131072])
     p.add_argument("--concurrent", type=int, default=32)
     p.add_argument("--concurrent-contexts", type=ints, default=[65536])
     p.add_argument("--configs", type=lambda s: s.split(","),
                    default=["none", "native-1/4", "plugin-1/4", "native-1/2", "plugin-1/2"],
                    help="none | native-R | plugin-R, optionally @tp2 / @pp2 (R = 1/2 or 1/4)")
     p.add_argument("--render", help="comma-separated result directories: merge them into --out (no GPU)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--load-steps", type=int, default=32, help="timed decode steps per batch under load")
+    p.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs; default: graphs on)")
     p.add_argument("--decode-tokens", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=163840 + 256)
+    p.add_argument("--max-model-len", type=int, default=131072 + 256)
     p.add_argument("--gpu-util", type=float, default=0.85)
     p.add_argument("--check-lens", type=ints, default=[300, 3000, 9000, 30000])
     # worker-only
