@@ -131,28 +131,35 @@ def worker(a) -> int:
 def decode_under_load(llm, prompts: list[list[int]], steps: int, tag: str) -> float:
     """Prefill all ``prompts`` together, then time ``steps`` engine steps in which every request decodes one token.
 
-    Returns seconds per step (median). Uses ``LLMEngine.add_request`` / ``step`` (vLLM's public engine loop); steps
-    are counted only once every request has its first token, and no request finishes inside the window.
+    Returns seconds per step (median). Uses ``LLMEngine.add_request`` / ``step`` / ``abort_request`` (vLLM's public
+    engine loop); a step is timed only once every request has its first token and only if it advanced every
+    request by one token (no request finishes: ``max_tokens`` is far beyond the window; all are aborted after it).
     """
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    n = steps + 8
-    sp = SamplingParams(max_tokens=n + 4, min_tokens=n + 4, ignore_eos=True, temperature=0.0)
+    sp = SamplingParams(max_tokens=1 << 20, ignore_eos=True, temperature=0.0)
     ids = [f"{tag}-{i}" for i in range(len(prompts))]
     for rid, p in zip(ids, prompts):
         engine.add_request(rid, {"prompt_token_ids": p}, sp)
     seen = dict.fromkeys(ids, 0)
     times = []
-    while engine.has_unfinished_requests():
+    for _ in range(20000):
+        if len(times) >= steps:
+            break
+        before = min(seen.values())
         t = time.perf_counter()
         outs = engine.step()
         dt = time.perf_counter() - t
-        before = min(seen.values())
         for o in outs:
             seen[o.request_id] = len(o.outputs[0].token_ids)
-        if before >= 2 and len(times) < steps:   # all prefilled (and one decode step done) before this step
+        if before >= 2 and len({o.request_id for o in outs}) == len(ids):
             times.append(dt)
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    if not times:
+        raise RuntimeError("decode under load: no step advanced every request")
     return statistics.median(times)
 
 
@@ -348,7 +355,11 @@ def main() -> int:
         render(a.render.split(","), Path(a.out))
         return 0
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    build_model(a.model, a.layers, max(a.max_model_len, 4096) + 1024)
+    if not (a.model / "config.json").is_file():   # in a child: this process must not hold GPU memory the engines need
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); "
+                        f"import bench_vllm_h200 as b; from pathlib import Path; "
+                        f"b.build_model(Path({str(a.model)!r}), {a.layers}, {max(a.max_model_len, 4096) + 1024})"],
+                       check=True)
     failed = [name for name in a.configs if run_config(a, name) is None]
     render([a.out], Path(a.out))
     return 1 if failed else 0
