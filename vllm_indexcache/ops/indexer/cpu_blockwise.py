@@ -37,6 +37,8 @@ _SCALE = 1 << 32
 # Budget of float32 elements of one [C·H, n] logits block (16 MiB, within a 32 MiB L3): sets the key block for a
 # given query block. Tried 2^18..2^22 × 256..2048 GEMM rows on a shared AVX2 EPYC: 2^22 × 1024 was among the best.
 _BLOCK_ELEMS = 1 << 22
+# Longest key block (its float32 copy is ≤ 8 MiB at D = 128): bounds decode's blocks, where C·H is small.
+_MAX_KEYS = 1 << 14
 _NEG_INF_KEY: int | None = None   # filled lazily: the int64 key of (-inf, lowest rank) = the empty slot
 
 
@@ -222,7 +224,7 @@ def indexer_topk_segments(q: torch.Tensor, weights: torch.Tensor, q_positions: t
     if T == 0:
         return out
     C = q_block_rows or max(1, 1024 // H)
-    max_keys = max(64, _BLOCK_ELEMS // (min(C, T) * H))
+    max_keys = max(64, min(_MAX_KEYS, _BLOCK_ELEMS // (min(C, T) * H)))
     empty = _empty_key()
     clock = time.perf_counter
     t_score = t_sel = 0.0
