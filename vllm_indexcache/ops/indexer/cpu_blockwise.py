@@ -11,15 +11,18 @@ position are skipped. Selection is a running top-k per query: a block's scores p
 current k-th best score; strict ``>`` is exact because keys arrive in ascending position, so an equal score loses the
 tie), survivors become int64 keys ``(order-preserving bits of the score) · 2^32 + (2^32 − 1 − s)`` — unique per
 key, so ``torch.topk`` on them is exact and the tie rule is built in — and are merged with the running set once a
-``topk`` worth of them is pending. A ``[T, S]`` score matrix is never built; at most ``[C, n]``.
+``topk`` worth of them is pending. While a row's running set is not yet full, a block of ≥ 4·topk keys is first cut
+at a lower bound on its own k-th best (the k-th largest of ~2·topk strided group maxima). A ``[T, S]`` score matrix
+is never built; at most ``[C, n]``.
 
 vLLM 0.32's own CPU indexer kernels (``fp8_paged_mqa_logits_cpu`` / ``topk_transform_512_cpu``, DeepSeek-V4) are not
 used: they take FP8 keys and queries (not exact against the model-dtype reference), ``topk_transform_512_cpu``
 handles only ``index_topk == 512`` (the toy has 128, DeepSeek-V3.2 2048), and they exist only in the AVX-512 build
 ``vllm/_C.abi3.so`` (absent from ``_C_AVX2``, which an AVX2-only CPU loads).
 
-Float32 throughout: torch 2.13's bf16 matmul has no fast path on AVX2-only CPUs (measured ≈ 0.3 GFLOP/s there,
-against ≈ 55 GFLOP/s fp32 on one thread; ``scripts/bench_cpu_indexer.py`` prints both on the machine at hand).
+Float32 throughout: torch 2.13's bf16 matmul has no fast path on AVX2-only CPUs (0.3–0.7 GFLOP/s measured on a
+shared AVX2 EPYC, against 35–55 GFLOP/s fp32 on one thread; ``scripts/bench_cpu_indexer.py`` prints both on the
+machine at hand, docs/benchmarks.md §5).
 """
 from __future__ import annotations
 
