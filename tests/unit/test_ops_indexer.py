@@ -14,7 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vllm_indexcache.ops.indexer import cpu_blockwise
 from vllm_indexcache.ops.indexer.cpu import indexer_scores, indexer_topk
+from vllm_indexcache.ops.indexer.cpu_blockwise import indexer_topk_blockwise, paged_key_segments
 from vllm_indexcache.ops.indexer.naive import indexer_scores_naive, indexer_topk_naive
 from vllm_indexcache.reference import indexer_qkw
 from vllm_indexcache.toy import build_toy_model
@@ -67,49 +69,58 @@ def test_cpu_matches_naive(shape, dtype):
         row = ref[t, : n_valid[t]]
         assert int(row.max()) <= int(pos[t]) and len(set(row.tolist())) == len(row)
         assert torch.all(ref[t, n_valid[t]:] == -1)
+    # The fused blockwise indexer: default blocks, one query row per block, and 64-key blocks (forced below).
+    assert torch.equal(indexer_topk_blockwise(q, k, w, pos, topk), ref)
+    assert torch.equal(indexer_topk_blockwise(q, k, w, pos, topk, q_block_rows=1), ref)
 
 
-def test_several_requests_positions():
-    """Tokens of several requests in one batch: each request is scored against its own keys and positions
-    (decode tokens, a chunked prefill, a fresh prefill), as the backend does per request."""
-    H, D, topk = 4, 32, 16
-    reqs = [(torch.tensor([57]), 58), (torch.arange(20, 45), 45), (torch.arange(0, 12), 12), (torch.tensor([3]), 4)]
-    for r, (pos, S) in enumerate(reqs):
-        q, k, w, _ = _inputs(len(pos), S, H, D, torch.float32, seed=r)
-        assert torch.equal(indexer_topk(q, k, w, pos, topk), indexer_topk_naive(q, k, w, pos, topk))
-    # Non-monotonic positions inside one call are fine too (each row is independent).
-    q, k, w, _ = _inputs(6, 40, H, D, torch.float32, seed=9)
-    pos = torch.tensor([39, 0, 15, 16, 2, 31])
-    assert torch.equal(indexer_topk(q, k, w, pos, topk), indexer_topk_naive(q, k, w, pos, topk))
+@pytest.mark.parametrize("blocks", ["default", "small"])
+@pytest.mark.parametrize("shape", SHAPES + [(300, 700, 4, 32, 50), (40, 2000, 4, 32, 50), (3, 1500, 2, 16, 300)])
+def test_blockwise_matches_naive_with_many_key_blocks(shape, blocks, monkeypatch):
+    """Default key blocks (the lower-bound pre-filter of a not-yet-full running set when a block holds >= 4·topk
+    keys) and 64-key blocks (running top-k merged across many blocks, causal skip, diagonal blocks)."""
+    if blocks == "small":
+        monkeypatch.setattr(cpu_blockwise, "_BLOCK_ELEMS", 1)
+    T, S, H, D, topk = shape
+    q, k, w, pos = _inputs(T, S, H, D, torch.bfloat16, seed=T + S)
+    ref = indexer_topk_naive(q, k, w, pos, topk)
+    for rows in (None, 1, 7):
+        assert torch.equal(indexer_topk_blockwise(q, k, w, pos, topk, q_block_rows=rows), ref)
 
 
-def test_ties_go_to_lower_position():
-    # Hand example: all weights zero -> every visible score is 0 -> the first min(topk, visible) positions.
-    q = torch.randn(3, 2, 4)
-    k = torch.randn(6, 4)
-    w = torch.zeros(3, 2)
-    pos = torch.tensor([1, 4, 5])
-    expected = torch.tensor([[0, 1, -1], [0, 1, 2], [0, 1, 2]], dtype=torch.int32)
-    assert torch.equal(indexer_topk_naive(q, k, w, pos, 3), expected)
-    assert torch.equal(indexer_topk(q, k, w, pos, 3), expected)
-    # Many exact ties from small integers (exact in float32, whatever the summation order).
-    g = torch.Generator().manual_seed(3)
-    q = torch.randint(-2, 3, (60, 3, 8), generator=g).float()
-    k = torch.randint(-2, 3, (60, 8), generator=g).float()
-    w = torch.randint(0, 3, (60, 3), generator=g).float()
-    pos = torch.arange(60)
-    scores = indexer_scores_naive(q, k, w, pos)
-    ref = indexer_topk_naive(q, k, w, pos, 7)
-    assert torch.equal(indexer_topk(q, k, w, pos, 7), ref)
-    assert torch.equal(indexer_topk(q, k, w, pos, 7, max_chunk_bytes=1), ref)
-    for t in range(60):
-        row = [s for s in ref[t].tolist() if s >= 0]
-        keys = [(-float(scores[t, s]), s) for s in row]
-        assert keys == sorted(keys)                       # descending score, then ascending position
-    # There really are ties at the selection boundary: the 7th and 8th best of some row are equal.
-    boundary_ties = [t for t in range(7, 60) if scores[t].sort(descending=True).values[6] ==
-                     scores[t].sort(descending=True).values[7]]
-    assert len(boundary_ties) > 5
+@pytest.mark.parametrize("blocks", ["default", "small"])
+def test_blockwise_exact_ties_at_scale(blocks, monkeypatch):
+    """Small-integer inputs (exact in float32) over 1,500 keys: many equal scores at every block's and every row's
+    selection boundary, negative weights included (scores −0.0 and +0.0 must tie), key blocks of 64 or default."""
+    if blocks == "small":
+        monkeypatch.setattr(cpu_blockwise, "_BLOCK_ELEMS", 1)
+    g = torch.Generator().manual_seed(5)
+    T, S, H, D, topk = 48, 1500, 3, 8, 40
+    q = torch.randint(-2, 3, (T, H, D), generator=g).float()
+    k = torch.randint(-2, 3, (S, D), generator=g).float()
+    w = torch.randint(-1, 3, (T, H), generator=g).float()
+    pos = torch.cat([torch.arange(0, 8), torch.randint(8, S, (T - 8,), generator=g)])
+    ref = indexer_topk_naive(q, k, w, pos, topk)
+    for rows in (None, 1, 5):
+        assert torch.equal(indexer_topk_blockwise(q, k, w, pos, topk, q_block_rows=rows), ref)
+
+
+def test_paged_key_segments_cover_every_key_in_order():
+    """Runs of consecutive blocks come back as views (no copy), short runs gathered; positions ascending, exact."""
+    bs, D, nb = 16, 4, 40
+    cache = torch.randn(nb * bs, D)
+    ids = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 3, 30, 31, 0, 21, 22]
+    n_keys = len(ids) * bs - 5
+    want = cache[torch.tensor([ids[p // bs] * bs + p % bs for p in range(n_keys)])]
+    for max_keys, min_run in [(1000, 256), (64, 256), (50, 16), (7, 1)]:
+        segs = list(paged_key_segments(cache, ids, n_keys, bs, max_keys, min_run_keys=min_run))
+        assert [s0 for s0, _ in segs] == sorted(s0 for s0, _ in segs)
+        assert all(keys.shape[0] <= max(max_keys, bs) for _, keys in segs)
+        got = torch.cat([keys for _, keys in segs])
+        assert torch.equal(got, want) and sum(keys.shape[0] for _, keys in segs) == n_keys
+        assert all(segs[i + 1][0] == segs[i][0] + segs[i][1].shape[0] for i in range(len(segs) - 1))
+    first = next(paged_key_segments(cache, ids, n_keys, bs, 1000))[1]
+    assert first.data_ptr() == cache[5 * bs].data_ptr()                         # the long run is read in place
 
 
 def test_errors():
@@ -122,6 +133,10 @@ def test_errors():
         indexer_topk(q, k, w[:, :1], pos, 4)
     with pytest.raises(ValueError, match="head dim"):
         indexer_scores(q, k[:, :4], w, pos)
+    with pytest.raises(ValueError, match="topk"):
+        indexer_topk_blockwise(q, k, w, pos, 0)
+    with pytest.raises(ValueError, match="q_positions"):
+        indexer_topk_blockwise(q, k, w, torch.tensor([0, 1, 2, 10]), 4)
 
 
 @pytest.fixture(scope="module", params=["DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"])
@@ -192,4 +207,4 @@ def test_paged_cpu_step_on_a_mixed_batch_equals_the_naive_topk():
         torch.testing.assert_close(keys, all_keys[r])
         s, e = qsl[r], qsl[r + 1]
         want = indexer_topk_naive(q[s:e], keys, w[s:e], torch.arange(ctx, ctx + ql), topk)
-        assert torch.equal(out[s:e].sort(-1).values, want.int().sort(-1).values)
+        assert torch.equal(out[s:e], want)

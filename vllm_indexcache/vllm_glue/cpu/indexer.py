@@ -9,7 +9,8 @@ vLLM 0.32's ``deepseek_v2.Indexer`` computes q and k the same way but quantises 
 them with DeepGEMM/Triton kernels that do not exist on CPU (``model_executor/layers/sparse_attn_indexer.py``; its
 ``forward_cpu`` is DeepSeek-V4's ``index_topk == 512`` path). Here the F layer's ``Indexer`` and its
 ``DeepseekV32IndexerCache`` are switched (``adopt_indexer``) to subclasses that keep keys in the model dtype —
-so selections match transformers' reference — and score with :func:`vllm_indexcache.ops.indexer.cpu.indexer_topk`.
+so selections match transformers' reference — and score with the fused blockwise indexer
+(:func:`vllm_indexcache.ops.indexer.cpu_blockwise.indexer_topk_segments`, keys read in place from the paged cache).
 Only F layers own an ``Indexer``, so S layers allocate no indexer K-cache at all.
 """
 from __future__ import annotations
