@@ -51,3 +51,17 @@ def test_mtp_toy_layout_matches_vllm_mtp_loader(tmp_path):
     prompt = list(range(3, 40))
     got = prompt_logprobs(load_reference(str(mtp), ties="lower"), prompt)
     assert torch.equal(got, prompt_logprobs(load_reference(str(plain), ties="lower"), prompt))
+
+    # make_mtp_echo: the MTP block adds nothing and keeps only the next-token embedding; backbone outputs scaled
+    from vllm_indexcache.toy import make_mtp_echo
+
+    make_mtp_echo(mtp, backbone_scale=0.5)
+    echo, scaled = _tensors(mtp / "mtp.safetensors"), _tensors(mtp / "model.safetensors")
+    eh = echo[f"model.layers.{L}.eh_proj.weight"]
+    hidden = eh.shape[0]
+    assert torch.equal(eh[:, :hidden], torch.eye(hidden)) and not eh[:, hidden:].any()
+    assert all(not t.any() for n, t in echo.items() if n.endswith(("o_proj.weight", "down_proj.weight")))
+    assert torch.equal(echo[f"model.layers.{L}.self_attn.indexer.wk.weight"],
+                       added[f"model.layers.{L}.self_attn.indexer.wk.weight"]), "the MTP indexer is kept"
+    name = "model.layers.0.self_attn.o_proj.weight"
+    assert torch.equal(scaled[name], backbone[name] * 0.5)
