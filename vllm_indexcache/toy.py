@@ -6,6 +6,9 @@ byte-level tokenizer with a chat template) of either DSA architecture that vLLM 
 * ``DeepseekV32ForCausalLM`` — indexer RoPE non-interleaved (NeoX), as DeepSeek-V3.2;
 * ``GlmMoeDsaForCausalLM`` — indexer RoPE interleaved (``indexer_rope_interleave: true``), as GLM-5.
 
+``mtp_layers=N`` (``build-toy --mtp-layers N``) adds N DeepSeek-V3 multi-token-prediction (MTP / NextN) layers in
+the checkpoint layout vLLM's MTP loader reads (:func:`add_mtp_layers`).
+
 The first ``first_k_dense_replace`` layers use a dense MLP, the rest MoE (``topk_method: noaux_tc`` so that vLLM
 loads ``e_score_correction_bias``). ``index_head_dim`` is 128 because vLLM 0.32 hard-codes the indexer's
 quantisation block to 128 (``deepseek_v2.py`` ``Indexer.quant_block_size``).
@@ -116,17 +119,21 @@ CHAT_TEMPLATE = (
 def build_toy_model(out_dir: str | Path, architecture: str = "DeepseekV32ForCausalLM", num_layers: int = 4,
                     first_k_dense_replace: int = 1, seed: int = 0, tokenizer: bool = True,
                     init_std: float = 0.08, device: str = "cpu", dtype: str = "float32", bare: bool = False,
-                    **overrides) -> Path:
+                    mtp_layers: int = 0, **overrides) -> Path:
     """Write a random-weight toy DSA model to ``out_dir`` and return the path.
 
     Weights are ``dtype`` (float32 by default), drawn on ``device`` with ``torch.manual_seed(seed)``; ``init_std`` is
     larger than transformers' default (0.02) so that logits are not near-uniform and the indexer's scores are far
     from ties. ``config.json`` carries every vLLM-only key explicitly (:data:`vllm_indexcache.dsa_config.IMPLIED`);
     ``bare=True`` writes only what ``save_pretrained`` writes for a config that never had them (a user's export).
+    ``mtp_layers > 0`` appends that many MTP layers (:func:`add_mtp_layers`); the backbone's weights are the same
+    as without them for the same ``seed``.
 
     Raises:
-        ValueError: unknown ``architecture``.
+        ValueError: unknown ``architecture``; ``mtp_layers < 0``.
     """
+    if mtp_layers < 0:
+        raise ValueError(f"mtp_layers must be >= 0, got {mtp_layers}")
     import torch
     import transformers
 
@@ -152,9 +159,128 @@ def build_toy_model(out_dir: str | Path, architecture: str = "DeepseekV32ForCaus
         data.update(IMPLIED[architecture])
     data["architectures"] = [architecture]
     cfg_path.write_text(json.dumps(data, indent=2) + "\n")
+    if mtp_layers:
+        add_mtp_layers(out, mtp_layers, init_std, seed)
     if tokenizer:
         write_byte_tokenizer(out)
     return out
+
+
+def mtp_tensors(checkpoint: dict, num_layers: int, num_mtp: int, init_std: float, seed: int) -> dict:
+    """The checkpoint tensors of ``num_mtp`` MTP layers appended to a saved toy with ``num_layers`` decoder layers.
+
+    Args:
+        checkpoint: ``{name: tensor}`` as written by ``save_pretrained`` (per-expert ``mlp.experts.{e}.*`` names,
+            unfused indexer ``wk`` / ``weights_proj``: the layout vLLM's loaders read; transformers 5's in-memory
+            ``state_dict`` fuses experts and is not that layout).
+        num_layers: backbone decoder layers L; MTP layer ``i`` is checkpoint layer ``L + i``.
+        num_mtp: MTP layers to make.
+        init_std, seed: ``eh_proj`` is drawn from ``N(0, init_std)`` with ``torch.manual_seed(seed + 1000)``.
+
+    Returns ``{name: tensor}`` in the layout of vLLM ``model_executor/models/deepseek_mtp.py``
+    (``DeepSeekMTP.load_weights`` / ``_rewrite_spec_layer_name``) and ``models/utils.py``
+    (``get_spec_layer_idx_from_weight_name``): ``model.layers.{L+i}.{enorm,hnorm}.weight`` ``[hidden]``,
+    ``eh_proj.weight`` ``[hidden, 2*hidden]``, ``shared_head.norm.weight`` ``[hidden]``, ``shared_head.head.weight``
+    ``[vocab, hidden]`` and ``embed_tokens.weight`` ``[vocab, hidden]`` (shared; vLLM loads it from the first MTP
+    layer only) belong to the MTP module; every other ``model.layers.{L+i}.*`` name is its decoder block
+    (``mtp_block``: MLA attention with its own indexer, MoE MLP as ``L+i >= first_k_dense_replace``), named as a
+    backbone layer. The block copies the last backbone layer's weights; norms are ones; ``shared_head.head`` and
+    ``embed_tokens`` copy ``lm_head`` and the input embedding. Dtype: the checkpoint's.
+
+    Raises:
+        KeyError: ``checkpoint`` lacks ``model.embed_tokens.weight`` or ``lm_head.weight`` (tied embeddings).
+    """
+    import torch
+
+    last = f"model.layers.{num_layers - 1}."
+    embed = checkpoint["model.embed_tokens.weight"]
+    hidden, dtype = embed.shape[1], embed.dtype
+    gen = torch.Generator().manual_seed(seed + 1000)
+    out = {}
+    for i in range(num_mtp):
+        pre = f"model.layers.{num_layers + i}."
+        for name, t in checkpoint.items():
+            if name.startswith(last):
+                out[pre + name[len(last):]] = t.clone().contiguous()
+        out[pre + "enorm.weight"] = torch.ones(hidden, dtype=dtype)
+        out[pre + "hnorm.weight"] = torch.ones(hidden, dtype=dtype)
+        out[pre + "eh_proj.weight"] = (torch.randn(hidden, 2 * hidden, generator=gen) * init_std).to(dtype)
+        out[pre + "shared_head.norm.weight"] = torch.ones(hidden, dtype=dtype)
+        out[pre + "shared_head.head.weight"] = checkpoint["lm_head.weight"].clone()
+        out[pre + "embed_tokens.weight"] = embed.clone()
+    return out
+
+
+def add_mtp_layers(out_dir: str | Path, num_mtp: int, init_std: float = 0.08, seed: int = 0) -> None:
+    """Append :func:`mtp_tensors` to the checkpoint saved in ``out_dir`` (a file ``mtp.safetensors``, listed in
+    ``model.safetensors.index.json``) and set ``num_nextn_predict_layers`` in ``config.json``.
+
+    ``num_hidden_layers`` stays the backbone's count, as in DeepSeek-V3.2's and GLM-5's checkpoints, so
+    ``index_topk_pattern`` covers only the backbone; vLLM builds the MTP layers as layers ``L..L+num_mtp-1`` and
+    always gives them their own indexer (``deepseek_v2.py`` ``DeepseekV2MLAAttention``: ``is_mtp_layer``).
+    transformers ignores the added names when it loads the backbone (it reports them as unexpected keys).
+    """
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out_dir)
+    index_path = out / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            index = {"metadata": {}, "weight_map": dict.fromkeys(f.keys(), "model.safetensors")}
+    checkpoint = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        checkpoint.update(load_file(str(out / shard)))
+    cfg_path = out / "config.json"
+    data = json.loads(cfg_path.read_text())
+    tensors = mtp_tensors(checkpoint, data["num_hidden_layers"], num_mtp, init_std, seed)
+    save_file(tensors, str(out / "mtp.safetensors"), metadata={"format": "pt"})
+    index["weight_map"].update(dict.fromkeys(tensors, "mtp.safetensors"))
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+    data["num_nextn_predict_layers"] = num_mtp
+    cfg_path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def make_mtp_echo(out_dir: str | Path, backbone_scale: float = 0.01) -> None:
+    """Rewrite a toy built with ``mtp_layers`` so that its MTP draft is often right (a test model for the accepted
+    path of speculative decoding; a random MTP layer is accepted ~never).
+
+    The MTP layer becomes an "echo" of the next-token embedding: ``eh_proj = [I | 0]`` (keeps the embedding of token
+    ``t+1``, drops the target's hidden state) and its block's ``o_proj`` / ``down_proj`` weights are zero (attention
+    and MLP add nothing; its indexer still runs), so it proposes ``lm_head(norm(embed(t+1)))`` for token ``t+2``.
+    The backbone's ``o_proj`` and ``down_proj`` weights are multiplied by ``backbone_scale``, so the target's own
+    prediction after ``t+1`` stays close to that bigram, while every layer (and the indexer's selection) still
+    changes the residual stream. Measured with transformers on the 4-layer toy (seed 1, ``index_topk`` 8, two
+    prompts, 15 greedy steps each): the bigram guess equals the target's greedy token in 23/30 steps at scale 0.01,
+    11/30 at 0.03; vLLM accepted 19/24 draft tokens at 0.01 (``tests/engine/test_mtp.py``, all-F), and at 0.1
+    6/48 on one prompt set but 0/60 on another. Files rewritten
+    in place: ``model.safetensors`` and ``mtp.safetensors`` (float tensors keep their dtype).
+
+    Raises:
+        FileNotFoundError: ``out_dir`` has no ``mtp.safetensors`` (built without ``mtp_layers``) or is sharded.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out_dir)
+    mtp = load_file(str(out / "mtp.safetensors"))
+    backbone = load_file(str(out / "model.safetensors"))
+    for name, t in backbone.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            backbone[name] = t * backbone_scale
+    for name, t in mtp.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            mtp[name] = torch.zeros_like(t)
+        elif name.endswith(".eh_proj.weight"):
+            hidden = t.shape[0]
+            echo = torch.zeros_like(t)
+            echo[:, :hidden] = torch.eye(hidden, dtype=t.dtype)
+            mtp[name] = echo
+    save_file(backbone, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(mtp, str(out / "mtp.safetensors"), metadata={"format": "pt"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,10 +290,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-layers", type=int, default=1, help="first_k_dense_replace")
     parser.add_argument("--index-topk", type=int, default=TOY_GEOMETRY["index_topk"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mtp-layers", type=int, default=0,
+                        help="append this many MTP (NextN) layers for speculative decoding (num_nextn_predict_layers)")
+    parser.add_argument("--mtp-echo", action="store_true",
+                        help="with --mtp-layers: make the MTP draft often right (see toy.make_mtp_echo)")
 
 
 def main(args: argparse.Namespace) -> int:
     path = build_toy_model(args.out, args.arch, args.layers, args.dense_layers, args.seed,
-                           index_topk=args.index_topk)
-    print(f"wrote {args.arch} with {args.layers} DSA layers to {path}")
+                           index_topk=args.index_topk, mtp_layers=args.mtp_layers)
+    if args.mtp_echo:
+        make_mtp_echo(path)
+    mtp = f" and {args.mtp_layers} MTP layer(s)" if args.mtp_layers else ""
+    print(f"wrote {args.arch} with {args.layers} DSA layers{mtp} to {path}")
     return 0

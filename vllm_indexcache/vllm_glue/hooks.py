@@ -1,5 +1,5 @@
 """Run-time hooks the tools use inside vLLM's workers (shipped there with ``LLM.apply_model``) or process: the
-search's pattern switch and logits capture, and the benchmark's indexer timing.
+search's pattern switch and logits capture, the benchmark's indexer timing, and the tests' top-k capture.
 
 * :func:`apply_pattern` — sets ``skip_topk`` of every DSA layer, vLLM 0.32's own run-time IndexCache switch read in
   ``MultiHeadLatentAttentionWrapper.forward`` (with it the layer skips its indexer and sparse-attends over the top-k
@@ -8,6 +8,8 @@ search's pattern switch and logits capture, and the benchmark's indexer timing.
   the prompt logits of one request, so the KL objective is computed where the full distribution lives.
 * :func:`time_lightning_indexer` — wraps the CPU backend's ``run_lightning_indexer`` to time the F layers' indexer
   per step kind (prefill / decode).
+* :func:`capture_topk` / :func:`captured_topk` — wrap the same function to keep every F layer's top-k rows per
+  step on each worker (TP ranks compared in ``tests/engine/test_tp_topk.py``).
 """
 from __future__ import annotations
 
@@ -130,3 +132,68 @@ def time_lightning_indexer(seconds: dict, calls: dict):
         ix.run_lightning_indexer = orig
 
     return restore
+
+
+_TOPK = "_indexcache_topk_capture"
+
+
+def capture_topk(model, inputs: bool = False) -> int:
+    """Worker side (``LLM.apply_model``): from now on record, for every call of the CPU INDEXCACHE backend's
+    ``run_lightning_indexer`` (one per F layer per forward step, MTP layers included), the top-k rows it wrote.
+
+    Each record is a dict: ``layer`` (int, global layer index from the indexer K-cache prefix), ``topk``
+    (``[T, index_topk]`` int32, a copy of ``topk_indices_buffer[:T]`` right after the indexer wrote it: request-local
+    key positions, -1 padding), ``positions`` (``[T]`` int64), ``query_start_loc`` (list of ``num_reqs + 1`` ints);
+    with ``inputs``, also this step's ``q [T,H,D]``, ``k [T,D]`` (model dtype, RoPE applied) and ``weights [T,H]``
+    float32, so that a single-request prefill's selection can be recomputed from its own scores. Profile/dummy runs
+    are not recorded. Calling it again clears the records (the wrapper is installed once per process).
+
+    Returns the worker's tensor-parallel rank. Source of the wrapped function:
+    :func:`vllm_indexcache.vllm_glue.cpu.indexer.run_lightning_indexer` (CPU only; CUDA engines do not call it).
+    """
+    from vllm.distributed import get_tensor_model_parallel_rank
+    from vllm.forward_context import get_forward_context
+
+    import vllm_indexcache.vllm_glue.cpu.indexer as ix
+
+    st = ix.__dict__.get(_TOPK)
+    if st is None:
+        st = {"records": [], "inputs": False}
+        orig = ix.run_lightning_indexer
+
+        def recording(q, k, weights, k_cache, topk_buffer, topk):
+            orig(q, k, weights, k_cache, topk_buffer, topk)
+            meta = get_forward_context().attn_metadata
+            if not isinstance(meta, dict):
+                return
+            m = meta[k_cache.prefix]
+            T = m.num_actual_tokens
+            layer = re.search(r"layers\.(\d+)\.", k_cache.prefix + ".")
+            rec = {"layer": int(layer.group(1)) if layer else -1, "topk": topk_buffer[:T].clone(),
+                   "positions": m.positions[:T].clone(),
+                   "query_start_loc": [int(x) for x in m.query_start_loc_host[:m.num_reqs + 1]]}
+            if st["inputs"]:
+                rec.update(q=q[:T].detach().clone(), k=k[:T].detach().clone(), weights=weights[:T].detach().clone())
+            st["records"].append(rec)
+
+        ix.run_lightning_indexer = recording
+        setattr(ix, _TOPK, st)
+    st["records"].clear()
+    st["inputs"] = inputs
+    return get_tensor_model_parallel_rank()
+
+
+def captured_topk(model) -> tuple[int, list[dict]]:
+    """Worker side: ``(tensor-parallel rank, records since capture_topk)``, see :func:`capture_topk`; the records
+    are handed over and cleared. Tensors are returned as nested lists (``Tensor.tolist()``: exact for int32 and
+    float32), since ``collective_rpc`` results do not keep tensors as tensors across processes."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    import vllm_indexcache.vllm_glue.cpu.indexer as ix
+
+    st = ix.__dict__.get(_TOPK)
+    records = [] if st is None else [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in rec.items()}
+                                     for rec in st["records"]]
+    if st is not None:
+        st["records"].clear()
+    return get_tensor_model_parallel_rank(), records
