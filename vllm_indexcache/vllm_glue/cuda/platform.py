@@ -90,7 +90,10 @@ def _current_hf_config():
     vllm_config_module = sys.modules.get("vllm.config")   # never import vLLM from here (see the logger above)
     if vllm_config_module is None:
         return None
-    model_config = vllm_config_module.get_current_vllm_config().model_config
+    try:   # vLLM 0.26 returns a default config outside a context; 0.32+ raises AssertionError there
+        model_config = vllm_config_module.get_current_vllm_config().model_config
+    except AssertionError:
+        return None
     return None if model_config is None else model_config.hf_config
 
 
