@@ -40,6 +40,8 @@ ARCHITECTURES = {
     "DeepseekV32ForCausalLM": "IndexCacheDeepseekV32ForCausalLM",
     "GlmMoeDsaForCausalLM": "IndexCacheGlmMoeDsaForCausalLM",
 }
+#: vLLM MTP draft architecture → the plugin's class (CPU RoPE fix only; the MTP layer always builds its own indexer).
+MTP_ARCHITECTURES = {"DeepseekV32MTPModel": "IndexCacheDeepseekV32MTP"}
 #: ``IntermediateTensors`` key of the handed-over top-k rows (``[num_tokens, index_topk]`` int32).
 HANDOFF_KEY = "indexcache_topk"
 
@@ -207,13 +209,17 @@ def _with_handoff_slot(make_empty, topk: int):
     return make_empty_intermediate_tensors
 
 
-def _finish(model, plan: StagePlan | None) -> None:
+def _native_rope_on_cpu(model) -> None:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
         for name, module in model.named_modules():
             if name.endswith("self_attn.rotary_emb"):
                 _rope_native(module)
+
+
+def _finish(model, plan: StagePlan | None) -> None:
+    _native_rope_on_cpu(model)
     model._indexcache_plan = plan
     model._indexcache_topk = topk_buffer(model) if plan and (plan.receives or plan.sends) else None
     if plan and plan.receives:
@@ -248,18 +254,28 @@ class IndexCacheModel:
         return out
 
 
+class IndexCacheMTP:
+    """Mixin over vLLM's resolved MTP draft class: on CPU its attention RoPE uses ``forward_native`` as the target's
+    does (see module docstring); nothing else changes."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        _native_rope_on_cpu(self)
+
+
 _CLASSES: dict[str, type] = {}
 
 
 def __getattr__(name: str) -> type:
     """Build ``IndexCache<Arch>`` on first access, over :func:`vllm_model_class` of this process's platform (vLLM's
     registry imports the class by name, lazily, in the process that builds the model)."""
-    arch = {v: k for k, v in ARCHITECTURES.items()}.get(name)
+    arch = {v: k for k, v in {**ARCHITECTURES, **MTP_ARCHITECTURES}.items()}.get(name)
     if arch is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if name not in _CLASSES:
         base = vllm_model_class(arch)
-        _CLASSES[name] = type(name, (IndexCacheModel, base), {
+        mixin = IndexCacheMTP if arch in MTP_ARCHITECTURES else IndexCacheModel
+        _CLASSES[name] = type(name, (mixin, base), {
             "__module__": __name__, "__qualname__": name, "_vllm_base": base,
             "__doc__": f"vLLM's ``{base.__module__}.{base.__qualname__}`` for ``{arch}`` with IndexCache "
                        f"(see :mod:`{__name__}`)."})
@@ -267,8 +283,11 @@ def __getattr__(name: str) -> type:
 
 
 def register_models() -> None:
-    """Point both DSA architectures at the classes above (``ModelRegistry.register_model`` overrides vLLM's)."""
+    """Point both DSA architectures, and the DSA MTP draft where this vLLM has it, at the classes above
+    (``ModelRegistry.register_model`` overrides vLLM's)."""
     from vllm import ModelRegistry
+    from vllm.model_executor.models.registry import _VLLM_MODELS
 
-    for arch, cls_name in ARCHITECTURES.items():
-        ModelRegistry.register_model(arch, f"{__name__}:{cls_name}")
+    for arch, cls_name in {**ARCHITECTURES, **MTP_ARCHITECTURES}.items():
+        if arch in _VLLM_MODELS:
+            ModelRegistry.register_model(arch, f"{__name__}:{cls_name}")
