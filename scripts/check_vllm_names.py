@@ -639,7 +639,7 @@ def inner(src: Path, compiled: list[str], glue_root: Path, glue_package: str, mo
             stubs.add(ext)
     sys.meta_path.insert(0, _StubFinder(stubs))
     sys.path.insert(0, str(src))
-    op_namespaces = stub_op_namespaces(compiled)
+    op_namespaces = stub_op_namespaces(compiled) if platform == "cuda" else []
     out: list[dict] = []
     vllm = importlib.import_module("vllm")
     out.append({"status": "info", "target": "vllm", "detail": f"{getattr(vllm, '__version__', '?')} from "
@@ -791,12 +791,19 @@ def check_attention(base: type, glue_package: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------------ front end
 
 def run_checks(src: Path, compiled: list[str], glue_root: Path | None = None, glue_package: str = GLUE_PACKAGE,
-               modules=GLUE_MODULES, dynamic: bool = True, platform: str | None = "cuda", models: bool = True,
+               modules=GLUE_MODULES, dynamic=DYNAMIC, platform: str | None = "cuda", models: bool = True,
                pythonpath: list[str] | None = None, timeout: float = 900) -> list[dict]:
-    """Run :func:`inner` in a fresh interpreter (this script with ``--inner``) and return its checks."""
+    """Run :func:`inner` in a fresh interpreter (this script with ``--inner``) and return its checks.
+
+    Args:
+        src: folder holding ``vllm/`` (put first on ``sys.path`` there); compiled: module names to stub.
+        glue_root, glue_package, modules: the glue to import and read (default: this project's CUDA glue).
+        dynamic: entries of the :data:`DYNAMIC` form; platform: ``"cuda"`` stubs a CUDA platform, None leaves it.
+        models: run :func:`check_models`; pythonpath: where the glue package is importable from (default: repo).
+    """
     glue_root = glue_root or REPO / Path(*glue_package.split("."))
     cfg = {"src": str(src), "compiled": compiled, "glue_root": str(glue_root), "glue_package": glue_package,
-           "modules": list(modules), "dynamic": dynamic, "platform": platform, "models": models}
+           "modules": list(modules), "dynamic": [list(e) for e in dynamic], "platform": platform, "models": models}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join((pythonpath or [str(REPO)]) + [env.get("PYTHONPATH", "")]).rstrip(
         os.pathsep)
@@ -810,8 +817,9 @@ def run_checks(src: Path, compiled: list[str], glue_root: Path | None = None, gl
     return [json.loads(ln) for ln in lines]
 
 
-def report(results: list[dict], stream=sys.stdout) -> int:
-    """Print one line per check and a summary; the number of failures."""
+def report(results: list[dict], stream=None) -> int:
+    """Print one line per check and a summary (to ``stream``, default stdout); the number of failures."""
+    stream = stream or sys.stdout
     counts: dict[str, int] = {}
     for r in results:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -835,7 +843,7 @@ def main(argv=None) -> int:
     if args.inner:
         cfg = json.loads(args.inner)
         results = inner(Path(cfg["src"]), cfg["compiled"], Path(cfg["glue_root"]), cfg["glue_package"],
-                        cfg["modules"], DYNAMIC if cfg["dynamic"] else (), cfg["platform"], cfg["models"])
+                        cfg["modules"], cfg["dynamic"], cfg["platform"], cfg["models"])
         sys.stdout.flush()
         for r in results:
             print(json.dumps(r))
