@@ -779,7 +779,7 @@ def check_attention(base: type, glue_package: str) -> list[dict]:
                         "where": "cuda/indexer.py TritonIndexer/adopt_indexer_cuda",
                         "detail": f"builds {ind}" + ("" if ok else f", not a subclass of {exp} that the Triton "
                                                      "fallback subclasses and re-classes in place")})
-        hook_members = ("skip_topk", "indexer", "is_sparse")
+        hook_members = ("skip_topk", "indexer")   # and is_sparse where present (vLLM 0.32's MLA wrapper)
         missing = [m for m in hook_members if not _has_member(attn, m)]
         out.append({"status": "note", "target": f"{name} {list(hook_members)}", "what": "hooks.apply_pattern",
                     "where": "hooks.py",
