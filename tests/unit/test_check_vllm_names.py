@@ -118,3 +118,15 @@ def test_real_glue_uses_cover_every_vllm_import():
                 assert {f"{node.module}:{a.name}" for a in node.names} <= targets, (rel, node.lineno)
     assert "vllm.model_executor.layers.sparse_attn_indexer:SparseAttnIndexer.forward_cuda" in targets
     assert "vllm.v1.attention.backends:registry.register_backend" in targets
+
+
+def test_guard_covers_only_what_it_names(monkeypatch):
+    monkeypatch.setattr(chk, "fallback_guards", lambda pkg: {"A": "vLLM 9 lacks AttentionBackend.get_kv_cache_shape"})
+    rows = [{"status": "MISSING", "target": "m:Backend.get_kv_cache_shape", "what": "override",
+             "where": "cuda/sparse_mla.py:77", "detail": "gone"},
+            {"status": "MISSING", "target": "m:Backend.get_name", "what": "override", "where": "cuda/sparse_mla.py:51",
+             "detail": "gone"},
+            {"status": "MISMATCH", "target": "m:Attn.indexer", "what": "indexer class", "where": "cuda/indexer.py x",
+             "detail": "other"}]
+    statuses = [r["status"] for r in chk.apply_guards(rows, "pkg") if r["status"] != "info"]
+    assert statuses == ["guarded", "MISSING", "MISMATCH"]
