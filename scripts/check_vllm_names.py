@@ -762,6 +762,8 @@ def check_models(res: Resolver, glue_package: str) -> list[dict]:
                                 ("forward", 5, ()),
                                 ("make_empty_intermediate_tensors", 1, ("batch_size", "dtype", "device"))):
             status, detail = evaluate(res, f"{qual}.{meth}", "call", npos, kws)
+            if meth == "make_empty_intermediate_tensors" and detail == "attribute":
+                status, detail = _check_factory(kws)
             out.append({"status": status, "target": f"{qual}.{meth}", "what": f"model {arch}",
                         "where": "model.py (IndexCacheModel)", "detail": detail})
         out.extend(check_attention(base, glue_package))
@@ -775,6 +777,20 @@ def check_models(res: Resolver, glue_package: str) -> list[dict]:
                         "what": f"model {arch}", "where": "model.py (__getattr__)",
                         "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
     return out
+
+
+def _check_factory(keywords: tuple) -> tuple[str, str]:
+    """``make_empty_intermediate_tensors`` set per instance (vLLM's models assign the function that
+    ``models.utils.make_empty_intermediate_tensors_factory`` returns): bind the glue's keywords to that function."""
+    try:
+        from vllm.model_executor.models.utils import make_empty_intermediate_tensors_factory
+        fn = make_empty_intermediate_tensors_factory(["hidden_states"], 8)
+        params = _sig_params(inspect.signature(fn), drop_first=False)
+    except Exception as e:  # noqa: BLE001
+        return "MISSING", f"instance attribute; make_empty_intermediate_tensors_factory: {type(e).__name__}: {e}"
+    problem = check_call(params, 0, keywords)
+    where = "instance attribute from models.utils.make_empty_intermediate_tensors_factory"
+    return ("SIGNATURE", f"{where}: {problem}") if problem else ("ok", f"{where} {fmt_params(params)}")
 
 
 def attention_classes(base: type) -> dict[type, type | None]:
