@@ -35,6 +35,27 @@ V32 = SimpleNamespace(index_n_heads=64, index_head_dim=128)     # DeepSeek-V3.2'
 TINY = SimpleNamespace(index_n_heads=4, index_head_dim=128)     # examples/models/tiny-dsa's indexer
 
 
+@pytest.fixture(autouse=True)
+def _fallback_available(monkeypatch):
+    """The selection logic with the Triton fallback available (CUDA vLLM 0.26); see test_fallback_unavailable."""
+    monkeypatch.setattr(cp, "triton_fallback_problem", lambda: None)
+
+
+@pytest.mark.parametrize("env", [None, "triton"])
+def test_fallback_unavailable_raises_one_line_native_still_works(monkeypatch, env):
+    if env is None:
+        monkeypatch.delenv(cp.KERNELS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(cp.KERNELS_ENV, env)
+    lacks = "vLLM 0.33.0 lacks AttentionBackend.get_kv_cache_shape"
+    monkeypatch.setattr(cp, "triton_fallback_problem", lambda: lacks)
+    original, _ = _original(native_ok=False)
+    with pytest.raises(ValueError, match=lacks):
+        cp.select_backend(original, None, INDEXCACHE, SPARSE)
+    if env is None:
+        assert cp.select_backend(_original(native_ok=True)[0], None, INDEXCACHE, SPARSE) == NATIVE
+
+
 @pytest.mark.parametrize("env,native_ok,expected", [
     (None, True, NATIVE), ("auto", True, NATIVE), ("native", True, NATIVE), ("triton", True, cp.TRITON_BACKEND_PATH),
     (None, False, cp.TRITON_BACKEND_PATH), ("triton", False, cp.TRITON_BACKEND_PATH)])

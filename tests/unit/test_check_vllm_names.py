@@ -1,0 +1,132 @@
+"""scripts/check_vllm_names.py: its core (``run_checks`` in a fresh interpreter) on a small constructed vLLM tree
+and glue, where the failures are known — a name that is gone, a call and an override whose parameters changed, a
+module that imports only with a missing compiled dependency (static fallback), a stale table entry."""
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("check_vllm_names", REPO / "scripts" / "check_vllm_names.py")
+chk = importlib.util.module_from_spec(_spec)
+sys.modules["check_vllm_names"] = chk   # dataclasses resolve the module by name
+_spec.loader.exec_module(chk)
+
+FAKE_VLLM = {
+    "vllm/__init__.py": '__version__ = "0.0.fake"\n',
+    "vllm/lib.py": (
+        "def func(a, b, *, scale=1.0):\n    return a\n\n\n"
+        "class Base:\n    def method(self, x, y):\n        return x\n\n"
+        "    def __init__(self, n):\n        self.width = n\n"
+    ),
+    # imports only with a compiled extension that is not here: checked from source
+    "vllm/gpu_only.py": (
+        "import vllm_fake_ext_not_installed  # noqa\n\n\n"
+        "def present(q, k):\n    return q\n"
+    ),
+}
+
+GLUE = {
+    "fakeglue/__init__.py": "",
+    "fakeglue/good.py": (
+        "from vllm.lib import Base, func\n"
+        "from vllm.gpu_only import present\n\n"
+        "func(1, 2, scale=3.0)\n\n\n"
+        "class Good(Base):\n"
+        "    def method(self, x, y):\n        return present(x, y)\n"
+    ),
+    "fakeglue/bad.py": (
+        "from vllm.lib import Base, func\n"
+        "from vllm.gpu_only import absent\n\n"
+        "func(1, 2, 3)\n"
+        "func(1, 2, alpha=0)\n\n\n"
+        "class Bad(Base):\n"
+        "    def method(self, z):\n        return z\n\n"
+        "    def vanished(self):\n        return 0\n"
+    ),
+    "fakeglue/gone.py": "from vllm.lib import gone\n",
+}
+
+
+def _tree(root: Path, files: dict) -> None:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("names")
+    _tree(root / "src", FAKE_VLLM)
+    _tree(root / "glue", GLUE)
+    dynamic = [("good.py", "func(1, 2, scale=3.0)", "vllm.lib:Base", ("members", ["width", "method"])),
+               ("good.py", "a token that is not in good.py", "vllm.lib:func", None),
+               ("bad.py", "func(1, 2, 3)", "vllm.lib:Base", ("members", ["height"]))]
+    return chk.run_checks(root / "src", [], glue_root=root / "glue" / "fakeglue", glue_package="fakeglue",
+                          modules=["good", "bad", "gone"], dynamic=dynamic, platform=None, models=False,
+                          pythonpath=[str(root / "glue"), str(REPO)], timeout=120)
+
+
+def _find(results, where_prefix, target, what=None):
+    rows = [r for r in results if r.get("where", "").startswith(where_prefix) and r["target"] == target
+            and (what is None or r.get("what") == what)]
+    assert rows, f"no check of {target} at {where_prefix} ({what})"
+    return rows
+
+
+def test_good_glue_passes(results):
+    for target in ("vllm.lib:Base", "vllm.lib:func", "vllm.lib:Base.method"):
+        assert all(r["status"] == "ok" for r in _find(results, "good.py:", target)), target
+    static = _find(results, "good.py:", "vllm.gpu_only:present")
+    assert all(r["status"] == "static-ok" for r in static)
+    assert "vllm_fake_ext_not_installed" in static[0]["detail"]
+
+
+def test_failures_are_reported(results):
+    assert _find(results, "bad.py", "vllm.gpu_only:absent")[0]["status"] == "MISSING"     # static lookup
+    assert _find(results, "gone.py", "vllm.lib:gone")[0]["status"] == "MISSING"
+    calls = _find(results, "bad.py", "vllm.lib:func", "call")
+    assert {r["status"] for r in calls} == {"SIGNATURE"} and len(calls) == 2
+    assert any("3 positional" in r["detail"] for r in calls) and any("'alpha'" in r["detail"] for r in calls)
+    override = _find(results, "bad.py", "vllm.lib:Base.method", "override")[0]
+    assert override["status"] == "SIGNATURE" and "'x' in vLLM, 'z' in the glue" in override["detail"]
+    assert _find(results, "bad.py", "vllm.lib:Base.vanished", "override")[0]["status"] == "MISSING"
+
+
+def test_table_entries(results):
+    assert _find(results, "good.py (table)", "vllm.lib:Base")[0]["status"] == "ok"        # self.width counts
+    assert _find(results, "good.py (table)", "vllm.lib:func")[0]["status"] == "STALE"
+    assert _find(results, "bad.py (table)", "vllm.lib:Base")[0]["status"] == "MISSING"
+
+
+def test_report_exit_status(results, capsys):
+    assert chk.report(results) == sum(r["status"] in chk.FAILURES for r in results) > 0
+    assert "SUMMARY:" in capsys.readouterr().out and chk.report([{"status": "ok", "target": "x"}]) == 0
+
+
+def test_real_glue_uses_cover_every_vllm_import():
+    """The AST walk sees every ``from vllm... import`` of the CUDA glue and the patched attributes."""
+    glue = REPO / "vllm_indexcache" / "vllm_glue"
+    files = [m.replace(".", "/") + ".py" for m in chk.GLUE_MODULES]
+    targets = {u.target for u in chk.glue_uses(glue, files)}
+    for rel in files:
+        for node in ast.walk(ast.parse((glue / rel).read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "vllm":
+                assert {f"{node.module}:{a.name}" for a in node.names} <= targets, (rel, node.lineno)
+    assert "vllm.model_executor.layers.sparse_attn_indexer:SparseAttnIndexer.forward_cuda" in targets
+    assert "vllm.v1.attention.backends:registry.register_backend" in targets
+
+
+def test_guard_covers_only_what_it_names(monkeypatch):
+    monkeypatch.setattr(chk, "fallback_guards", lambda pkg: {"A": "vLLM 9 lacks AttentionBackend.get_kv_cache_shape"})
+    rows = [{"status": "MISSING", "target": "m:Backend.get_kv_cache_shape", "what": "override",
+             "where": "cuda/sparse_mla.py:77", "detail": "gone"},
+            {"status": "MISSING", "target": "m:Backend.get_name", "what": "override", "where": "cuda/sparse_mla.py:51",
+             "detail": "gone"},
+            {"status": "MISMATCH", "target": "m:Attn.indexer", "what": "indexer class", "where": "cuda/indexer.py x",
+             "detail": "other"}]
+    statuses = [r["status"] for r in chk.apply_guards(rows, "pkg") if r["status"] != "info"]
+    assert statuses == ["guarded", "MISSING", "MISMATCH"]
