@@ -223,6 +223,9 @@ def _finish(model, plan: StagePlan | None) -> None:
     model._indexcache_plan = plan
     model._indexcache_topk = topk_buffer(model) if plan and (plan.receives or plan.sends) else None
     if plan and plan.receives:
+        if model._indexcache_topk is None:
+            raise RuntimeError(f"IndexCache: pipeline stage {plan.rank} starts on S layer {plan.start} but its model "
+                               f"holds no topk_indices_buffer to receive top-k into; set VLLM_INDEXCACHE_PP_HANDOFF=0")
         model.make_empty_intermediate_tensors = _with_handoff_slot(model.make_empty_intermediate_tensors,
                                                                    model._indexcache_topk.shape[1])
     _report(model, plan)
