@@ -36,7 +36,13 @@ def _client(server):
 def test_startup_report_logged(server):
     text = server["log"].read_text()
     assert "IndexCache: 4 DSA layers, 2 F / 2 S: FSFS" in text
-    assert "B/token saved" in text
+    import re
+
+    m = re.search(r"2 F built\); indexer K-cache (\d+) B/token instead of (\d+) B/token all-F "
+                  r"\((\d+) B/token saved", text)
+    assert m, "start-up report lacks the indexer K-cache line"
+    f_bytes, all_f, saved = map(int, m.groups())
+    assert f_bytes > 0 and all_f == 2 * f_bytes and saved == f_bytes  # 2 of 4 layers F
 
 
 def test_completions_streaming_equals_non_streaming(server):

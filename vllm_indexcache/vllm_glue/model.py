@@ -160,11 +160,13 @@ def topk_buffer(model: torch.nn.Module) -> torch.Tensor | None:
 def indexer_cache_bytes(model) -> tuple[int, int]:
     """``(bytes per token of one F layer's indexer K-cache, number of F layers built)`` of a constructed model.
 
-    Read from the built indexer K-cache modules (class name ending in ``IndexerCache``; ``head_dim`` × dtype size
+    Read from the built indexer K-cache modules (a class in their MRO named ``…IndexerCache``, e.g. vLLM's
+    ``DeepseekV32IndexerCache`` and the CPU backend's subclass; ``head_dim`` × dtype size
     per token): 132 B in CUDA vLLM (128 FP8 values + one fp32 scale per 128, ``deepseek_v2.Indexer``),
     ``index_head_dim`` values of the model dtype with the CPU INDEXCACHE backend. S layers build none.
     """
-    caches = [m for m in model.modules() if type(m).__name__.endswith("IndexerCache") and hasattr(m, "head_dim")]
+    caches = [m for m in model.modules() if hasattr(m, "head_dim")
+              and any(c.__name__.endswith("IndexerCache") for c in type(m).__mro__)]
     if not caches:
         return 0, 0
     return int(caches[0].head_dim) * caches[0].dtype.itemsize, len(caches)
