@@ -10,7 +10,8 @@ Every configuration runs in its own process (fresh CUDA context, ``disable_log_s
 
 * ``none``        — vLLM alone (``VLLM_PLUGINS=none``), all layers F;
 * ``native-1/2``, ``native-1/4`` — vLLM alone with ``hf_overrides={"index_topk_pattern": ...}``;
-* ``plugin-1/2``, ``plugin-1/4`` — ``attention_backend="indexcache"`` with the same pattern, plugin loaded.
+* ``plugin-1/2``, ``plugin-1/4`` — ``attention_backend="indexcache"`` with the same pattern, plugin loaded;
+* ``plugin-1``    — the plugin with all layers F (compared with ``none`` in the parity table).
 
 Measured per configuration: TTFT (engine: first token − scheduled) and TPOT (``(last − first) / (n − 1)``) at
 batch 1 for each ``--contexts`` (median of ``--repeats``, min–max shown); **decode under load**: ``--concurrent``
@@ -171,8 +172,10 @@ def config_spec(name: str, layers: int) -> dict:
     """``none`` | ``native-R`` | ``plugin-R`` [``@tpN`` | ``@ppN``] → pattern, plugin flag, TP and PP sizes."""
     base, _, par = name.partition("@")
     kind, _, ret = base.partition("-")
-    if kind not in ("none", "native", "plugin") or (kind != "none" and ret not in RETENTIONS):
-        raise SystemExit(f"--configs: bad entry {name!r} (expected none, native-1/2, plugin-1/4, plugin-1/4@pp2, …)")
+    if kind not in ("none", "native", "plugin") or (kind != "none" and ret not in RETENTIONS + ("1",)) \
+            or (kind == "native" and ret == "1"):
+        raise SystemExit(f"--configs: bad entry {name!r} "
+                         "(expected none, plugin-1, native-1/2, plugin-1/4, plugin-1/4@pp2, …)")
     tp = int(par[2:]) if par.startswith("tp") else 1
     pp = int(par[2:]) if par.startswith("pp") else 1
     return {"pattern": pattern_for(ret or "1", layers), "plugin": kind == "plugin", "tp": tp, "pp": pp}
@@ -258,8 +261,9 @@ def parity(results: dict) -> str:
     plugin slower), with the plugin's and native's min–max spread in brackets."""
     rows = ["| pattern | metric | native (median [min–max]) | plugin (median [min–max]) | plugin vs native |",
             "|---|---|---|---|---|"]
-    for ret in RETENTIONS:
-        nat, plug = results.get(f"native-{ret}"), results.get(f"plugin-{ret}")
+    for ret in ("1",) + RETENTIONS:         # all-F: the plugin (plugin-1) against vLLM alone (none)
+        nat = results.get("none" if ret == "1" else f"native-{ret}")
+        plug = results.get(f"plugin-{ret}")
         if not nat or not plug:
             continue
         for c, v in nat["contexts"].items():
@@ -330,8 +334,8 @@ def main() -> int:
     p.add_argument("--concurrent", type=int, default=32)
     p.add_argument("--concurrent-contexts", type=ints, default=[65536])
     p.add_argument("--configs", type=lambda s: s.split(","),
-                   default=["none", "native-1/4", "plugin-1/4", "native-1/2", "plugin-1/2"],
-                   help="none | native-R | plugin-R, optionally @tp2 / @pp2 (R = 1/2 or 1/4)")
+                   default=["none", "plugin-1", "native-1/4", "plugin-1/4", "native-1/2", "plugin-1/2"],
+                   help="none | plugin-1 | native-R | plugin-R, optionally @tp2 / @pp2 (R = 1/2 or 1/4)")
     p.add_argument("--render", help="comma-separated result directories: merge them into --out (no GPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--load-steps", type=int, default=32, help="timed decode steps per batch under load")
