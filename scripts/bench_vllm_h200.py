@@ -11,7 +11,10 @@ Every configuration runs in its own process (fresh CUDA context, ``disable_log_s
 * ``none``        — vLLM alone (``VLLM_PLUGINS=none``), all layers F;
 * ``native-1/2``, ``native-1/4`` — vLLM alone with ``hf_overrides={"index_topk_pattern": ...}``;
 * ``plugin-1/2``, ``plugin-1/4`` — ``attention_backend="indexcache"`` with the same pattern, plugin loaded;
-* ``plugin-1``    — the plugin with all layers F (compared with ``none`` in the parity table).
+* ``plugin-1``    — the plugin with all layers F (compared with ``none`` in the parity table);
+* ``triton-1``, ``triton-1/2``, ``triton-1/4`` — the plugin's Triton fallback (``VLLM_INDEXCACHE_KERNELS=triton``:
+  unquantised bf16 indexer K-cache, Triton indexer and sparse MLA kernels, the path of GPUs without FlashMLA /
+  DeepGEMM), compared with vLLM native at the same pattern in the fallback table (target: ≤ 1.5× native's time).
 
 Measured per configuration: TTFT (engine: first token − scheduled) and TPOT (``(last − first) / (n − 1)``) at
 batch 1 for each ``--contexts`` (median of ``--repeats``, min–max shown); **decode under load**: ``--concurrent``
@@ -96,6 +99,8 @@ def worker(a) -> int:
     t0 = time.time()
     llm = LLM(**kwargs)
     res = {"config": a.name, "pattern": a.pattern, "plugin": a.plugin, "tp": a.tp, "pp": a.pp,
+           "kernels": os.environ.get("VLLM_INDEXCACHE_KERNELS", "auto") if a.plugin else "native",
+           "cuda_graphs": not a.eager,
            "startup_s": time.time() - t0, "kv_capacity": kv_capacity(llm), "contexts": {}, "tokens": {}}
     rng = random.Random(0)
     vocab = llm.llm_engine.vllm_config.model_config.hf_config.vocab_size
@@ -169,16 +174,18 @@ LOG_DIR = Path(os.environ.get("BENCH_LOG_DIR", "/tmp/bench-vllm-logs"))  # not u
 
 
 def config_spec(name: str, layers: int) -> dict:
-    """``none`` | ``native-R`` | ``plugin-R`` [``@tpN`` | ``@ppN``] → pattern, plugin flag, TP and PP sizes."""
+    """``none`` | ``native-R`` | ``plugin-R`` | ``triton-R`` [``@tpN`` | ``@ppN``] → pattern, plugin flag, kernel
+    choice (``VLLM_INDEXCACHE_KERNELS`` of plugin runs), TP and PP sizes."""
     base, _, par = name.partition("@")
     kind, _, ret = base.partition("-")
-    if kind not in ("none", "native", "plugin") or (kind != "none" and ret not in RETENTIONS + ("1",)) \
+    if kind not in ("none", "native", "plugin", "triton") or (kind != "none" and ret not in RETENTIONS + ("1",)) \
             or (kind == "native" and ret == "1"):
         raise SystemExit(f"--configs: bad entry {name!r} "
-                         "(expected none, plugin-1, native-1/2, plugin-1/4, plugin-1/4@pp2, …)")
+                         "(expected none, plugin-1, native-1/2, plugin-1/4, triton-1, plugin-1/4@pp2, …)")
     tp = int(par[2:]) if par.startswith("tp") else 1
     pp = int(par[2:]) if par.startswith("pp") else 1
-    return {"pattern": pattern_for(ret or "1", layers), "plugin": kind == "plugin", "tp": tp, "pp": pp}
+    return {"pattern": pattern_for(ret or "1", layers), "plugin": kind in ("plugin", "triton"),
+            "kernels": "triton" if kind == "triton" else "auto", "tp": tp, "pp": pp}
 
 
 def run_config(a, name: str) -> dict | None:
@@ -188,6 +195,7 @@ def run_config(a, name: str) -> dict | None:
     env = dict(os.environ)
     if not spec["plugin"]:
         env["VLLM_PLUGINS"] = "none"
+    env["VLLM_INDEXCACHE_KERNELS"] = spec["kernels"]
     if spec["tp"] * spec["pp"] == 1:
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     parallel = spec["tp"] * spec["pp"] > 1
@@ -280,6 +288,30 @@ def parity(results: dict) -> str:
     return "\n".join(rows)
 
 
+def fallback(results: dict) -> str:
+    """The Triton fallback against vLLM native with the same pattern: ``triton / native`` of each median (×; the
+    target is ≤ 1.5×), with both min–max spreads."""
+    rows = ["| pattern | metric | native (median [min–max]) | Triton fallback (median [min–max]) | fallback / native |",
+            "|---|---|---|---|---|"]
+    for ret in ("1",) + RETENTIONS:
+        nat = results.get("none" if ret == "1" else f"native-{ret}")
+        tri = results.get(f"triton-{ret}")
+        if not nat or not tri:
+            continue
+        for c, v in nat["contexts"].items():
+            for metric, scale, unit in (("ttft", 1, "s"), ("tpot", 1e3, "ms")):
+                if metric in v and metric in tri["contexts"].get(c, {}):
+                    a, b = v[metric], tri["contexts"][c][metric]
+                    rows.append(f"| {ret} | {metric.upper()} {int(c) // 1024}K ({unit}) | {_spread(a, scale)} | "
+                                f"{_spread(b, scale)} | {b['median'] / a['median']:.2f}× |")
+            for k in v:
+                if k.startswith("concurrent") and k in tri["contexts"].get(c, {}):
+                    a, b = v[k]["decode_step"], tri["contexts"][c][k]["decode_step"]
+                    rows.append(f"| {ret} | decode {k[10:]}×{int(c) // 1024}K (ms/step) | {_spread(a, 1e3)} | "
+                                f"{_spread(b, 1e3)} | {b['median'] / a['median']:.2f}× |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def _spread(st: dict, scale: float) -> str:
     return f"{st['median'] * scale:.3f} [{st['min'] * scale:.3f}–{st['max'] * scale:.3f}]"
 
@@ -288,12 +320,16 @@ def token_checks(results: dict) -> str:
     """Greedy-token comparisons: plugin vs native per pattern, TP/PP runs vs single-GPU runs."""
     by_pat = {}
     for name, r in results.items():
-        if r["tp"] * r["pp"] == 1:
+        if r["tp"] * r["pp"] == 1 and not name.startswith("triton"):
             by_pat.setdefault((r["pattern"], r["plugin"]), name)
     pairs = []
     for (pat, plugin), name in by_pat.items():
         if plugin and (pat, False) in by_pat:
             pairs.append((name, by_pat[(pat, False)], "same pattern, plugin vs vLLM alone"))
+    for name, r in results.items():
+        if name.startswith("triton") and (r["pattern"], False) in by_pat:
+            pairs.append((name, by_pat[(r["pattern"], False)], "same pattern, Triton fallback (bf16 indexer keys) "
+                          "vs vLLM alone (FP8): selections near ties may differ"))
     for name, r in results.items():
         if r["tp"] * r["pp"] > 1:
             pat = r["pattern"]
@@ -315,9 +351,11 @@ def render(dirs: list[str], out: Path) -> None:
             r = json.loads(f.read_text())
             if isinstance(r, dict) and "config" in r:
                 results[r["config"]] = r
-    order = lambda n: (("none", "native", "plugin").index(n.split("-")[0]), n)  # noqa: E731
+    order = lambda n: (("none", "native", "plugin", "triton").index(n.split("-")[0]), n)  # noqa: E731
     results = dict(sorted(results.items(), key=lambda kv: order(kv[0])))
-    md = table(results) + "\n\n" + parity(results) + "\n\n" + token_checks(results) + "\n"
+    fb = fallback(results)
+    md = (table(results) + "\n\n" + parity(results) + "\n\n" + (fb + "\n\n" if fb else "")
+          + token_checks(results) + "\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_vllm.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "bench_vllm.md").write_text(md)
@@ -335,7 +373,8 @@ def main() -> int:
     p.add_argument("--concurrent-contexts", type=ints, default=[65536])
     p.add_argument("--configs", type=lambda s: s.split(","),
                    default=["none", "plugin-1", "native-1/4", "plugin-1/4", "native-1/2", "plugin-1/2"],
-                   help="none | plugin-1 | native-R | plugin-R, optionally @tp2 / @pp2 (R = 1/2 or 1/4)")
+                   help="none | plugin-1 | native-R | plugin-R | triton-R, optionally @tp2 / @pp2 (R = 1/2 or 1/4; "
+                        "triton-1 too)")
     p.add_argument("--render", help="comma-separated result directories: merge them into --out (no GPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--load-steps", type=int, default=32, help="timed decode steps per batch under load")

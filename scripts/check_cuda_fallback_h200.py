@@ -8,7 +8,8 @@ MLP, bf16, index_topk 2048) with transformers, then runs three processes (each a
 * ``plugin`` — ``attention_backend="indexcache"``, ``VLLM_INDEXCACHE_KERNELS=triton``;
 * ``native`` — ``VLLM_PLUGINS=none``, vLLM's FlashMLA-sparse + DeepGEMM FP8 indexer (skipped by ``--skip-native``);
 
-both engines with ``hf_overrides={"index_topk_pattern": "FSFS"}``, ``enforce_eager=True``,
+both engines with ``hf_overrides={"index_topk_pattern": "FSFS"}``, ``enforce_eager=True`` (``--graphs``: vLLM's
+default CUDA graphs instead — full decode graphs, piecewise prefill),
 ``max_num_batched_tokens=8192`` (longer prompts are chunk-prefilled). Engine workload: the same prompt log-probs;
 prompts of 300, 3000, 9000 and 33000 tokens one by one, then the four together (mixed prefill/decode batches), greedy
 16 tokens, ``ignore_eos``, ``logprobs=1``; then TTFT of a fresh 32K prompt (``max_tokens=1``, best of 2).
@@ -46,6 +47,7 @@ MAX_BATCHED = 8192
 PLUGIN_KERNELS = "triton"   # VLLM_INDEXCACHE_KERNELS of the plugin engine
 SKIP_NATIVE = False
 SHIPPED: str | None = None  # --model: an existing checkpoint instead of the random V3.2-geometry one
+GRAPHS = False  # --graphs: CUDA graphs on (vLLM's default) instead of enforce_eager
 
 
 def configure_model(model_dir: str, pattern: str) -> None:
@@ -93,7 +95,8 @@ def worker(mode: str, model: str, out_json: str) -> None:
         info["has_deep_gemm"] = f"unknown ({e})"
     import torch
     info["device"] = torch.cuda.get_device_name(0)
-    kwargs = dict(model=model, skip_tokenizer_init=True, enforce_eager=True, gpu_memory_utilization=0.5,
+    info["cuda_graphs"] = GRAPHS
+    kwargs = dict(model=model, skip_tokenizer_init=True, enforce_eager=not GRAPHS, gpu_memory_utilization=0.5,
                   max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=MAX_BATCHED, enable_chunked_prefill=True,
                   hf_overrides={"index_topk_pattern": PATTERN}, seed=0)
     if mode == "plugin":
@@ -180,7 +183,8 @@ def _spawn(mode: str, model: str, tmp: str, timeout: float) -> dict:
     t0 = time.perf_counter()
     extra = ["--model", SHIPPED, "--pattern", PATTERN] if SHIPPED else ["--built-model", model]
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", mode, *extra,
-                           "--out-json", out_json], env=env, capture_output=True, text=True, timeout=timeout)
+                           *(["--graphs"] if GRAPHS else []), "--out-json", out_json], env=env,
+                          capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not os.path.exists(out_json):
         tail = (proc.stdout + proc.stderr)[-6000:]
@@ -228,6 +232,7 @@ def main() -> int:
         native = (_spawn("native", model, tmp, timeout=420) if ("error" not in plugin or SHIPPED) and not SKIP_NATIVE
                   else {"mode": "native", "error": "not run (--skip-native, or the plugin engine failed)"})
     result = {"model": SHIPPED or "random DeepSeek-V3.2 geometry", "plugin_kernels": PLUGIN_KERNELS,
+              "cuda_graphs": GRAPHS,
               "pattern": PATTERN, "lengths": LENGTHS, "max_tokens": MAX_TOKENS, "build_s": build_s,
               "native": {k: v for k, v in native.items() if k not in ("single", "batch", "prompt_logprobs")},
               "plugin": {k: v for k, v in plugin.items() if k not in ("single", "batch", "prompt_logprobs")},
@@ -287,8 +292,10 @@ if __name__ == "__main__":
     ap.add_argument("--skip-native", action="store_true",
                     help="do not start native vLLM (it cannot run e.g. the tiny DSA model: DeepGEMM needs 16/32/64 "
                          "indexer heads)")
+    ap.add_argument("--graphs", action="store_true", help="engines with CUDA graphs (default: enforce_eager)")
     ap.add_argument("--out-json")
     a = ap.parse_args()
+    GRAPHS = a.graphs
     if a.model:
         with open(os.path.join(a.model, "config.json")) as f:
             n_layers = json.load(f)["num_hidden_layers"]

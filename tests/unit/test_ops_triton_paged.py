@@ -80,3 +80,78 @@ def test_paged_indexer_step_mixed_batch():
         torch.testing.assert_close(keys, all_keys[r])
         s, e = qsl[r], qsl[r + 1]
         _same_selection(out[s:e], q[s:e], keys, w[s:e], torch.arange(ctx, ctx + ql), topk)
+
+
+def _decode_case(seed: int, seq_lens: list[int], H=4, D=32, bs=16, max_blocks=6, integer=False):
+    """Decode batch over a shuffled paged cache; ``integer``: small-integer q/k/w so that scores tie often."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = 1 + sum(-(-n // bs) for n in seq_lens)
+    rnd = (lambda *s: torch.randint(-2, 3, s, generator=g).float()) if integer else \
+        (lambda *s: torch.randn(*s, generator=g))
+    cache = rnd(num_blocks, bs, D)
+    perm = torch.randperm(num_blocks - 1, generator=g) + 1           # block 0 = vLLM's null block (padding rows)
+    block_table = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(seq_lens):
+        nb = -(-n // bs)
+        block_table[b, :nb] = perm[used:used + nb].int()
+        used += nb
+    return cache, block_table, rnd(len(seq_lens), H, D), rnd(len(seq_lens), H)
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_decode_topk_fixed_len_equals_naive_exactly(integer):
+    """Fixed-shape decode top-k (``max_len`` = block-table width, as in CUDA graphs): the exact selection and order of
+    the naive reference — descending score, ties towards the lower position — with rows of seq_len 0 all ``-1``."""
+    H, D, bs, topk = 4, 32, 16, 24
+    seq_lens = [1, 23, 24, 25, 70, 0, 96]
+    cache, bt, q, w = _decode_case(7, seq_lens, H, D, bs, integer=integer)
+    got = tri_idx.indexer_topk_decode(q.to(DEV), cache.to(DEV), w.to(DEV), bt.to(DEV),
+                                      torch.tensor(seq_lens, device=DEV), bs, topk, max_len=bt.shape[1] * bs).cpu()
+    assert got.shape == (len(seq_lens), topk) and got.dtype == torch.int32
+    for b, n in enumerate(seq_lens):
+        if n == 0:
+            assert (got[b] == -1).all()
+            continue
+        p = torch.arange(n)
+        keys = cache[bt[b, p // bs].long(), p % bs]
+        ref = indexer_topk_naive(q[b:b + 1], keys, w[b:b + 1], torch.tensor([n - 1]), topk)
+        assert torch.equal(got[b:b + 1], ref), (b, got[b], ref)
+    if integer:  # the case must really exercise ties at the top-k boundary (some row with n > topk)
+        ties = 0
+        for b, n in enumerate(seq_lens):
+            if n > topk:
+                p = torch.arange(n)
+                s = indexer_scores_naive(q[b:b + 1], cache[bt[b, p // bs].long(), p % bs], w[b:b + 1],
+                                         torch.tensor([n - 1]))[0]
+                ties += int((s == s.sort(descending=True).values[topk - 1]).sum()) > 1
+        assert ties > 0
+
+
+def test_paged_indexer_step_decode_only_is_the_general_path():
+    """``decode_only=True`` (no host lists, fixed shapes) inserts the same keys and selects the same top-k as the
+    general path on a uniform decode batch with a padding request (seq_len 0, slot -1, block 0)."""
+    H, D, bs, topk = 4, 32, 16, 20
+    seq_lens = [40, 1, 77, 0]
+    cache, bt, q, w = _decode_case(11, seq_lens, H, D, bs)
+    k = torch.randn(len(seq_lens), D)
+    slots = torch.tensor([int(bt[b, (n - 1) // bs]) * bs + (n - 1) % bs if n else -1
+                          for b, n in enumerate(seq_lens)])
+    outs, caches = [], []
+    for decode_only in (False, True):
+        c, o = cache.clone().to(DEV), torch.full((6, topk), 7, dtype=torch.int32, device=DEV)
+        qsl = None if decode_only else [0, 1, 2, 3, 4]
+        paged_indexer_step(q.to(DEV), k.to(DEV), w.to(DEV), c, slots.to(DEV), bt.to(DEV), qsl,
+                           None if decode_only else seq_lens, torch.tensor(seq_lens, dtype=torch.int32, device=DEV),
+                           topk, o, decode_only=decode_only)
+        outs.append(o.cpu())
+        caches.append(c.cpu())
+    assert torch.equal(outs[0], outs[1]) and torch.equal(caches[0], caches[1])
+    assert (outs[1][3] == -1).all() and (outs[1][4:] == 7).all()
+    assert torch.equal(caches[1][0], cache[0])                         # the padding row wrote nothing
+    for b, n in enumerate(seq_lens[:3]):
+        p = torch.arange(n)
+        keys = caches[1][bt[b, p // bs].long(), p % bs]
+        torch.testing.assert_close(keys[-1], k[b])
+        ref = indexer_topk_naive(q[b:b + 1], keys, w[b:b + 1], torch.tensor([n - 1]), topk)
+        assert torch.equal(outs[1][b:b + 1], ref)

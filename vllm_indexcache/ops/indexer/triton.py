@@ -84,7 +84,7 @@ def _prefill_scores_kernel(q_ptr, k_ptr, w_ptr, pos_ptr, out_ptr, T, S_chunk, ke
 def _decode_scores_kernel(q_ptr, kc_ptr, w_ptr, bt_ptr, seqlen_ptr, out_ptr, H, S_max,
                           stride_qt, stride_qh, stride_kb, stride_ko, stride_wt, stride_bt, stride_ot,
                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
-                          PAGE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                          PAGE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, KEYS: tl.constexpr):
     b = tl.program_id(0)
     pid_s = tl.program_id(1)
     rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -107,7 +107,14 @@ def _decode_scores_kernel(q_ptr, kc_ptr, w_ptr, bt_ptr, seqlen_ptr, out_ptr, H, 
     logit = tl.dot(q, kt, out_dtype=tl.float32, input_precision=PREC)  # [BLOCK_H, BLOCK_S]
     score = tl.sum(tl.maximum(logit, 0.0) * w[:, None], axis=0)
     score = tl.where(s_mask, score, float("-inf"))
-    tl.store(out_ptr + b * stride_ot + rs, score, mask=rs < S_max)
+    if KEYS:  # int64 sort key: order-preserving bits of the score (-0.0 as +0.0), then the position reversed
+        score = tl.where(score == 0.0, 0.0, score)
+        bits = score.to(tl.int32, bitcast=True)
+        bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        key = bits.to(tl.int64) * 4294967296 + (4294967295 - rs.to(tl.int64))
+        tl.store(out_ptr + b * stride_ot + rs, key, mask=rs < S_max)
+    else:
+        tl.store(out_ptr + b * stride_ot + rs, score, mask=rs < S_max)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -211,19 +218,8 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_posi
     return out
 
 
-def indexer_scores_decode(q: torch.Tensor, k_cache: torch.Tensor, weights: torch.Tensor, block_table: torch.Tensor,
-                          seq_lens: torch.Tensor, block_size: int, block_s: int = 128) -> torch.Tensor:
-    """``[B, max(seq_lens)]`` float32 scores of one decode query per request over its paged keys.
-
-    Args:
-        q: ``[B, H, D]`` one query token per request (at position ``seq_lens[b] - 1``: every cached key visible).
-        k_cache: ``[num_slots, D]`` the layer's indexer K-cache viewed flat (slot = block · block_size + offset), or
-            ``[num_blocks, block_size, D]`` with any block/offset strides (vLLM may pad pages; last dim contiguous).
-        weights: ``[B, H]``.
-        block_table: ``[B, max_blocks]`` int block ids per request.
-        seq_lens: ``[B]`` number of keys per request (query included).
-        block_size: tokens per block.
-    """
+def _decode_launch(q, k_cache, weights, block_table, seq_lens, block_size: int, max_len: int | None, keys: bool,
+                   block_s: int = 128) -> torch.Tensor:
     B, H, D = q.shape
     q = q.contiguous()
     if k_cache.dtype != q.dtype:
@@ -240,24 +236,58 @@ def indexer_scores_decode(q: torch.Tensor, k_cache: torch.Tensor, weights: torch
     w = weights.float().contiguous()
     bt = block_table.to(torch.int32).contiguous()
     sl = seq_lens.to(torch.int32).contiguous()
-    S_max = int(seq_lens.max()) if B else 0
-    out = torch.empty((B, S_max), dtype=torch.float32, device=q.device)
+    S_max = max_len if max_len is not None else (int(seq_lens.max()) if B else 0)
+    out = torch.empty((B, S_max), dtype=torch.int64 if keys else torch.float32, device=q.device)
     if B == 0 or S_max == 0:
         return out
     grid = (B, triton.cdiv(S_max, block_s))
     _decode_scores_kernel[grid](q, k_cache, w, bt, sl, out, H, S_max,
                                 q.stride(0), q.stride(1), stride_kb, stride_ko, w.stride(0), bt.stride(0),
                                 out.stride(0), D=D, BLOCK_D=_pow2(D), BLOCK_H=_pow2(H), BLOCK_S=block_s,
-                                PAGE=block_size, PREC=_prec(q.dtype), UPCAST=_upcast())
+                                PAGE=block_size, PREC=_prec(q.dtype), UPCAST=_upcast(), KEYS=keys)
     return out
 
 
+def indexer_scores_decode(q: torch.Tensor, k_cache: torch.Tensor, weights: torch.Tensor, block_table: torch.Tensor,
+                          seq_lens: torch.Tensor, block_size: int, max_len: int | None = None) -> torch.Tensor:
+    """``[B, S]`` float32 scores of one decode query per request over its paged keys (``-inf`` at positions
+    ``>= seq_lens[b]``).
+
+    Args:
+        q: ``[B, H, D]`` one query token per request (at position ``seq_lens[b] - 1``: every cached key visible).
+        k_cache: ``[num_slots, D]`` the layer's indexer K-cache viewed flat (slot = block · block_size + offset), or
+            ``[num_blocks, block_size, D]`` with any block/offset strides (vLLM may pad pages; last dim contiguous).
+        weights: ``[B, H]``.
+        block_table: ``[B, max_blocks]`` int block ids per request.
+        seq_lens: ``[B]`` number of keys per request (query included).
+        block_size: tokens per block.
+        max_len: ``S``, the number of key positions scored per row; ``None`` = ``max(seq_lens)``, read back to the
+            host (not capturable in a CUDA graph). A fixed value such as ``max_blocks · block_size`` needs no
+            host read.
+    """
+    return _decode_launch(q, k_cache, weights, block_table, seq_lens, block_size, max_len, keys=False)
+
+
 def indexer_topk_decode(q: torch.Tensor, k_cache: torch.Tensor, weights: torch.Tensor, block_table: torch.Tensor,
-                        seq_lens: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
+                        seq_lens: torch.Tensor, block_size: int, topk: int, max_len: int | None = None) -> torch.Tensor:
     """``[B, topk]`` int32 request-local key positions for one decode query per request (paged keys), same
-    ordering and ``-1`` padding as the prefill path (query position = ``seq_lens[b] - 1``)."""
-    scores = indexer_scores_decode(q, k_cache, weights, block_table, seq_lens, block_size)
-    B, S = scores.shape
-    ids = torch.arange(S, device=scores.device, dtype=torch.int64).expand(B, S)
-    vals, idx = _topk_exact(scores, ids, min(topk, S))
-    return _finalize(vals, idx, seq_lens.to(torch.int64) - 1, topk)
+    ordering and ``-1`` padding as the prefill path (query position = ``seq_lens[b] - 1``).
+
+    The kernel writes one int64 sort key per position (order-preserving bits of the float32 score in the high
+    word, ``2^32 - 1 - position`` in the low word), so a single ``torch.topk(sorted=True)`` returns the exact
+    top-k by descending score with ties towards the lower position — no tie repair, no host read. With
+    ``max_len`` given (e.g. ``block_table.shape[1] · block_size``) the whole call has fixed shapes and no host
+    synchronisation: it can be captured in a CUDA graph (the INDEXCACHE Triton fallback's decode graphs).
+    Other arguments as :func:`indexer_scores_decode`.
+    """
+    keys = _decode_launch(q, k_cache, weights, block_table, seq_lens, block_size, max_len, keys=True)
+    B, S = keys.shape
+    out = torch.full((B, topk), -1, dtype=torch.int32, device=q.device)
+    kk = min(topk, S)
+    if B == 0 or kk == 0:
+        return out
+    top = torch.topk(keys, kk, dim=1, sorted=True).values
+    pos = (4294967295 - (top & 4294967295)).to(torch.int32)
+    visible = torch.arange(kk, device=q.device)[None, :] < seq_lens.to(torch.int64)[:, None]
+    out[:, :kk] = torch.where(visible, pos, -1)
+    return out

@@ -15,8 +15,11 @@ head weights as vLLM's unfused branch does (minus FP8) and then runs
 ``torch.ops.vllm.indexcache_triton_indexer`` (writes ``topk_indices_buffer`` like vLLM's op: request-local positions,
 ``-1`` padding). S layers own no indexer and read the buffer unchanged.
 
-The step does host syncs (``.tolist()``, ``int(max)``), so it must not be captured in CUDA graphs: the fallback
-builder reports ``AttentionCGSupport.NEVER``; run with ``enforce_eager=True`` (see ``docs`` / the check script).
+CUDA graphs: the builder reports ``AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE``. A uniform decode batch
+(every request one query token) takes the step's ``decode_only`` path, which has fixed shapes and reads nothing back
+to the host, so vLLM captures it in its full decode graphs. Other batches (prefill, chunked prefill, mixed) read
+request boundaries on the host; the op is therefore one of vLLM's splitting ops (:func:`register_splitting_op`), so
+that piecewise graphs run it eagerly between captured pieces, as vLLM does with its own ``sparse_attn_indexer``.
 """
 from __future__ import annotations
 
@@ -52,14 +55,16 @@ class TritonIndexerMetadata(AttentionMetadata):
     slot_mapping: torch.Tensor            # [T]
     block_table: torch.Tensor             # [R, max_blocks]
     seq_lens: torch.Tensor                # [R] device
-    query_start_loc_host: list[int]       # R + 1
-    seq_lens_host: list[int]              # R, exact for multi-token requests
+    query_start_loc_host: list[int] | None  # R + 1 (None when decode_only)
+    seq_lens_host: list[int] | None       # R, exact for multi-token requests (None when decode_only)
+    decode_only: bool = False             # uniform decode batch (R == T): graph-safe path, no host lists
 
 
 class TritonIndexerMetadataBuilder(AttentionMetadataBuilder[TritonIndexerMetadata]):
-    """No DeepGEMM, no CUDA graphs, no batch reordering requested (works with whatever order the MLA builder asks)."""
+    """No DeepGEMM, no batch reordering requested (works with whatever order the MLA builder asks); full CUDA graphs
+    for uniform single-token decode batches."""
 
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     reorder_batch_threshold: int | None = None
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in vLLM 0.26's base class
@@ -69,19 +74,17 @@ class TritonIndexerMetadataBuilder(AttentionMetadataBuilder[TritonIndexerMetadat
               fast_build: bool = False) -> TritonIndexerMetadata:
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
+        base = dict(num_actual_tokens=cm.num_actual_tokens, slot_mapping=cm.slot_mapping[: cm.num_actual_tokens],
+                    block_table=cm.block_table_tensor[:num_reqs], seq_lens=cm.seq_lens[:num_reqs])
+        if cm.max_query_len == 1 and cm.num_actual_tokens == num_reqs:
+            return TritonIndexerMetadata(**base, query_start_loc_host=None, seq_lens_host=None, decode_only=True)
         qsl = np.asarray(cm.query_start_loc_cpu[: num_reqs + 1], dtype=np.int64)
         upper = cm.seq_lens_cpu_upper_bound
         # vLLM: the upper bound is exact for requests with several query tokens (prefills); one-token requests
         # read the device seq_lens instead.
         seq_lens_host = (upper[:num_reqs] if upper is not None else cm.seq_lens[:num_reqs].cpu()).tolist()
-        return TritonIndexerMetadata(
-            num_actual_tokens=cm.num_actual_tokens,
-            slot_mapping=cm.slot_mapping[: cm.num_actual_tokens],
-            block_table=cm.block_table_tensor[:num_reqs],
-            seq_lens=cm.seq_lens[:num_reqs],
-            query_start_loc_host=qsl.tolist(),
-            seq_lens_host=[int(x) for x in seq_lens_host],
-        )
+        return TritonIndexerMetadata(**base, query_start_loc_host=qsl.tolist(),
+                                     seq_lens_host=[int(x) for x in seq_lens_host])
 
 
 class TritonIndexerBackend(DeepseekV32IndexerBackend):
@@ -127,7 +130,7 @@ def _indexer_op(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk_in
     m: TritonIndexerMetadata = attn_metadata[k_cache_prefix]
     kv_cache = ctx.no_compile_layers[k_cache_prefix].kv_cache
     paged_indexer_step(q, k, weights, kv_cache, m.slot_mapping, m.block_table, m.query_start_loc_host,
-                       m.seq_lens_host, m.seq_lens, topk, topk_indices_buffer)
+                       m.seq_lens_host, m.seq_lens, topk, topk_indices_buffer, decode_only=m.decode_only)
 
 
 def _indexer_op_fake(q, k, weights, topk_indices_buffer, k_cache_prefix: str, topk: int) -> None:
@@ -136,6 +139,20 @@ def _indexer_op_fake(q, k, weights, topk_indices_buffer, k_cache_prefix: str, to
 
 direct_register_custom_op(op_name="indexcache_triton_indexer", op_func=_indexer_op,
                           mutates_args=["topk_indices_buffer"], fake_impl=_indexer_op_fake)
+
+#: The op as vLLM's compilation config names it.
+INDEXER_OP = "vllm::indexcache_triton_indexer"
+
+
+def register_splitting_op() -> None:
+    """Add :data:`INDEXER_OP` to vLLM's attention ops (``CompilationConfig._attention_ops``, the default
+    ``splitting_ops``), idempotent. Piecewise CUDA graphs then split the model there and run the op eagerly (its
+    prefill path reads request boundaries on the host); full decode graphs still capture it. Must run before
+    the ``VllmConfig`` is built: ``vllm_glue.install()`` does it through the CUDA platform hook."""
+    from vllm.config.compilation import CompilationConfig
+
+    if INDEXER_OP not in CompilationConfig._attention_ops:
+        CompilationConfig._attention_ops.append(INDEXER_OP)
 
 
 def adopt_indexer_cuda(indexer: Indexer) -> None:

@@ -14,8 +14,8 @@ For sparse MLA (DSA) layers with ``INDEXCACHE`` selected, the hook picks the ker
 * ``native``: vLLM's kernels or vLLM's own error; ``triton``: the Triton kernels even where native ones exist.
 
 A model without a lightning indexer asked for ``INDEXCACHE`` gets vLLM's default backend and one warning, as on CPU.
-The Triton fallback's metadata builders refuse CUDA graphs (its indexer step reads sizes back to the host), so vLLM
-runs those layers eagerly.
+The Triton fallback runs under vLLM's CUDA graphs: full graphs for uniform decode batches, piecewise graphs around
+its indexer op (a splitting op, registered by :func:`install`) for prefill and mixed batches.
 """
 from __future__ import annotations
 
@@ -187,6 +187,7 @@ def install() -> None:
     platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     # F layers' Indexer is built before its attention layer picks a backend; on GPUs without DeepGEMM vLLM raises
     # there, so the error is deferred to the native indexer's first forward (the Triton fallback never calls it).
-    from vllm_indexcache.vllm_glue.cuda.indexer import install_deep_gemm_guard
+    from vllm_indexcache.vllm_glue.cuda.indexer import install_deep_gemm_guard, register_splitting_op
 
     install_deep_gemm_guard()
+    register_splitting_op()

@@ -8,10 +8,11 @@ native sparse MLA backend validates, or when ``VLLM_INDEXCACHE_KERNELS=triton`` 
   ``_canonicalize_sparse_mla_kv_cache_dtype`` would turn fp8 into ``fp8_ds_mla``, and the sparse-MLA warmup would
   warm FlashMLA metadata paths), kv-cache dtype ``auto``/``bfloat16`` (fp8 refused with a reason), compute
   capability >= 8.0, block size 64 (vLLM's DSA indexer cache needs 64 too).
-* **Builder** — ``FlashMLASparseMetadataBuilder`` unchanged apart from ``AttentionCGSupport.NEVER``: with a bf16
-  cache its ``build`` only runs the shared ``SparseMLACommonMetadataBuilder.build`` (decode/prefill split,
+* **Builder** — ``FlashMLASparseMetadataBuilder`` unchanged (CUDA graphs: ``UNIFORM_BATCH``, as natively): with a
+  bf16 cache its ``build`` only runs the shared ``SparseMLACommonMetadataBuilder.build`` (decode/prefill split,
   ``req_id_per_token``, dense-MHA prefill metadata) and never calls FlashMLA's ``get_mla_metadata`` (fp8 only);
-  its constructor allocates a few small buffers. CUDA graphs are refused because the Triton indexer step syncs.
+  its constructor allocates a few small buffers. The Triton sparse MLA kernel has fixed shapes and no host reads;
+  the indexer's builder (``UNIFORM_SINGLE_TOKEN_DECODE``) is what limits full graphs to uniform decode batches.
 * **Impl** — ``FlashMLASparseImpl`` whose ``forward_mqa`` (bf16 cache) runs
   :func:`vllm_indexcache.ops.sparse_mla.triton.sparse_mla` on the latent and rotary halves of q instead of
   ``concat_mla_q`` + ``flash_mla_sparse_fwd`` (no head padding, any latent/rope width: the shipped tiny DSA model
@@ -25,7 +26,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from vllm.v1.attention.backend import AttentionCGSupport, MultipleOf
+from vllm.v1.attention.backend import MultipleOf
 from vllm.v1.attention.backends.mla.flashmla_sparse import (
     FlashMLASparseBackend,
     FlashMLASparseImpl,
@@ -82,9 +83,7 @@ class IndexCacheTritonSparseMLABackend(FlashMLASparseBackend):
 
 
 class IndexCacheTritonSparseMLAMetadataBuilder(FlashMLASparseMetadataBuilder):
-    """vLLM's sparse MLA builder (bf16 path: no FlashMLA calls), without CUDA graphs."""
-
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    """vLLM's sparse MLA builder (bf16 path: no FlashMLA calls; CUDA graphs as vLLM's)."""
 
 
 class IndexCacheTritonSparseMLAImpl(FlashMLASparseImpl):
