@@ -42,11 +42,15 @@ def local_to_global_slots(topk_local: torch.Tensor, req_idx: torch.Tensor, block
     if req.numel() and (int(req.min()) < 0 or int(req.max()) >= R):
         raise ValueError(f"req_idx must lie in [0, {R}), got range [{int(req.min())}, {int(req.max())}]")
     idx = topk_local.long()
+    if max_blocks == 0:
+        return torch.full_like(idx, -1)
     block = torch.div(idx, block_size, rounding_mode="floor")
-    valid = (idx >= 0) & (block < max_blocks)
-    phys = block_table.long()[req[:, None], block.clamp(0, max(max_blocks - 1, 0))] if max_blocks else block
-    out = phys * block_size + idx % block_size
-    return torch.where(valid, out, torch.full_like(out, -1))
+    invalid = (idx < 0) | (block >= max_blocks)
+    # one flat index_select into the table (faster on CPU than 2-D advanced indexing with broadcast indices)
+    flat = block.clamp_(0, max_blocks - 1).add_((req * max_blocks)[:, None])
+    out = block_table.reshape(-1).long().index_select(0, flat.view(-1)).view(idx.shape)
+    out.mul_(block_size).add_(idx % block_size)
+    return out.masked_fill_(invalid, -1)
 
 
 def token_to_request(query_start_loc: torch.Tensor) -> torch.Tensor:
