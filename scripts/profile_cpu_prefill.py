@@ -54,7 +54,7 @@ def breakdown(stats, ttft: float) -> dict[str, float]:
     for name, funcs in COMPONENTS.items():
         out[name] = sum(ct for (f, _, fn), (_, _, _, ct, _) in raw.items()
                         if any(f.endswith(sfx) and fn == want for sfx, want in funcs))
-    for (f, _, fn), (_, _, _, _, callers) in raw.items():   # bmm called directly by MLAAttention.forward_impl
+    for (_f, _, fn), (_, _, _, _, callers) in raw.items():   # bmm called directly by MLAAttention.forward_impl
         if fn == "<built-in method torch.bmm>":
             out["mla_absorb"] += sum(c[3] for (cf, _, cfn), c in callers.items()
                                      if cf.endswith("attention/mla_attention.py") and cfn == "forward_impl")

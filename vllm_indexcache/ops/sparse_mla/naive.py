@@ -43,6 +43,8 @@ def check_sparse_mla_inputs(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache
         raise ValueError(f"slots must have T={T} rows, got {slots.shape[0]}")
     if slots.dtype.is_floating_point or slots.dtype == torch.bool:
         raise ValueError(f"slots must be an integer tensor, got {slots.dtype}")
+    if slots.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # value range needs a host read, which a CUDA-graph capture forbids; shapes were checked above
     if slots.numel() and (int(slots.min()) < -1 or int(slots.max()) >= kv_cache.shape[0]):
         raise ValueError(f"slot ids must lie in [-1, {kv_cache.shape[0]}); got range "
                          f"[{int(slots.min())}, {int(slots.max())}]")
