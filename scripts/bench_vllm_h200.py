@@ -264,51 +264,42 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def parity(results: dict) -> str:
-    """Plugin against vLLM native with the same pattern: ``plugin / native − 1`` of each median, in % (positive =
-    plugin slower), with the plugin's and native's min–max spread in brackets."""
-    rows = ["| pattern | metric | native (median [min–max]) | plugin (median [min–max]) | plugin vs native |",
-            "|---|---|---|---|---|"]
-    for ret in ("1",) + RETENTIONS:         # all-F: the plugin (plugin-1) against vLLM alone (none)
+def _paired_rows(results: dict, prefix: str, compare) -> list[str]:
+    """Table rows pairing ``PREFIX-R`` with vLLM native of the same pattern (``none`` for all-F, else ``native-R``):
+    TTFT / TPOT per context and decode under load, ``compare(native_median, other_median)`` in the last column."""
+    rows = []
+    for ret in ("1",) + RETENTIONS:
         nat = results.get("none" if ret == "1" else f"native-{ret}")
-        plug = results.get(f"plugin-{ret}")
-        if not nat or not plug:
+        oth = results.get(f"{prefix}-{ret}")
+        if not nat or not oth:
             continue
         for c, v in nat["contexts"].items():
             for metric, scale, unit in (("ttft", 1, "s"), ("tpot", 1e3, "ms")):
-                if metric in v and metric in plug["contexts"].get(c, {}):
-                    a, b = v[metric], plug["contexts"][c][metric]
+                if metric in v and metric in oth["contexts"].get(c, {}):
+                    a, b = v[metric], oth["contexts"][c][metric]
                     rows.append(f"| {ret} | {metric.upper()} {int(c) // 1024}K ({unit}) | {_spread(a, scale)} | "
-                                f"{_spread(b, scale)} | {(b['median'] / a['median'] - 1) * 100:+.1f} % |")
+                                f"{_spread(b, scale)} | {compare(a['median'], b['median'])} |")
             for k in v:
-                if k.startswith("concurrent") and k in plug["contexts"].get(c, {}):
-                    a, b = v[k]["decode_step"], plug["contexts"][c][k]["decode_step"]
+                if k.startswith("concurrent") and k in oth["contexts"].get(c, {}):
+                    a, b = v[k]["decode_step"], oth["contexts"][c][k]["decode_step"]
                     rows.append(f"| {ret} | decode {k[10:]}×{int(c) // 1024}K (ms/step) | {_spread(a, 1e3)} | "
-                                f"{_spread(b, 1e3)} | {(b['median'] / a['median'] - 1) * 100:+.1f} % |")
-    return "\n".join(rows)
+                                f"{_spread(b, 1e3)} | {compare(a['median'], b['median'])} |")
+    return rows
+
+
+def parity(results: dict) -> str:
+    """Plugin against vLLM native with the same pattern (all-F: ``plugin-1`` against ``none``): ``plugin / native −
+    1`` of each median, in % (positive = plugin slower), with the plugin's and native's min–max spread in brackets."""
+    rows = ["| pattern | metric | native (median [min–max]) | plugin (median [min–max]) | plugin vs native |",
+            "|---|---|---|---|---|"]
+    return "\n".join(rows + _paired_rows(results, "plugin", lambda a, b: f"{(b / a - 1) * 100:+.1f} %"))
 
 
 def fallback(results: dict) -> str:
     """The Triton fallback against vLLM native with the same pattern: ``triton / native`` of each median (×; the
-    target is ≤ 1.5×), with both min–max spreads."""
+    target is ≤ 1.5×), with both min–max spreads; empty if no ``triton-R`` ran."""
     rows = ["| pattern | metric | native (median [min–max]) | Triton fallback (median [min–max]) | fallback / native |",
-            "|---|---|---|---|---|"]
-    for ret in ("1",) + RETENTIONS:
-        nat = results.get("none" if ret == "1" else f"native-{ret}")
-        tri = results.get(f"triton-{ret}")
-        if not nat or not tri:
-            continue
-        for c, v in nat["contexts"].items():
-            for metric, scale, unit in (("ttft", 1, "s"), ("tpot", 1e3, "ms")):
-                if metric in v and metric in tri["contexts"].get(c, {}):
-                    a, b = v[metric], tri["contexts"][c][metric]
-                    rows.append(f"| {ret} | {metric.upper()} {int(c) // 1024}K ({unit}) | {_spread(a, scale)} | "
-                                f"{_spread(b, scale)} | {b['median'] / a['median']:.2f}× |")
-            for k in v:
-                if k.startswith("concurrent") and k in tri["contexts"].get(c, {}):
-                    a, b = v[k]["decode_step"], tri["contexts"][c][k]["decode_step"]
-                    rows.append(f"| {ret} | decode {k[10:]}×{int(c) // 1024}K (ms/step) | {_spread(a, 1e3)} | "
-                                f"{_spread(b, 1e3)} | {b['median'] / a['median']:.2f}× |")
+            "|---|---|---|---|---|"] + _paired_rows(results, "triton", lambda a, b: f"{b / a:.2f}×")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
