@@ -4,9 +4,7 @@ Same maths as :mod:`vllm_indexcache.ops.sparse_mla.naive` (see there for the abs
 vLLM 0.32 ``v1/attention/backends/mla/flashmla_sparse.py``, DeepSeek-V3.2 report §2.1). Per chunk of tokens: one
 ``index_select`` of the selected cache rows, two batched matmuls and a softmax. Chunks are small — the gathered
 ``[C, K, L+R]`` rows in float32 stay under ``max_chunk_bytes`` (default 1.5 MiB, i.e. in a core's L2/L3) — so the
-rows are converted to float32 and read by both matmuls while still in cache. (The previous version gathered whole
-4096-token prefill chunks at once, ~200 MB of float32 rows, and spent three quarters of its time in that gather and
-conversion: 300 ms → 45 ms for 4096 tokens × top-k 128 at the toy's geometry, one thread.)
+rows are converted to float32 and read by both matmuls while still in cache.
 """
 from __future__ import annotations
 
