@@ -24,9 +24,11 @@ little above an unprofiled one. Writes ``OUT.cprof`` and prints the table; ``--n
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import time
+from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
@@ -73,20 +75,16 @@ def main() -> None:
     torch.set_num_threads(1)
     from vllm import LLM, SamplingParams
 
-    from vllm_indexcache.bench.measure import IndexerProfiler, build_bench_model
+    from vllm_indexcache.bench.measure import IndexerProfiler, bench_engine_kwargs, build_bench_model
 
     model = a.model
     if model.startswith("toy:"):
         _, layers, path = model.split(":", 2)
         model = str(build_bench_model(path, int(layers), a.ctx + 24))
-    import json
-    from pathlib import Path
-
     layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
     llm = LLM(model=model, attention_backend="indexcache",
               hf_overrides={"index_topk_pattern": a.pattern or "F" * layers}, disable_log_stats=False,
-              max_model_len=a.ctx + 24, kv_cache_memory_bytes=1 << 30, enforce_eager=True, seed=0, max_num_seqs=8,
-              max_num_batched_tokens=4096, skip_tokenizer_init=True, enable_prefix_caching=True)
+              **bench_engine_kwargs(a.ctx + 24))
     prof = IndexerProfiler()
     prof.install()
     rng = random.Random(0)

@@ -43,6 +43,7 @@ from .measure import (
     BATCH_SHARED_TAIL,
     PROFILE_ENV,
     IndexerProfiler,
+    bench_engine_kwargs,
     build_bench_model,
     machine,
     resolve_pattern,
@@ -107,10 +108,9 @@ def main(args: argparse.Namespace) -> int:
     num_layers = cfg["num_hidden_layers"]
     patterns = {s: resolve_pattern(s, num_layers) for s in specs}
     max_len = max(contexts) + args.decode_tokens + BATCH_SHARED_TAIL
-    engine_kwargs = dict(dtype=args.dtype, max_model_len=max_len, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-                         enforce_eager=True, seed=args.seed, max_num_seqs=max(8, args.batch),
-                         max_num_batched_tokens=max(args.max_num_batched_tokens, max(8, args.batch)),
-                         skip_tokenizer_init=True, enable_prefix_caching=True)
+    engine_kwargs = bench_engine_kwargs(max_len, dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                                        seed=args.seed, batch=args.batch,
+                                        max_num_batched_tokens=args.max_num_batched_tokens)
     results = {"command": "vllm-indexcache bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"]
                                                                else sys.argv[1:]),
                "model": model, "config": {k: cfg.get(k) for k in (
