@@ -59,7 +59,10 @@ def test_indexer_prefill_matches_naive(dtype):
     _check_topk(got, ref_scores if dtype == torch.float32 else got_scores, pos.cpu(), topk, ref)
 
 
-def test_indexer_decode_paged_matches_naive():
+@pytest.mark.parametrize("segment", [None, 32])
+def test_indexer_decode_paged_matches_naive(segment):
+    """``segment=32``: the two-stage top-k (3 segments of 32 positions per row, with ``max_len`` fixed as in the
+    CUDA-graph path) must select exactly what one top-k over the row selects."""
     torch.manual_seed(1)
     H, D, topk, bs = 4, 32, 16, 16
     seq_lens = [5, 37, 70]
@@ -76,6 +79,10 @@ def test_indexer_decode_paged_matches_naive():
     w = torch.randn(len(seq_lens), H, device=DEV)
     sl = torch.tensor(seq_lens, device=DEV)
     got = tri_idx.indexer_topk_decode(q, k_cache, w, block_table, sl, bs, topk).cpu()
+    if segment:
+        seg = tri_idx.indexer_topk_decode(q, k_cache, w, block_table, sl, bs, topk, max_len=6 * bs,
+                                          segment=segment).cpu()
+        assert torch.equal(seg, got)
     for b, n in enumerate(seq_lens):
         p = torch.arange(n)
         keys = k_cache.cpu()[block_table.cpu()[b, p // bs].long() * bs + p % bs]
@@ -85,8 +92,9 @@ def test_indexer_decode_paged_matches_naive():
         _check_topk(got[b:b + 1], scores, pos, topk, ref)
 
 
+@pytest.mark.parametrize("splits", [None, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sparse_mla_matches_naive(dtype):
+def test_sparse_mla_matches_naive(dtype, splits):
     torch.manual_seed(2)
     T, N, L, R, K, slots_total = 6, 5, 64, 32, 40, 300
     ql = torch.randn(T, N, L, device=DEV).to(dtype)
@@ -98,7 +106,8 @@ def test_sparse_mla_matches_naive(dtype):
     slots[3, ::3] = -1          # holes
     scale = (L + R) ** -0.5
     ref = sparse_mla_naive(ql.cpu(), qp.cpu(), kv.cpu(), slots.cpu(), scale)
-    got = tri_mla.sparse_mla(ql, qp, kv, slots, scale).cpu()
+    # splits=3: split-K over the slots (16 per tile, 3 splits; token 1's last splits see no valid slot), combined
+    got = tri_mla.sparse_mla(ql, qp, kv, slots, scale, block_k=16 if splits else None, splits=splits).cpu()
     assert got.dtype == dtype and got.shape == ref.shape
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)

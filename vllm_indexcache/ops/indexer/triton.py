@@ -67,7 +67,9 @@ def _prefill_scores_kernel(q_ptr, k_ptr, w_ptr, pos_ptr, out_ptr, T, S_chunk, ke
     if UPCAST:
         kt = kt.to(tl.float32)
     acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
-    for h in range(0, H):
+    # causal tile skip: a tile whose first key lies past every row's position is all -inf (no head loop)
+    heads = tl.where(key_start + pid_s * BLOCK_S <= tl.max(pos, axis=0), H, 0)
+    for h in range(0, heads):
         qh = tl.load(q_ptr + rt[:, None] * stride_qt + h * stride_qh + rd[None, :],
                      mask=t_mask[:, None] & d_mask[None, :], other=0.0)                  # [BLOCK_T, BLOCK_D]
         wh = tl.load(w_ptr + rt * stride_wt + h, mask=t_mask, other=0.0).to(tl.float32)
@@ -121,15 +123,20 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
-def _prefill_scores_chunk(q, k, w, pos, key_start: int, key_len: int, block_t: int = 64,
-                          block_s: int = 64) -> torch.Tensor:
+#: Tile and launch options of the prefill scores kernel (rows × keys per program, warps, pipeline stages).
+PREFILL_CONFIG = {"block_t": 64, "block_s": 128, "num_warps": 4, "num_stages": 3}
+
+
+def _prefill_scores_chunk(q, k, w, pos, key_start: int, key_len: int, **config) -> torch.Tensor:
     T, H, D = q.shape
+    cfg = {**PREFILL_CONFIG, **config}
     out = torch.empty((T, key_len), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(T, block_t), triton.cdiv(key_len, block_s))
+    grid = (triton.cdiv(T, cfg["block_t"]), triton.cdiv(key_len, cfg["block_s"]))
+    launch = {} if _upcast() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     _prefill_scores_kernel[grid](q, k, w, pos, out, T, key_len, key_start, H,
                                  q.stride(0), q.stride(1), k.stride(0), w.stride(0), out.stride(0),
-                                 D=D, BLOCK_D=_pow2(D), BLOCK_T=block_t, BLOCK_S=block_s, PREC=_prec(q.dtype),
-                                 UPCAST=_upcast())
+                                 D=D, BLOCK_D=_pow2(D), BLOCK_T=cfg["block_t"], BLOCK_S=cfg["block_s"],
+                                 PREC=_prec(q.dtype), UPCAST=_upcast(), **launch)
     return out
 
 
@@ -147,16 +154,23 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_po
     return _prefill_scores_chunk(q, k, w, pos, 0, k.shape[0])
 
 
+def _sort_keys(vals: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose descending order is (descending float32 score, then ascending position): the score's
+    order-preserving bits (``-0.0`` as ``+0.0``) in the high word, ``2^32 - 1 - position`` in the low word — the
+    same keys as ``_decode_scores_kernel`` writes."""
+    bits = torch.where(vals == 0, torch.zeros_like(vals), vals).view(torch.int32).to(torch.int64)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return bits * 4294967296 + (4294967295 - ids)
+
+
 def _finalize(vals: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, topk: int) -> torch.Tensor:
-    """Order ``[C, k]`` candidates by descending score, ties towards the lower position; ``-1`` for invisible."""
-    idx_sorted, perm = torch.sort(idx, dim=-1)
-    vals = torch.gather(vals, 1, perm)
-    order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
-    idx = torch.gather(idx_sorted, 1, order)
-    vals = torch.gather(vals, 1, order)
+    """Order ``[C, k]`` candidates by descending score, ties towards the lower position (one sort of int64 keys);
+    ``-1`` past the row's ``pos + 1`` visible keys."""
+    top = torch.sort(_sort_keys(vals, idx), dim=-1, descending=True).values
+    idx = 4294967295 - (top & 4294967295)
     out = torch.full((idx.shape[0], topk), -1, dtype=torch.int32, device=idx.device)
     kk = idx.shape[1]
-    keep = torch.isfinite(vals) & (torch.arange(kk, device=idx.device)[None, :] <= pos[:, None])
+    keep = torch.arange(kk, device=idx.device)[None, :] <= pos[:, None]
     out[:, :kk] = torch.where(keep, idx, -1).to(torch.int32)
     return out
 
@@ -218,6 +232,10 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_posi
     return out
 
 
+#: Positions per first-stage segment of the decode top-k (see :func:`indexer_topk_decode`).
+DECODE_SEGMENT = None
+
+
 def _decode_launch(q, k_cache, weights, block_table, seq_lens, block_size: int, max_len: int | None, keys: bool,
                    block_s: int = 128) -> torch.Tensor:
     B, H, D = q.shape
@@ -269,7 +287,8 @@ def indexer_scores_decode(q: torch.Tensor, k_cache: torch.Tensor, weights: torch
 
 
 def indexer_topk_decode(q: torch.Tensor, k_cache: torch.Tensor, weights: torch.Tensor, block_table: torch.Tensor,
-                        seq_lens: torch.Tensor, block_size: int, topk: int, max_len: int | None = None) -> torch.Tensor:
+                        seq_lens: torch.Tensor, block_size: int, topk: int, max_len: int | None = None,
+                        segment: int | None = DECODE_SEGMENT) -> torch.Tensor:
     """``[B, topk]`` int32 request-local key positions for one decode query per request (paged keys), same
     ordering and ``-1`` padding as the prefill path (query position = ``seq_lens[b] - 1``).
 
@@ -278,14 +297,23 @@ def indexer_topk_decode(q: torch.Tensor, k_cache: torch.Tensor, weights: torch.T
     top-k by descending score with ties towards the lower position — no tie repair, no host read. With
     ``max_len`` given (e.g. ``block_table.shape[1] · block_size``) the whole call has fixed shapes and no host
     synchronisation: it can be captured in a CUDA graph (the INDEXCACHE Triton fallback's decode graphs).
-    Other arguments as :func:`indexer_scores_decode`.
+    ``segment``: rows longer than two segments are selected in two exact stages (the keys are unique, so the
+    top-k of the segments' top-k is the top-k): ``torch.topk`` over ``[B · S/segment, segment]`` keeps one row
+    per GPU block busy even at batch 1, then over ``[B, S/segment · topk]``. ``None``: one ``torch.topk`` over
+    ``[B, S]``. Other arguments as :func:`indexer_scores_decode`.
     """
-    keys = _decode_launch(q, k_cache, weights, block_table, seq_lens, block_size, max_len, keys=True)
+    S_max = max_len if max_len is not None else (int(seq_lens.max()) if q.shape[0] else 0)
+    seg = segment if segment and S_max > 2 * segment and topk <= segment // 2 else None
+    if seg:  # score up to a multiple of the segment: the extra positions are past seq_len, keys of -inf
+        S_max = triton.cdiv(S_max, seg) * seg
+    keys = _decode_launch(q, k_cache, weights, block_table, seq_lens, block_size, S_max, keys=True)
     B, S = keys.shape
     out = torch.full((B, topk), -1, dtype=torch.int32, device=q.device)
     kk = min(topk, S)
     if B == 0 or kk == 0:
         return out
+    if seg:  # two stages: top-k of each segment (many rows in parallel), then of the B · (S/seg) · k survivors
+        keys = torch.topk(keys.view(B * (S // seg), seg), kk, dim=1, sorted=False).values.view(B, -1)
     top = torch.topk(keys, kk, dim=1, sorted=True).values
     pos = (4294967295 - (top & 4294967295)).to(torch.int32)
     visible = torch.arange(kk, device=q.device)[None, :] < seq_lens.to(torch.int64)[:, None]

@@ -8,8 +8,12 @@ Same maths and contract as :func:`vllm_indexcache.ops.sparse_mla.naive.sparse_ml
 One program per (query token, block of ``BLOCK_N`` heads): it walks the token's ``K`` selected slots in tiles of
 ``BLOCK_K``, gathers the ``[BLOCK_K, L]`` latent rows and ``[BLOCK_K, R]`` rope rows once for all heads of the
 block (the MQA structure of absorbed MLA: one latent "head" shared by every query head), and runs an online softmax
-(FlashAttention style) with a ``[BLOCK_N, L]`` fp32 accumulator. Prefill and decode use the same kernel — every
-query token carries its own slot list. A token without valid slots gets zeros, as the reference.
+(FlashAttention style, in base 2) with a ``[BLOCK_N, L]`` fp32 accumulator. Prefill and decode use the same
+kernel — every query token carries its own slot list. When the tokens × head blocks do not fill the GPU (decode),
+the slot list is split across ``splits`` programs (split-K, FlashDecoding style): each writes its normalised
+partial output and log2-sum-exp, and a second kernel combines them. A token without valid slots gets zeros, as
+the reference. Tile defaults (:data:`DEFAULT_CONFIG`) are the fastest of ``scripts/profile_triton_h200.py`` on an
+H200 (docs/benchmarks.md §8).
 Used by the CUDA Triton fallback of the INDEXCACHE backend (:mod:`vllm_indexcache.vllm_glue.cuda.sparse_mla`); the CPU
 backend uses :mod:`.cpu`.
 """
@@ -29,16 +33,23 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-__all__ = ["sparse_mla"]
+__all__ = ["sparse_mla", "DEFAULT_CONFIG"]
+
+_LOG2E = 1.4426950408889634
+
+#: Tile and launch options of :func:`sparse_mla` (heads × slots per program, warps, pipeline stages).
+DEFAULT_CONFIG = {"block_n": 64, "block_k": 64, "num_warps": 8, "num_stages": 3}
 
 
 @triton.jit
-def _sparse_mla_kernel(ql_ptr, qp_ptr, kv_ptr, slot_ptr, out_ptr, N, K, scale,
+def _sparse_mla_kernel(ql_ptr, qp_ptr, kv_ptr, slot_ptr, out_ptr, part_ptr, lse_ptr, N, K, K_PER_SPLIT, qk_scale,
                        stride_qlt, stride_qln, stride_qpt, stride_qpn, stride_kv, stride_st, stride_ot, stride_on,
                        L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                       UPCAST: tl.constexpr):
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
+    sp = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rl = tl.arange(0, BLOCK_L)
     rr = tl.arange(0, BLOCK_R)
@@ -52,12 +63,14 @@ def _sparse_mla_kernel(ql_ptr, qp_ptr, kv_ptr, slot_ptr, out_ptr, N, K, scale,
     if UPCAST:  # see vllm_indexcache.ops.indexer.triton._upcast: the interpreter's bf16 tl.dot is wrong
         ql = ql.to(tl.float32)
         qp = qp.to(tl.float32)
+    k_begin = sp * K_PER_SPLIT
+    k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
     m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_L), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        slot = tl.load(slot_ptr + t * stride_st + rk, mask=rk < K, other=-1).to(tl.int64)
+        slot = tl.load(slot_ptr + t * stride_st + rk, mask=rk < k_end, other=-1).to(tl.int64)
         valid = slot >= 0
         base = tl.where(valid, slot, 0) * stride_kv
         kv_c = tl.load(kv_ptr + base[:, None] + rl[None, :], mask=valid[:, None] & l_mask[None, :],
@@ -66,21 +79,70 @@ def _sparse_mla_kernel(ql_ptr, qp_ptr, kv_ptr, slot_ptr, out_ptr, N, K, scale,
                        other=0.0).to(qp.dtype)                                            # [BLOCK_K, BLOCK_R]
         s = (tl.dot(ql, tl.trans(kv_c), out_dtype=tl.float32, input_precision=PREC)
              + tl.dot(qp, tl.trans(k_pe), out_dtype=tl.float32, input_precision=PREC))
-        s = tl.where(valid[None, :], s * scale, float("-inf"))                            # [BLOCK_N, BLOCK_K]
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))                         # log2 units
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(kv_c.dtype), kv_c, out_dtype=tl.float32, input_precision=PREC)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + t * stride_ot + rn[:, None] * stride_on + rl[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=n_mask[:, None] & l_mask[None, :])
+    if SPLIT:  # partial output of this split (normalised) and its log2-sum-exp; -inf where it saw no valid slot
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        row = (t * tl.num_programs(2) + sp) * N + rn
+        tl.store(lse_ptr + row, lse, mask=n_mask)
+        tl.store(part_ptr + row[:, None] * BLOCK_L + rl[None, :], out, mask=n_mask[:, None] & l_mask[None, :])
+    else:
+        tl.store(out_ptr + t * stride_ot + rn[:, None] * stride_on + rl[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & l_mask[None, :])
+
+
+@triton.jit
+def _combine_kernel(part_ptr, lse_ptr, out_ptr, N, stride_ot, stride_on, SPLITS: tl.constexpr, L: tl.constexpr,
+                    BLOCK_L: tl.constexpr, BLOCK_SP: tl.constexpr):
+    t = tl.program_id(0)
+    n = tl.program_id(1)
+    rsp = tl.arange(0, BLOCK_SP)
+    rl = tl.arange(0, BLOCK_L)
+    sp_mask = rsp < SPLITS
+    row = (t * SPLITS + rsp) * N + n
+    lse = tl.load(lse_ptr + row, mask=sp_mask, other=float("-inf"))                     # [BLOCK_SP]
+    m = tl.max(lse, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    wgt = tl.exp2(lse - m_safe)                                                          # 0 for empty splits
+    part = tl.load(part_ptr + row[:, None] * BLOCK_L + rl[None, :], mask=sp_mask[:, None] & (rl < L)[None, :],
+                   other=0.0)
+    tot = tl.sum(wgt, axis=0)
+    out = tl.sum(part * wgt[:, None], axis=0) / tl.where(tot > 0, tot, 1.0)
+    tl.store(out_ptr + t * stride_ot + n * stride_on + rl, out.to(out_ptr.dtype.element_ty), mask=rl < L)
+
+
+_SMS: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (4 for the interpreter on CPU: splits still get exercised)."""
+    if device.type != "cuda":
+        return 4
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SMS[key]
+
+
+def _num_splits(programs: int, K: int, block_k: int, sms: int) -> int:
+    """Key splits so that about two waves of programs fill the GPU (decode: few tokens × head blocks); each split
+    keeps at least two ``block_k`` tiles. 1 when the tokens alone fill it (prefill)."""
+    if programs >= sms:
+        return 1
+    return max(1, min(-(-2 * sms // programs), K // (2 * block_k)))
 
 
 def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor,
-               softmax_scale: float, block_n: int = 16, block_k: int = 32) -> torch.Tensor:
+               softmax_scale: float, block_n: int | None = None, block_k: int | None = None,
+               num_warps: int | None = None, num_stages: int | None = None,
+               splits: int | None = None) -> torch.Tensor:
     """Absorbed MLA attention of each query over its selected latent-cache slots (Triton; CUDA or interpreter).
 
     Args:
@@ -90,14 +152,28 @@ def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
             are cast to the query dtype for the matmuls (fp32 accumulation).
         slots: ``[T, K]`` integer global slot ids, ``-1`` = none.
         softmax_scale: multiplies the logits.
+        block_n, block_k, num_warps, num_stages: tile of heads × slots per program and Triton launch options;
+            ``None`` = the defaults of :data:`DEFAULT_CONFIG`.
+        splits: programs per (token, head block) along the K slots (split-K, combined by log-sum-exp in a second
+            kernel); ``None`` = chosen from the shapes so that small batches (decode) fill the GPU. Depends only
+            on shapes, so the call stays capturable in a CUDA graph.
 
     Returns:
         ``[T, N, L]`` in ``q_latent.dtype``; zeros for a token without valid slots.
+
+    Raises:
+        ValueError: from :func:`~vllm_indexcache.ops.sparse_mla.naive.check_sparse_mla_inputs` on bad shapes.
     """
     check_sparse_mla_inputs(q_latent, q_pe, kv_cache, slots)
     T, N, L = q_latent.shape
     R = q_pe.shape[2]
     K = slots.shape[1]
+    cfg = dict(DEFAULT_CONFIG)
+    for key, val in (("block_n", block_n), ("block_k", block_k), ("num_warps", num_warps),
+                     ("num_stages", num_stages)):
+        if val is not None:
+            cfg[key] = val
+    bn, bk = cfg["block_n"], cfg["block_k"]
     ql = q_latent.contiguous()
     qp = q_pe.to(ql.dtype).contiguous()
     kv = kv_cache if kv_cache.stride(1) == 1 else kv_cache.contiguous()
@@ -105,11 +181,25 @@ def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     out = torch.empty((T, N, L), dtype=ql.dtype, device=ql.device)
     if T == 0:
         return out
-    grid = (T, triton.cdiv(N, block_n))
-    _sparse_mla_kernel[grid](ql, qp, kv, sl, out, N, K, float(softmax_scale),
-                             ql.stride(0), ql.stride(1), qp.stride(0), qp.stride(1), kv.stride(0), sl.stride(0),
-                             out.stride(0), out.stride(1), L=L, R=R, BLOCK_L=max(16, triton.next_power_of_2(L)),
-                             BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_N=block_n, BLOCK_K=block_k,
-                             PREC=_prec(ql.dtype),
-                             UPCAST=os.environ.get("TRITON_INTERPRET") == "1")
+    n_blocks = triton.cdiv(N, bn)
+    if splits is None:
+        splits = _num_splits(T * n_blocks, K, bk, _num_sms(ql.device))
+    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), max(splits, 1)), bk) * bk
+    splits = max(1, triton.cdiv(K, k_per_split))
+    block_l = max(16, triton.next_power_of_2(L))
+    if splits > 1:
+        part = torch.empty((T, splits, N, block_l), dtype=torch.float32, device=ql.device)
+        lse = torch.empty((T, splits, N), dtype=torch.float32, device=ql.device)
+    else:
+        part = lse = out   # unused
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    launch = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    _sparse_mla_kernel[(T, n_blocks, splits)](
+        ql, qp, kv, sl, out, part, lse, N, K, k_per_split, float(softmax_scale) * _LOG2E,
+        ql.stride(0), ql.stride(1), qp.stride(0), qp.stride(1), kv.stride(0), sl.stride(0),
+        out.stride(0), out.stride(1), L=L, R=R, BLOCK_L=block_l, BLOCK_R=max(16, triton.next_power_of_2(R)),
+        BLOCK_N=bn, BLOCK_K=bk, SPLIT=splits > 1, PREC=_prec(ql.dtype), UPCAST=interp, **launch)
+    if splits > 1:
+        _combine_kernel[(T, N)](part, lse, out, N, out.stride(0), out.stride(1), SPLITS=splits, L=L,
+                                BLOCK_L=block_l, BLOCK_SP=max(2, triton.next_power_of_2(splits)))
     return out
