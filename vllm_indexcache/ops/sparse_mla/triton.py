@@ -19,6 +19,7 @@ backend uses :mod:`.cpu`.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -118,17 +119,16 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, N, stride_ot, stride_on, SPLITS:
     tl.store(out_ptr + t * stride_ot + n * stride_on + rl, out.to(out_ptr.dtype.element_ty), mask=rl < L)
 
 
-_SMS: dict = {}
-
-
 def _num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (4 for the interpreter on CPU: splits still get exercised)."""
     if device.type != "cuda":
         return 4
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SMS:
-        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return _SMS[key]
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _num_splits(programs: int, K: int, block_k: int, sms: int) -> int:
