@@ -13,8 +13,8 @@ naive reference on CPU (``TRITON_INTERPRET=1``):
    :func:`~vllm_indexcache.ops.indexer.triton.indexer_topk` call each, on the request's keys gathered from the cache
    (positions ``0..seq_len-1``; query ``i`` of the chunk sits at ``seq_len - query_len + i``).
 
-Rows hold request-local key positions by descending score, ``-1`` padding — the contract of vLLM's
-``sparse_attn_indexer`` op for ``topk_indices_buffer`` (order within a row does not matter to sparse MLA).
+Rows hold request-local key positions (ascending; the order within a row does not matter to sparse MLA), ``-1``
+padding — the contract of vLLM's ``sparse_attn_indexer`` op for ``topk_indices_buffer``.
 Every request in the batch takes one of the two paths, whatever order vLLM put them in, so prefill, decode,
 chunked prefill and mixed batches are all covered.
 

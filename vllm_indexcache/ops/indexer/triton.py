@@ -1,23 +1,23 @@
 """Lightning indexer scores + top-k as Triton kernels for CUDA GPUs (beside :mod:`.naive`, same maths and output).
 
 ``I[t, s] = Σ_h w[t, h] · ReLU(q[t, h] · k[s])`` for ``s ≤ pos[t]`` (else ``-inf``); per query token the
-``min(topk, pos[t] + 1)`` best keys, by descending score, ties towards the lower position, ``-1`` padding
-(the ordering convention of :mod:`vllm_indexcache.ops.indexer.naive`).
+``min(topk, pos[t] + 1)`` best keys, ties towards the lower position (the selection of
+:mod:`vllm_indexcache.ops.indexer.naive`), listed in **ascending position**, then ``-1`` padding: sparse MLA reads a
+set, and the exact radix select of :mod:`vllm_indexcache.ops.topk.triton` yields that order.
 
 * **Prefill** (:func:`indexer_topk`, one request, contiguous keys ``k [S, D]``): the kernel
   ``_prefill_scores_kernel`` computes a ``[BLOCK_T, BLOCK_S]`` tile of scores per program, looping over the H heads
   with one ``tl.dot`` ``[BLOCK_T, D] × [D, BLOCK_S]`` each (fp32 accumulation, bf16/fp16 inputs stay in their
-  dtype for the tensor cores). Keys are processed in chunks of ``key_chunk`` and rows in chunks sized so the fp32
-  score block stays under ``max_chunk_bytes``; each chunk's ``torch.topk`` is merged with the running top-k, so
-  memory is ``O(rows × (key_chunk + topk))`` whatever ``S`` is (128K+ contexts fit). Key chunks beyond the row
-  chunk's last visible key are skipped (causality).
+  dtype for the tensor cores). Rows are processed in chunks sized so that the fp32 scores of a chunk against its
+  visible keys stay under ``max_chunk_bytes`` (128K+ contexts fit); keys past the chunk's last visible one are not
+  scored (causality).
 * **Decode** (:func:`indexer_topk_decode`, a batch of requests, one query token each, keys in vLLM's paged indexer
   K-cache ``[num_slots, D]``): ``_decode_scores_kernel`` handles one query row per program and a tile of
   ``BLOCK_S`` key positions, gathering key slots through the block table; heads are one ``tl.dot``
   ``[BLOCK_H, D] × [D, BLOCK_S]``.
 
-The top-k itself is ``torch.topk`` on the kernel's score chunks (a CUDA radix select), not a Triton kernel; the
-final order is made deterministic (descending score, ties towards the lower position) with a stable sort.
+The top-k of both paths is :func:`vllm_indexcache.ops.topk.triton.topk_rows` (exact radix select over each row's
+visible prefix, no host read).
 Used by the CUDA Triton fallback of the INDEXCACHE backend (:mod:`vllm_indexcache.vllm_glue.cuda.indexer`); the CPU
 backend uses :mod:`.cpu`.
 """
@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..topk.triton import topk_rows
 from .naive import check_indexer_inputs
 
 
@@ -86,7 +87,7 @@ def _prefill_scores_kernel(q_ptr, k_ptr, w_ptr, pos_ptr, out_ptr, T, S_chunk, ke
 def _decode_scores_kernel(q_ptr, kc_ptr, w_ptr, bt_ptr, seqlen_ptr, out_ptr, H, S_max,
                           stride_qt, stride_qh, stride_kb, stride_ko, stride_wt, stride_bt, stride_ot,
                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
-                          PAGE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, KEYS: tl.constexpr):
+                          PAGE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     b = tl.program_id(0)
     pid_s = tl.program_id(1)
     rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -109,14 +110,7 @@ def _decode_scores_kernel(q_ptr, kc_ptr, w_ptr, bt_ptr, seqlen_ptr, out_ptr, H, 
     logit = tl.dot(q, kt, out_dtype=tl.float32, input_precision=PREC)  # [BLOCK_H, BLOCK_S]
     score = tl.sum(tl.maximum(logit, 0.0) * w[:, None], axis=0)
     score = tl.where(s_mask, score, float("-inf"))
-    if KEYS:  # int64 sort key: order-preserving bits of the score (-0.0 as +0.0), then the position reversed
-        score = tl.where(score == 0.0, 0.0, score)
-        bits = score.to(tl.int32, bitcast=True)
-        bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        key = bits.to(tl.int64) * 4294967296 + (4294967295 - rs.to(tl.int64))
-        tl.store(out_ptr + b * stride_ot + rs, key, mask=rs < S_max)
-    else:
-        tl.store(out_ptr + b * stride_ot + rs, score, mask=rs < S_max)
+    tl.store(out_ptr + b * stride_ot + rs, score, mask=rs < S_max)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -154,48 +148,9 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_po
     return _prefill_scores_chunk(q, k, w, pos, 0, k.shape[0])
 
 
-def _sort_keys(vals: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose descending order is (descending float32 score, then ascending position): the score's
-    order-preserving bits (``-0.0`` as ``+0.0``) in the high word, ``2^32 - 1 - position`` in the low word — the
-    same keys as ``_decode_scores_kernel`` writes."""
-    bits = torch.where(vals == 0, torch.zeros_like(vals), vals).view(torch.int32).to(torch.int64)
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return bits * 4294967296 + (4294967295 - ids)
-
-
-def _finalize(vals: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, topk: int) -> torch.Tensor:
-    """Order ``[C, k]`` candidates by descending score, ties towards the lower position (one sort of int64 keys);
-    ``-1`` past the row's ``pos + 1`` visible keys."""
-    top = torch.sort(_sort_keys(vals, idx), dim=-1, descending=True).values
-    idx = 4294967295 - (top & 4294967295)
-    out = torch.full((idx.shape[0], topk), -1, dtype=torch.int32, device=idx.device)
-    kk = idx.shape[1]
-    keep = torch.arange(kk, device=idx.device)[None, :] <= pos[:, None]
-    out[:, :kk] = torch.where(keep, idx, -1).to(torch.int32)
-    return out
-
-
-def _topk_exact(vals: torch.Tensor, ids: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``kk`` of each row of ``vals`` (candidate positions ``ids``), keys tied at the k-th value taken towards the
-    lower position. ``torch.topk`` (fast path) breaks ties arbitrarily; rows where a tie straddles the boundary
-    (more keys equal to the k-th value than were selected) are redone with a position-then-stable-value sort."""
-    v, sel = torch.topk(vals, kk, dim=1, sorted=False)
-    i = torch.gather(ids, 1, sel)
-    kth = v.min(dim=1, keepdim=True).values
-    straddle = ((vals == kth).sum(1) != (v == kth).sum(1)) & torch.isfinite(kth[:, 0])
-    if bool(straddle.any()):
-        rows = straddle.nonzero()[:, 0]
-        rid, perm = torch.sort(ids[rows], dim=1)
-        rv = torch.gather(vals[rows], 1, perm)
-        order = torch.sort(rv, dim=1, descending=True, stable=True).indices[:, :kk]
-        v[rows] = torch.gather(rv, 1, order)
-        i[rows] = torch.gather(rid, 1, order)
-    return v, i
-
-
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_positions: torch.Tensor, topk: int,
-                 key_chunk: int = 32768, max_chunk_bytes: int = 1 << 30) -> torch.Tensor:
-    """Prefill top-k of one request (same contract as :func:`vllm_indexcache.ops.indexer.cpu.indexer_topk`).
+                 max_chunk_bytes: int = 1 << 30) -> torch.Tensor:
+    """Prefill top-k of one request (the selection of :func:`vllm_indexcache.ops.indexer.cpu.indexer_topk`).
 
     Args:
         q: ``[T, H, D]`` indexer queries (bf16/fp16/fp32, RoPE applied) of one request.
@@ -203,40 +158,31 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_posi
         weights: ``[T, H]`` per-head weights including ``H^-0.5 · D^-0.5``.
         q_positions: ``[T]`` integer positions; key ``s`` visible iff ``s ≤ q_positions[t]``.
         topk: keys kept per query (``index_topk``).
-        key_chunk: keys scored per kernel launch (multiple of 64); bounds memory for long contexts.
-        max_chunk_bytes: bound on one ``[rows, key_chunk + topk]`` float32 score block.
+        max_chunk_bytes: bound on one ``[rows, visible keys]`` float32 score block (at least one row is scored).
 
     Returns:
-        ``[T, topk]`` int32 request-local key positions, ``-1`` padding.
+        ``[T, topk]`` int32 request-local key positions in ascending order, ``-1`` padding.
+
+    Raises:
+        ValueError: ``topk < 1`` or invalid inputs
+            (see :func:`~vllm_indexcache.ops.indexer.naive.check_indexer_inputs`).
     """
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     q, k, w, pos = _prep(q, k, weights, q_positions)
     T, S = q.shape[0], k.shape[0]
     out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
-    rows = max(1, min(T, max_chunk_bytes // (4 * (key_chunk + topk))))
+    rows = max(1, min(T, max_chunk_bytes // (4 * max(S, 1))))
     for a in range(0, T, rows):
         b = min(T, a + rows)
         p = pos[a:b]
-        last = int(p.max()) + 1                     # keys beyond are invisible to every row of this chunk
-        best_v = best_i = None
-        for ks in range(0, min(S, last), key_chunk):
-            kl = min(key_chunk, min(S, last) - ks)
-            sc = _prefill_scores_chunk(q[a:b], k, w[a:b], p, ks, kl)
-            ids = torch.arange(ks, ks + kl, device=q.device, dtype=torch.int64).expand(b - a, kl)
-            if best_v is not None:
-                sc = torch.cat([best_v, sc], dim=1)
-                ids = torch.cat([best_i, ids], dim=1)
-            best_v, best_i = _topk_exact(sc, ids, min(topk, sc.shape[1]))
-        out[a:b] = _finalize(best_v, best_i, p, topk)
+        last = min(S, int(p.max()) + 1)             # keys beyond are invisible to every row of this chunk
+        sc = _prefill_scores_chunk(q[a:b], k, w[a:b], p, 0, last)
+        out[a:b] = topk_rows(sc, p, topk, len_offset=1)
     return out
 
 
-#: Positions per first-stage segment of the decode top-k (see :func:`indexer_topk_decode`).
-DECODE_SEGMENT = None
-
-
-def _decode_launch(q, k_cache, weights, block_table, seq_lens, block_size: int, max_len: int | None, keys: bool,
+def _decode_launch(q, k_cache, weights, block_table, seq_lens, block_size: int, max_len: int | None,
                    block_s: int = 128) -> torch.Tensor:
     B, H, D = q.shape
     q = q.contiguous()
@@ -255,14 +201,14 @@ def _decode_launch(q, k_cache, weights, block_table, seq_lens, block_size: int, 
     bt = block_table.to(torch.int32).contiguous()
     sl = seq_lens.to(torch.int32).contiguous()
     S_max = max_len if max_len is not None else (int(seq_lens.max()) if B else 0)
-    out = torch.empty((B, S_max), dtype=torch.int64 if keys else torch.float32, device=q.device)
+    out = torch.empty((B, S_max), dtype=torch.float32, device=q.device)
     if B == 0 or S_max == 0:
         return out
     grid = (B, triton.cdiv(S_max, block_s))
     _decode_scores_kernel[grid](q, k_cache, w, bt, sl, out, H, S_max,
                                 q.stride(0), q.stride(1), stride_kb, stride_ko, w.stride(0), bt.stride(0),
                                 out.stride(0), D=D, BLOCK_D=_pow2(D), BLOCK_H=_pow2(H), BLOCK_S=block_s,
-                                PAGE=block_size, PREC=_prec(q.dtype), UPCAST=_upcast(), KEYS=keys)
+                                PAGE=block_size, PREC=_prec(q.dtype), UPCAST=_upcast())
     return out
 
 
@@ -283,39 +229,19 @@ def indexer_scores_decode(q: torch.Tensor, k_cache: torch.Tensor, weights: torch
             host (not capturable in a CUDA graph). A fixed value such as ``max_blocks · block_size`` needs no
             host read.
     """
-    return _decode_launch(q, k_cache, weights, block_table, seq_lens, block_size, max_len, keys=False)
+    return _decode_launch(q, k_cache, weights, block_table, seq_lens, block_size, max_len)
 
 
 def indexer_topk_decode(q: torch.Tensor, k_cache: torch.Tensor, weights: torch.Tensor, block_table: torch.Tensor,
-                        seq_lens: torch.Tensor, block_size: int, topk: int, max_len: int | None = None,
-                        segment: int | None = DECODE_SEGMENT) -> torch.Tensor:
-    """``[B, topk]`` int32 request-local key positions for one decode query per request (paged keys), same
-    ordering and ``-1`` padding as the prefill path (query position = ``seq_lens[b] - 1``).
+                        seq_lens: torch.Tensor, block_size: int, topk: int, max_len: int | None = None) -> torch.Tensor:
+    """``[B, topk]`` int32 request-local key positions for one decode query per request (paged keys): the selection
+    of the prefill path (query position = ``seq_lens[b] - 1``), ascending positions, ``-1`` padding.
 
-    The kernel writes one int64 sort key per position (order-preserving bits of the float32 score in the high
-    word, ``2^32 - 1 - position`` in the low word), so a single ``torch.topk(sorted=True)`` returns the exact
-    top-k by descending score with ties towards the lower position — no tie repair, no host read. With
-    ``max_len`` given (e.g. ``block_table.shape[1] · block_size``) the whole call has fixed shapes and no host
-    synchronisation: it can be captured in a CUDA graph (the INDEXCACHE Triton fallback's decode graphs).
-    ``segment``: rows longer than two segments are selected in two exact stages (the keys are unique, so the
-    top-k of the segments' top-k is the top-k): ``torch.topk`` over ``[B · S/segment, segment]`` keeps one row
-    per GPU block busy even at batch 1, then over ``[B, S/segment · topk]``. ``None``: one ``torch.topk`` over
-    ``[B, S]``. Other arguments as :func:`indexer_scores_decode`.
+    Scores ``[B, S]`` come from ``_decode_scores_kernel``; :func:`~vllm_indexcache.ops.topk.triton.topk_rows`
+    selects over each row's first ``seq_lens[b]`` entries on the device (work follows the real lengths, not
+    ``S``). With ``max_len`` given (e.g. ``block_table.shape[1] · block_size``) the whole call has fixed shapes and
+    no host synchronisation: it can be captured in a CUDA graph (the INDEXCACHE Triton fallback's decode graphs).
+    Other arguments as :func:`indexer_scores_decode`.
     """
-    S_max = max_len if max_len is not None else (int(seq_lens.max()) if q.shape[0] else 0)
-    seg = segment if segment and S_max > 2 * segment and topk <= segment // 2 else None
-    if seg:  # score up to a multiple of the segment: the extra positions are past seq_len, keys of -inf
-        S_max = triton.cdiv(S_max, seg) * seg
-    keys = _decode_launch(q, k_cache, weights, block_table, seq_lens, block_size, S_max, keys=True)
-    B, S = keys.shape
-    out = torch.full((B, topk), -1, dtype=torch.int32, device=q.device)
-    kk = min(topk, S)
-    if B == 0 or kk == 0:
-        return out
-    if seg:  # two stages: top-k of each segment (many rows in parallel), then of the B · (S/seg) · k survivors
-        keys = torch.topk(keys.view(B * (S // seg), seg), kk, dim=1, sorted=False).values.view(B, -1)
-    top = torch.topk(keys, kk, dim=1, sorted=True).values
-    pos = (4294967295 - (top & 4294967295)).to(torch.int32)
-    visible = torch.arange(kk, device=q.device)[None, :] < seq_lens.to(torch.int64)[:, None]
-    out[:, :kk] = torch.where(visible, pos, -1)
-    return out
+    scores = _decode_launch(q, k_cache, weights, block_table, seq_lens, block_size, max_len)
+    return topk_rows(scores, seq_lens, topk)
