@@ -11,11 +11,12 @@ sparse MLA 128 heads, latent 512 + rope 64; bf16; chunked prefill of 16384 token
    each tile/launch configuration of the sweep (and the default); each configuration is first checked against
    ``sparse_mla_naive`` on 4 tokens (max abs error), then timed. TFLOP/s = ``T·N·K·2·(L+R+L)`` / time.
 2. **Indexer prefill** (``ops/indexer/triton.py``): one 16384-row chunk at the end of a ``c``-token prompt against
-   its ``c`` keys: the scores kernel per configuration (causal TFLOP/s = visible pairs · 2·64·128 / time), then the
-   whole ``indexer_topk`` and its top-k part alone.
+   its ``c`` keys: the scores kernel per configuration on one row chunk (causal TFLOP/s = visible pairs ·
+   2·64·128 / time), then the whole ``indexer_topk``, and on the chunk's scores the radix-select top-k
+   (``ops/topk/triton.topk_rows``) beside ``torch.topk`` (unordered, ties arbitrary) for scale.
 3. **Indexer decode**: ``indexer_topk_decode`` at batch 1 and 32 over ``c``-token requests with the block table of a
-   131072 + 256 max-model-len engine (the fixed-shape graph path): the scores kernel and the ``torch.topk`` part,
-   and the whole call per first-stage segment length.
+   131072 + 256 max-model-len engine (the fixed-shape graph path): the whole call, the scores kernel, the radix
+   top-k, and ``torch.topk`` over the full fixed-width row (the previous top-k) for scale.
 
 Prefill times are CUDA-event medians of ``--repeats`` after two warm-ups; decode shapes (sparse MLA at ≤ 32 tokens,
 the decode indexer) are replayed from a CUDA graph as vLLM runs them (mean of 20 replays, median of ``--repeats``),
@@ -38,6 +39,7 @@ import torch  # noqa: E402
 from vllm_indexcache.ops.indexer import triton as ti  # noqa: E402
 from vllm_indexcache.ops.sparse_mla import triton as tm  # noqa: E402
 from vllm_indexcache.ops.sparse_mla.naive import sparse_mla_naive  # noqa: E402
+from vllm_indexcache.ops.topk.triton import topk_rows  # noqa: E402
 
 H_I, D_I, TOPK = 64, 128, 2048
 N, L, R = 128, 512, 64
@@ -108,7 +110,7 @@ def mla(repeats: int, sweep: list[dict]) -> list[dict]:
         qp = torch.randn(T, N, R, device="cuda", generator=g).to(BF)
         sl = torch.randint(0, slots_n, (T, TOPK), device="cuda", generator=g, dtype=torch.int32)
         ref = sparse_mla_naive(ql[:4].float(), qp[:4].float(), kv.float(), sl[:4], 192 ** -0.5)
-        cfgs = [dict(tm.DEFAULT_CONFIG)] + sweep
+        cfgs = [dict(tm.SMALL_BATCH_CONFIG if T <= tm.SMALL_BATCH_TOKENS else tm.DEFAULT_CONFIG)] + sweep
         if T <= 32:  # decode: CUDA-graph replay, and the split-K count as a further knob
             cfgs = [{**c, "splits": n} for c in cfgs for n in (MLA_SPLITS if sweep else [None])]
         for cfg in cfgs:
@@ -135,32 +137,29 @@ def indexer_prefill(c: int, repeats: int, sweep: list[dict]) -> list[dict]:
     pos = torch.arange(c - T, c, device="cuda")
     pairs = float(pos.add(1).sum())
     rows = []
-    rows_per_chunk = max(1, min(T, (1 << 30) // (4 * (32768 + TOPK))))
+    rows_per_chunk = max(1, min(T, (1 << 30) // (4 * c)))       # indexer_topk's row chunk (1 GiB of scores)
     sub = q[:rows_per_chunk]
     for cfg in [dict(ti.PREFILL_CONFIG)] + sweep:
         try:
             t = timed(ti._prefill_scores_chunk, repeats, sub, k, w[:rows_per_chunk], pos[:rows_per_chunk], 0,
-                      min(c, 32768), **cfg)
+                      c, **cfg)
         except Exception as e:
             rows.append({"op": "scores_kernel", "context": c, **cfg, "error": str(e).splitlines()[0][:200]})
             print(rows[-1], flush=True)
             continue
-        vis = float(torch.clamp(pos[:rows_per_chunk] + 1, max=min(c, 32768)).sum())
+        vis = float((pos[:rows_per_chunk] + 1).sum())
         rows.append({"op": "scores_kernel", "context": c, "rows": rows_per_chunk, **cfg, "ms": t * 1e3,
                      "causal_tflops": vis * 2 * H_I * D_I / t / 1e12,
-                     "dense_tflops": rows_per_chunk * min(c, 32768) * 2 * H_I * D_I / t / 1e12})
+                     "dense_tflops": rows_per_chunk * c * 2 * H_I * D_I / t / 1e12})
         print(rows[-1], flush=True)
     t_all = timed(ti.indexer_topk, repeats, q, k, w, pos, TOPK)
-    sc = ti._prefill_scores_chunk(sub, k, w[:rows_per_chunk], pos[:rows_per_chunk], 0, min(c, 32768))
-    ids = torch.arange(sc.shape[1], device="cuda").expand(sc.shape[0], -1)
-    t_topk = timed(ti._topk_exact, repeats, sc, ids, TOPK)
-    v, i = ti._topk_exact(sc, ids, TOPK)
-    t_fin = timed(ti._finalize, repeats, v, i, pos[:rows_per_chunk], TOPK)
+    sc = ti._prefill_scores_chunk(sub, k, w[:rows_per_chunk], pos[:rows_per_chunk], 0, c)
+    t_topk = timed(topk_rows, repeats, sc, pos[:rows_per_chunk], TOPK, len_offset=1)
     t_raw = timed(torch.topk, repeats, sc, TOPK, dim=1, sorted=False)
     rows.append({"op": "indexer_topk", "context": c, "rows": T, "ms": t_all * 1e3,
                  "causal_tflops": pairs * 2 * H_I * D_I / t_all / 1e12,
-                 "chunk_rows": rows_per_chunk, "chunk_topk_exact_ms": t_topk * 1e3,
-                 "chunk_torch_topk_ms": t_raw * 1e3, "chunk_finalize_ms": t_fin * 1e3})
+                 "chunk_rows": rows_per_chunk, "chunk_radix_topk_ms": t_topk * 1e3,
+                 "chunk_torch_topk_ms": t_raw * 1e3})
     print(rows[-1], flush=True)
     return rows
 
@@ -180,14 +179,12 @@ def indexer_decode(c: int, repeats: int) -> list[dict]:
         w = torch.randn(B, H_I, device="cuda", generator=g)
         S = max_blocks * bs
         t_all = timed_graph(ti.indexer_topk_decode, repeats, q, kc, w, bt, lens, bs, TOPK, max_len=S)
-        t_sc = timed_graph(ti._decode_launch, repeats, q, kc, w, bt, lens, bs, S, keys=True)
-        keys = ti._decode_launch(q, kc, w, bt, lens, bs, S, keys=True)
-        t_tk = timed_graph(torch.topk, repeats, keys, TOPK, dim=1, sorted=True)
-        seg = {f"segment_{n}_ms": 1e3 * timed_graph(ti.indexer_topk_decode, repeats, q, kc, w, bt, lens, bs, TOPK,
-                                                          max_len=S, segment=n)
-               for n in (8192, 16384, 32768, None)}
+        t_sc = timed_graph(ti._decode_launch, repeats, q, kc, w, bt, lens, bs, S)
+        scores = ti._decode_launch(q, kc, w, bt, lens, bs, S)
+        t_tk = timed_graph(topk_rows, repeats, scores, lens, TOPK)
+        t_raw = timed_graph(torch.topk, repeats, scores, TOPK, dim=1, sorted=False)
         rows.append({"op": "indexer_topk_decode", "context": c, "batch": B, "scored": S, "ms": t_all * 1e3,
-                     "scores_ms": t_sc * 1e3, "torch_topk_ms": t_tk * 1e3, **seg})
+                     "scores_ms": t_sc * 1e3, "radix_topk_ms": t_tk * 1e3, "torch_topk_full_row_ms": t_raw * 1e3})
         print(rows[-1], flush=True)
     return rows
 

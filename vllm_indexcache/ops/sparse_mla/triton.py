@@ -12,8 +12,9 @@ block (the MQA structure of absorbed MLA: one latent "head" shared by every quer
 kernel — every query token carries its own slot list. When the tokens × head blocks do not fill the GPU (decode),
 the slot list is split across ``splits`` programs (split-K, FlashDecoding style): each writes its normalised
 partial output and log2-sum-exp, and a second kernel combines them. A token without valid slots gets zeros, as
-the reference. Tile defaults (:data:`DEFAULT_CONFIG`) are the fastest of ``scripts/profile_triton_h200.py`` on an
-H200 (docs/benchmarks.md §8).
+the reference. Tile defaults (:data:`DEFAULT_CONFIG`; :data:`SMALL_BATCH_CONFIG` for at most
+:data:`SMALL_BATCH_TOKENS` tokens) are the fastest of ``scripts/profile_triton_h200.py`` on an H200
+(docs/benchmarks.md §8).
 Used by the CUDA Triton fallback of the INDEXCACHE backend (:mod:`vllm_indexcache.vllm_glue.cuda.sparse_mla`); the CPU
 backend uses :mod:`.cpu`.
 """
@@ -34,12 +35,16 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-__all__ = ["sparse_mla", "DEFAULT_CONFIG"]
+__all__ = ["sparse_mla", "DEFAULT_CONFIG", "SMALL_BATCH_CONFIG", "SMALL_BATCH_TOKENS"]
 
 _LOG2E = 1.4426950408889634
 
 #: Tile and launch options of :func:`sparse_mla` (heads × slots per program, warps, pipeline stages).
 DEFAULT_CONFIG = {"block_n": 64, "block_k": 64, "num_warps": 8, "num_stages": 3}
+#: The options for batches of at most :data:`SMALL_BATCH_TOKENS` query tokens (decode at batch 1: smaller tiles
+#: give more programs to split over; 0.015 against 0.021 ms per layer at one token in the H200 profile).
+SMALL_BATCH_CONFIG = {"block_n": 16, "block_k": 32, "num_warps": 4, "num_stages": 2}
+SMALL_BATCH_TOKENS = 4
 
 
 @triton.jit
@@ -132,11 +137,14 @@ def _cuda_sms(index: int) -> int:
 
 
 def _num_splits(programs: int, K: int, block_k: int, sms: int) -> int:
-    """Key splits so that about two waves of programs fill the GPU (decode: few tokens × head blocks); each split
-    keeps at least two ``block_k`` tiles. 1 when the tokens alone fill it (prefill)."""
+    """Key splits so that about two waves of programs fill the GPU (decode: few tokens × head blocks), rounded down
+    to a power of two (equal splits of a power-of-two top-k: 4 splits ran 0.106 ms where 5 ran 0.121 ms at 32
+    tokens on the H200); each split keeps at least two ``block_k`` tiles. 1 when the tokens alone fill it
+    (prefill)."""
     if programs >= sms:
         return 1
-    return max(1, min(-(-2 * sms // programs), K // (2 * block_k)))
+    n = max(1, min(-(-2 * sms // programs), K // (2 * block_k)))
+    return 1 << (n.bit_length() - 1)
 
 
 def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor,
@@ -153,7 +161,8 @@ def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
         slots: ``[T, K]`` integer global slot ids, ``-1`` = none.
         softmax_scale: multiplies the logits.
         block_n, block_k, num_warps, num_stages: tile of heads × slots per program and Triton launch options;
-            ``None`` = the defaults of :data:`DEFAULT_CONFIG`.
+            ``None`` = the defaults of :data:`DEFAULT_CONFIG` (:data:`SMALL_BATCH_CONFIG` for
+            ``T <= SMALL_BATCH_TOKENS``).
         splits: programs per (token, head block) along the K slots (split-K, combined by log-sum-exp in a second
             kernel); ``None`` = chosen from the shapes so that small batches (decode) fill the GPU. Depends only
             on shapes, so the call stays capturable in a CUDA graph.
@@ -168,7 +177,7 @@ def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     T, N, L = q_latent.shape
     R = q_pe.shape[2]
     K = slots.shape[1]
-    cfg = dict(DEFAULT_CONFIG)
+    cfg = dict(SMALL_BATCH_CONFIG if T <= SMALL_BATCH_TOKENS else DEFAULT_CONFIG)
     for key, val in (("block_n", block_n), ("block_k", block_k), ("num_warps", num_warps),
                      ("num_stages", num_stages)):
         if val is not None:
