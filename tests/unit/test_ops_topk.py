@@ -1,8 +1,8 @@
 """The exact radix-select top-k (``ops/topk/triton.py``) against its naive reference (``TRITON_INTERPRET=1`` on CPU).
 
 Rows with many ties at the k-th score (small integers, ``-0.0`` beside ``+0.0``), valid prefixes shorter than,
-equal to and longer than ``topk`` (and empty), several programs per row (segments), and the ``len_offset`` of the
-prefill path (``lens`` = last visible position).
+equal to and longer than ``topk`` (and empty), one and several programs per row (segments), and the
+``len_offset`` of the prefill path (``lens`` = last visible position).
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def _scores(kind: str, R: int, N: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "signed_zeros"])
-@pytest.mark.parametrize("segment,block,len_offset", [(None, 16, 0), (32, 16, 0), (64, 32, 1), (128, 64, -3)])
+@pytest.mark.parametrize("segment,block,len_offset", [(None, 16, 0), (32, 16, 0), (64, 32, 1), (128, 64, -3),
+                                                          (320, 64, 1)])
 def test_topk_rows_equals_naive(kind, segment, block, len_offset):
     R, N, topk = 7, 300, 20
     x = _scores(kind, R, N)

@@ -10,7 +10,7 @@ vLLM's ``top_k_per_row`` CUDA op, ``csrc/sampler.cu``), written so that its resu
    score and how many of the keys equal to ``τ`` are taken (``_hist_kernel``: each program histograms its
    segment of the row, ``tl.atomic_add`` merges the programs of a row; every later pass re-derives the prefix
    from the earlier histograms, so there is no host read and no extra kernel);
-3. ``_count_kernel`` counts, per segment, the keys above and equal to ``τ``;
+3. ``_count_kernel`` counts, per segment, the keys above and equal to ``τ`` (skipped with one segment per row);
 4. ``_scatter_kernel`` writes the positions of the keys above ``τ`` and of the first remaining keys equal to ``τ``
    (lowest positions win the tie), each segment at its exclusive prefix of the counts: the result lists positions
    in ascending order.
@@ -21,6 +21,7 @@ depend only on ``[R, N]`` (valid lengths are read on the device), so the call ca
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -161,7 +162,7 @@ def _segments(R: int, N: int, block: int, device: torch.device) -> int:
 
 
 def topk_rows(scores: torch.Tensor, lens: torch.Tensor, topk: int, len_offset: int = 0, block: int = 1024,
-              segment: int | None = None) -> torch.Tensor:
+              segment: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Top-k positions of each row's valid prefix, exact (same result as
     :func:`~vllm_indexcache.ops.topk.naive.topk_rows_naive`).
 
@@ -174,6 +175,7 @@ def topk_rows(scores: torch.Tensor, lens: torch.Tensor, topk: int, len_offset: i
         block: entries per program iteration (power of two).
         segment: entries per program along a row (a multiple of ``block``); ``None`` = chosen from ``[R, N]`` and
             the GPU's SM count.
+        num_warps: Triton launch option of the kernels (``None``: Triton's default, 4).
 
     Returns:
         ``[R, topk]`` int32 positions of the ``min(topk, n_r)`` largest scores (ties towards the lower position) in
@@ -200,8 +202,11 @@ def topk_rows(scores: torch.Tensor, lens: torch.Tensor, topk: int, len_offset: i
     cnt = torch.empty((R, P, 2), dtype=torch.int32, device=scores.device)
     grid = (R, P)
     args = (scores, scores.stride(0), lens, len_offset, N, topk, seg, hist)
+    launch = {"num_warps": num_warps} if num_warps and os.environ.get("TRITON_INTERPRET") != "1" else {}
     for pass_ in range(_PASSES):
-        _hist_kernel[grid](*args, PASS=pass_, BLOCK=block)
-    _count_kernel[grid](*args, cnt, P, BLOCK=block)
-    _scatter_kernel[grid](*args, cnt, P, out, out.stride(0), BLOCK=block, P_POW2=max(2, triton.next_power_of_2(P)))
+        _hist_kernel[grid](*args, PASS=pass_, BLOCK=block, **launch)
+    if P > 1:  # one segment per row: the scatter needs no counts of earlier segments
+        _count_kernel[grid](*args, cnt, P, BLOCK=block, **launch)
+    _scatter_kernel[grid](*args, cnt, P, out, out.stride(0), BLOCK=block, P_POW2=max(2, triton.next_power_of_2(P)),
+                          **launch)
     return out
