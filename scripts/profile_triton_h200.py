@@ -18,6 +18,9 @@ sparse MLA 128 heads, latent 512 + rope 64; bf16; chunked prefill of 16384 token
    131072 + 256 max-model-len engine (the fixed-shape graph path): the whole call, the scores kernel, the radix
    top-k, and ``torch.topk`` over the full fixed-width row (the previous top-k) for scale.
 
+4. **Top-k sweep** (``--parts topk``): ``topk_rows`` per ``block`` × ``num_warps`` (and segment rule) on the
+   prefill chunk shapes (``[rows of 1 GiB, c]`` causal) and the decode rows (batch 1 and 32 × 131,328, graphs).
+
 Prefill times are CUDA-event medians of ``--repeats`` after two warm-ups; decode shapes (sparse MLA at ≤ 32 tokens,
 the decode indexer) are replayed from a CUDA graph as vLLM runs them (mean of 20 replays, median of ``--repeats``),
 so that host launch cost does not count. Writes ``profile_triton.json`` to ``--out``.
@@ -189,6 +192,42 @@ def indexer_decode(c: int, repeats: int) -> list[dict]:
     return rows
 
 
+TOPK_SWEEP = [dict(block=b, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8, 16)]
+
+
+def topk_sweep(c: int, repeats: int) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(3)
+    rows = []
+    R = max(1, min(CHUNK, (1 << 30) // (4 * c)))
+    pre = torch.randn(R, c, device="cuda", generator=g)
+    pos = torch.arange(c - R, c, device="cuda")
+    ref = topk_rows(pre, pos, TOPK, len_offset=1)
+    for cfg in TOPK_SWEEP:
+        try:
+            same = bool(torch.equal(topk_rows(pre, pos, TOPK, len_offset=1, **cfg), ref))
+            t = timed(topk_rows, repeats, pre, pos, TOPK, len_offset=1, **cfg)
+        except Exception as e:
+            rows.append({"op": "topk_prefill", "context": c, **cfg, "error": str(e).splitlines()[0][:200]})
+            continue
+        rows.append({"op": "topk_prefill", "context": c, "rows": R, **cfg, "ms": t * 1e3, "same": same,
+                     "GB_per_s_one_pass": float((pos + 1).sum()) * 4 / t / 1e9})
+        print(rows[-1], flush=True)
+    del pre
+    for B in (1, 32):
+        dec = torch.randn(B, MAX_LEN, device="cuda", generator=g)
+        lens = torch.full((B,), c, device="cuda")
+        for cfg in TOPK_SWEEP:
+            try:
+                t = timed_graph(topk_rows, repeats, dec, lens, TOPK, **cfg)
+            except Exception as e:
+                rows.append({"op": "topk_decode", "context": c, "batch": B, **cfg,
+                             "error": str(e).splitlines()[0][:200]})
+                continue
+            rows.append({"op": "topk_decode", "context": c, "batch": B, **cfg, "ms": t * 1e3})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -216,18 +255,20 @@ def main() -> int:
             save(indexer_prefill(c, a.repeats, [] if a.quick else SCORE_SWEEP))
         if "decode" in parts:
             save(indexer_decode(c, a.repeats))
+        if "topk" in parts:
+            save(topk_sweep(c, a.repeats))
     summary(rows)
     return 0
 
 
 def summary(rows: list[dict]) -> None:
     """Print the fastest configuration per shape (the defaults of the kernels are set from these)."""
-    keys = ("block_n", "block_k", "num_warps", "num_stages", "splits", "block_t", "block_s")
+    keys = ("block_n", "block_k", "num_warps", "num_stages", "splits", "block_t", "block_s", "block", "batch")
     groups: dict = {}
     for r in rows:
-        if "ms" in r and r["op"] in ("sparse_mla", "scores_kernel"):
-            groups.setdefault((r["op"], r.get("tokens", r.get("context"))), []).append(r)
-    for (op, size), rs in groups.items():
+        if "ms" in r and r["op"] in ("sparse_mla", "scores_kernel", "topk_prefill", "topk_decode"):
+            groups.setdefault((r["op"], r.get("tokens", r.get("context")), r.get("batch")), []).append(r)
+    for (op, size, _), rs in groups.items():
         best = min(rs, key=lambda r: r["ms"])
         print(f"BEST {op} {size}: {best['ms']:.4f} ms (default {rs[0]['ms']:.4f}) "
               f"{ {k: best[k] for k in keys if k in best} }", flush=True)
