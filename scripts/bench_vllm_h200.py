@@ -222,7 +222,10 @@ def run_config(a, name: str) -> dict | None:
         if "IndexCache" in line or "KV cache size" in line or line.startswith(f"[{name}]"):
             print("   ", line[-200:], flush=True)
     if p.returncode != 0 or not out.is_file():
-        print("\n".join(lines[-30:]), flush=True)
+        # the engine core's root cause sits above the launcher's traceback: its error lines first, then the tail
+        causes = [ln for ln in lines[:-30] if "Error" in ln or "error:" in ln][-20:]
+        print("\n".join(causes + ["..."] + lines[-30:]), flush=True)
+        print(f"full log: {log}", flush=True)
         return None
     return json.loads(out.read_text())
 
