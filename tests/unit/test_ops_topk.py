@@ -6,21 +6,12 @@ equal to and longer than ``topk`` (and empty), one and several programs per row 
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from tritonkit import DEV  # sets TRITON_INTERPRET (no GPU) before vllm_indexcache imports Triton
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
-
-from vllm_indexcache.ops.topk.naive import to_ascending, topk_rows_naive  # noqa: E402
-from vllm_indexcache.ops.topk.triton import topk_rows  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+from vllm_indexcache.ops.topk.naive import to_ascending, topk_rows_naive
+from vllm_indexcache.ops.topk.triton import topk_rows
 
 
 def _scores(kind: str, R: int, N: int) -> torch.Tensor:

@@ -1,29 +1,20 @@
 """Triton kernels (``ops/*/triton.py``) against the naive references.
 
-On a machine without a CUDA GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set here before
-the kernels are imported; it executes each program with numpy, so shapes are kept small). With a GPU they run on it.
+On a machine without a CUDA GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set by
+``tests/tritonkit.py`` before the kernels are imported; it executes each program with numpy, so shapes are kept
+small). With a GPU they run on it.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from tritonkit import DEV  # sets TRITON_INTERPRET (no GPU) before vllm_indexcache imports Triton
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"   # must precede importing triton (its own @jit helpers such as tl.zeros)
-triton = pytest.importorskip("triton")
-
-from vllm_indexcache.ops.indexer import triton as tri_idx  # noqa: E402
-from vllm_indexcache.ops.indexer.naive import indexer_scores_naive, indexer_topk_naive  # noqa: E402
-from vllm_indexcache.ops.sparse_mla import triton as tri_mla  # noqa: E402
-from vllm_indexcache.ops.sparse_mla.naive import sparse_mla_naive  # noqa: E402
-from vllm_indexcache.ops.topk.naive import to_ascending  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1",
-                allow_module_level=True)
+from vllm_indexcache.ops.indexer import triton as tri_idx
+from vllm_indexcache.ops.indexer.naive import indexer_scores_naive, indexer_topk_naive
+from vllm_indexcache.ops.sparse_mla import triton as tri_mla
+from vllm_indexcache.ops.sparse_mla.naive import sparse_mla_naive
+from vllm_indexcache.ops.topk.naive import to_ascending
 
 
 def _check_topk(got: torch.Tensor, scores: torch.Tensor, pos: torch.Tensor, topk: int, ref: torch.Tensor) -> None:

@@ -8,25 +8,15 @@
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from pagedkit import mixed_batch
+from tritonkit import DEV  # sets TRITON_INTERPRET (no GPU) before vllm_indexcache imports Triton
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
-
-from pagedkit import mixed_batch  # noqa: E402
-
-from vllm_indexcache.ops.indexer import triton as tri_idx  # noqa: E402
-from vllm_indexcache.ops.indexer.naive import indexer_scores_naive, indexer_topk_naive  # noqa: E402
-from vllm_indexcache.ops.indexer.paged_triton import paged_indexer_step  # noqa: E402
-from vllm_indexcache.ops.topk.naive import to_ascending  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+from vllm_indexcache.ops.indexer import triton as tri_idx
+from vllm_indexcache.ops.indexer.naive import indexer_scores_naive, indexer_topk_naive
+from vllm_indexcache.ops.indexer.paged_triton import paged_indexer_step
+from vllm_indexcache.ops.topk.naive import to_ascending
 
 
 def _same_selection(got: torch.Tensor, q, keys, w, pos, topk: int) -> None:

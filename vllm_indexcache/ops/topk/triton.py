@@ -59,18 +59,18 @@ def _walk(hist_row, k, PASSES: tl.constexpr):
 
 
 @triton.jit
-def _row_len(len_ptr, r, len_offset, N):
-    return tl.minimum(tl.maximum(tl.load(len_ptr + r).to(tl.int32) + len_offset, 0), N)
+def _segment(len_ptr, len_offset, N, SEG):
+    """This program's row ``r``, the row's valid length ``n`` and its segment ``[lo, hi)`` of it."""
+    r = tl.program_id(0)
+    n = tl.minimum(tl.maximum(tl.load(len_ptr + r).to(tl.int32) + len_offset, 0), N)
+    lo = tl.program_id(1) * SEG
+    return r, n, lo, tl.minimum(lo + SEG, n)
 
 
 @triton.jit
 def _hist_kernel(x_ptr, stride_x, len_ptr, len_offset, N, K, SEG, hist_ptr,
                  PASS: tl.constexpr, BLOCK: tl.constexpr):
-    r = tl.program_id(0)
-    p = tl.program_id(1)
-    n = _row_len(len_ptr, r, len_offset, N)
-    lo = p * SEG
-    hi = tl.minimum(lo + SEG, n)
+    r, n, lo, hi = _segment(len_ptr, len_offset, N, SEG)
     if (n > K) & (lo < hi):
         hist_row = hist_ptr + r.to(tl.int64) * (4 * 256)
         prefix, remaining = _walk(hist_row, K, PASS)
@@ -93,11 +93,7 @@ def _hist_kernel(x_ptr, stride_x, len_ptr, len_offset, N, K, SEG, hist_ptr,
 @triton.jit
 def _count_kernel(x_ptr, stride_x, len_ptr, len_offset, N, K, SEG, hist_ptr, cnt_ptr, P,
                   BLOCK: tl.constexpr):
-    r = tl.program_id(0)
-    p = tl.program_id(1)
-    n = _row_len(len_ptr, r, len_offset, N)
-    lo = p * SEG
-    hi = tl.minimum(lo + SEG, n)
+    r, n, lo, hi = _segment(len_ptr, len_offset, N, SEG)
     gt = 0
     eq = 0
     if n > K:
@@ -109,7 +105,7 @@ def _count_kernel(x_ptr, stride_x, len_ptr, len_offset, N, K, SEG, hist_ptr, cnt
             u = _key(tl.load(row + offs, mask=m, other=0.0))
             gt += tl.sum((m & (u > tau)).to(tl.int32), 0)
             eq += tl.sum((m & (u == tau)).to(tl.int32), 0)
-    cnt = cnt_ptr + (r.to(tl.int64) * P + p) * 2
+    cnt = cnt_ptr + (r.to(tl.int64) * P + tl.program_id(1)) * 2
     tl.store(cnt, gt)
     tl.store(cnt + 1, eq)
 
@@ -117,11 +113,7 @@ def _count_kernel(x_ptr, stride_x, len_ptr, len_offset, N, K, SEG, hist_ptr, cnt
 @triton.jit
 def _scatter_kernel(x_ptr, stride_x, len_ptr, len_offset, N, K, SEG, hist_ptr, cnt_ptr, P, out_ptr, stride_o,
                     BLOCK: tl.constexpr, P_POW2: tl.constexpr):
-    r = tl.program_id(0)
-    p = tl.program_id(1)
-    n = _row_len(len_ptr, r, len_offset, N)
-    lo = p * SEG
-    hi = tl.minimum(lo + SEG, n)
+    r, n, lo, hi = _segment(len_ptr, len_offset, N, SEG)
     out_row = out_ptr + r.to(tl.int64) * stride_o
     if n <= K:  # every valid position is selected
         for start in range(lo, hi, BLOCK):
@@ -130,7 +122,7 @@ def _scatter_kernel(x_ptr, stride_x, len_ptr, len_offset, N, K, SEG, hist_ptr, c
     else:
         tau, remaining = _walk(hist_ptr + r.to(tl.int64) * (4 * 256), K, 4)
         j = tl.arange(0, P_POW2)
-        before = j < p
+        before = j < tl.program_id(1)
         cnt = cnt_ptr + r.to(tl.int64) * P * 2 + j * 2
         taken = tl.sum(tl.load(cnt, mask=before, other=0), 0)
         ties = tl.sum(tl.load(cnt + 1, mask=before, other=0), 0)
