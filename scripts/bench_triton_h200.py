@@ -147,7 +147,7 @@ def per_layer(c: int, repeats: int) -> dict:
     rows = min(4096, c)
     full = torch.full((rows,), c - 1, device=DEV, dtype=torch.int64)
     wr = w[:rows].contiguous()
-    t_sc = timed(lambda: ti._prefill_scores_chunk(q[:rows], k, wr, full, 0, c), repeats)
+    t_sc = timed(lambda: ti._prefill_scores_chunk(q[:rows], k, wr, full, c), repeats)
     res["scores_kernel_tflops"] = 2 * rows * c * H_I * D_I / t_sc / 1e12
     q = k = w = None  # free the GPU memory before the sparse MLA part
     # sparse MLA prefill: per-token cost on min(c, 16384) tokens

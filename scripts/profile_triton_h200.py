@@ -144,8 +144,8 @@ def indexer_prefill(c: int, repeats: int, sweep: list[dict]) -> list[dict]:
     sub = q[:rows_per_chunk]
     for cfg in [dict(ti.PREFILL_CONFIG)] + sweep:
         try:
-            t = timed(ti._prefill_scores_chunk, repeats, sub, k, w[:rows_per_chunk], pos[:rows_per_chunk], 0,
-                      c, **cfg)
+            t = timed(ti._prefill_scores_chunk, repeats, sub, k, w[:rows_per_chunk], pos[:rows_per_chunk], c,
+                      **cfg)
         except Exception as e:
             rows.append({"op": "scores_kernel", "context": c, **cfg, "error": str(e).splitlines()[0][:200]})
             print(rows[-1], flush=True)
@@ -156,7 +156,7 @@ def indexer_prefill(c: int, repeats: int, sweep: list[dict]) -> list[dict]:
                      "dense_tflops": rows_per_chunk * c * 2 * H_I * D_I / t / 1e12})
         print(rows[-1], flush=True)
     t_all = timed(ti.indexer_topk, repeats, q, k, w, pos, TOPK)
-    sc = ti._prefill_scores_chunk(sub, k, w[:rows_per_chunk], pos[:rows_per_chunk], 0, c)
+    sc = ti._prefill_scores_chunk(sub, k, w[:rows_per_chunk], pos[:rows_per_chunk], c)
     t_topk = timed(topk_rows, repeats, sc, pos[:rows_per_chunk], TOPK, len_offset=1)
     t_raw = timed(torch.topk, repeats, sc, TOPK, dim=1, sorted=False)
     rows.append({"op": "indexer_topk", "context": c, "rows": T, "ms": t_all * 1e3,

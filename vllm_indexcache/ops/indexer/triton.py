@@ -50,26 +50,26 @@ __all__ = ["indexer_scores", "indexer_topk", "indexer_scores_decode", "indexer_t
 
 
 @triton.jit
-def _prefill_scores_kernel(q_ptr, k_ptr, w_ptr, pos_ptr, out_ptr, T, S_chunk, key_start, H,
+def _prefill_scores_kernel(q_ptr, k_ptr, w_ptr, pos_ptr, out_ptr, T, S, H,
                            stride_qt, stride_qh, stride_ks, stride_wt, stride_ot,
                            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
                            PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)              # chunk-local key index
+    rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)              # key positions
     rd = tl.arange(0, BLOCK_D)
     t_mask = rt < T
-    s_mask = rs < S_chunk
+    s_mask = rs < S
     d_mask = rd < D
     pos = tl.load(pos_ptr + rt, mask=t_mask, other=-1)
-    kt = tl.load(k_ptr + (key_start + rs)[None, :] * stride_ks + rd[:, None],
+    kt = tl.load(k_ptr + rs[None, :] * stride_ks + rd[:, None],
                  mask=s_mask[None, :] & d_mask[:, None], other=0.0)                     # [BLOCK_D, BLOCK_S]
     if UPCAST:
         kt = kt.to(tl.float32)
     acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
     # causal tile skip: a tile whose first key lies past every row's position is all -inf (no head loop)
-    heads = tl.where(key_start + pid_s * BLOCK_S <= tl.max(pos, axis=0), H, 0)
+    heads = tl.where(pid_s * BLOCK_S <= tl.max(pos, axis=0), H, 0)
     for h in range(0, heads):
         qh = tl.load(q_ptr + rt[:, None] * stride_qt + h * stride_qh + rd[None, :],
                      mask=t_mask[:, None] & d_mask[None, :], other=0.0)                  # [BLOCK_T, BLOCK_D]
@@ -78,7 +78,7 @@ def _prefill_scores_kernel(q_ptr, k_ptr, w_ptr, pos_ptr, out_ptr, T, S_chunk, ke
             qh = qh.to(tl.float32)
         logit = tl.dot(qh, kt, out_dtype=tl.float32, input_precision=PREC)
         acc += tl.maximum(logit, 0.0) * wh[:, None]
-    visible = (key_start + rs)[None, :] <= pos[:, None]
+    visible = rs[None, :] <= pos[:, None]
     acc = tl.where(visible, acc, float("-inf"))
     tl.store(out_ptr + rt[:, None] * stride_ot + rs[None, :], acc, mask=t_mask[:, None] & s_mask[None, :])
 
@@ -121,13 +121,13 @@ def _pow2(n: int, lo: int = 16) -> int:
 PREFILL_CONFIG = {"block_t": 64, "block_s": 128, "num_warps": 4, "num_stages": 3}
 
 
-def _prefill_scores_chunk(q, k, w, pos, key_start: int, key_len: int, **config) -> torch.Tensor:
+def _prefill_scores_chunk(q, k, w, pos, key_len: int, **config) -> torch.Tensor:
     T, H, D = q.shape
     cfg = {**PREFILL_CONFIG, **config}
     out = torch.empty((T, key_len), dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(T, cfg["block_t"]), triton.cdiv(key_len, cfg["block_s"]))
     launch = {} if _upcast() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    _prefill_scores_kernel[grid](q, k, w, pos, out, T, key_len, key_start, H,
+    _prefill_scores_kernel[grid](q, k, w, pos, out, T, key_len, H,
                                  q.stride(0), q.stride(1), k.stride(0), w.stride(0), out.stride(0),
                                  D=D, BLOCK_D=_pow2(D), BLOCK_T=cfg["block_t"], BLOCK_S=cfg["block_s"],
                                  PREC=_prec(q.dtype), UPCAST=_upcast(), **launch)
@@ -145,7 +145,7 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_po
     """``[T, S]`` float32 scores (``-inf`` where invisible); the Triton counterpart of
     :func:`~vllm_indexcache.ops.indexer.naive.indexer_scores_naive`. Intended for tests and small shapes."""
     q, k, w, pos = _prep(q, k, weights, q_positions)
-    return _prefill_scores_chunk(q, k, w, pos, 0, k.shape[0])
+    return _prefill_scores_chunk(q, k, w, pos, k.shape[0])
 
 
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_positions: torch.Tensor, topk: int,
@@ -177,7 +177,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_posi
         b = min(T, a + rows)
         p = pos[a:b]
         last = min(S, int(p.max()) + 1)             # keys beyond are invisible to every row of this chunk
-        sc = _prefill_scores_chunk(q[a:b], k, w[a:b], p, 0, last)
+        sc = _prefill_scores_chunk(q[a:b], k, w[a:b], p, last)
         out[a:b] = topk_rows(sc, p, topk, len_offset=1)
     return out
 
