@@ -23,12 +23,11 @@ backend uses :mod:`.cpu`.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..gpu import interpreting
 from ..topk.triton import topk_rows
 from .naive import check_indexer_inputs
 
@@ -38,7 +37,7 @@ def _upcast() -> bool:
     errors of 1e10 on unit-scale inputs); there the kernels upcast the tiles to fp32 first, which gives the same
     result as bf16 × bf16 products accumulated in fp32 (every bf16 product is exact in fp32). Compiled kernels on a GPU
     keep the input dtype."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return interpreting()
 
 
 def _prec(dtype: torch.dtype) -> str:

@@ -20,13 +20,11 @@ backend uses :mod:`.cpu`.
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..gpu import interpreting, num_sms
 from .naive import check_sparse_mla_inputs
 
 
@@ -124,18 +122,6 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, N, stride_ot, stride_on, SPLITS:
     tl.store(out_ptr + t * stride_ot + n * stride_on + rl, out.to(out_ptr.dtype.element_ty), mask=rl < L)
 
 
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (4 for the interpreter on CPU: splits still get exercised)."""
-    if device.type != "cuda":
-        return 4
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _num_splits(programs: int, K: int, block_k: int, sms: int) -> int:
     """Key splits so that about two waves of programs fill the GPU (decode: few tokens × head blocks), rounded down
     to a power of two (equal splits of a power-of-two top-k: 4 splits ran 0.106 ms where 5 ran 0.121 ms at 32
@@ -192,7 +178,7 @@ def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
         return out
     n_blocks = triton.cdiv(N, bn)
     if splits is None:
-        splits = _num_splits(T * n_blocks, K, bk, _num_sms(ql.device))
+        splits = _num_splits(T * n_blocks, K, bk, num_sms(ql.device))
     k_per_split = triton.cdiv(triton.cdiv(max(K, 1), max(splits, 1)), bk) * bk
     splits = max(1, triton.cdiv(K, k_per_split))
     block_l = max(16, triton.next_power_of_2(L))
@@ -201,7 +187,7 @@ def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
         lse = torch.empty((T, splits, N), dtype=torch.float32, device=ql.device)
     else:
         part = lse = out   # unused
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    interp = interpreting()
     launch = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     _sparse_mla_kernel[(T, n_blocks, splits)](
         ql, qp, kv, sl, out, part, lse, N, K, k_per_split, float(softmax_scale) * _LOG2E,

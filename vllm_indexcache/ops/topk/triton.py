@@ -20,13 +20,11 @@ depend only on ``[R, N]`` (valid lengths are read on the device), so the call ca
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..gpu import interpreting, num_sms
 from .naive import check_topk_inputs
 
 __all__ = ["topk_rows"]
@@ -140,16 +138,9 @@ def _scatter_kernel(x_ptr, stride_x, len_ptr, len_offset, N, K, SEG, hist_ptr, c
             ties += tl.sum(eq.to(tl.int32), 0)
 
 
-@functools.cache
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _segments(R: int, N: int, block: int, device: torch.device) -> int:
     """Segment length (a multiple of ``block``) so that about four programs per SM cover ``R`` rows."""
-    sms = _cuda_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
-    per_row = max(1, min(triton.cdiv(N, block), triton.cdiv(4 * sms, max(R, 1))))
+    per_row = max(1, min(triton.cdiv(N, block), triton.cdiv(4 * num_sms(device), max(R, 1))))
     return triton.cdiv(triton.cdiv(N, per_row), block) * block
 
 
@@ -194,7 +185,7 @@ def topk_rows(scores: torch.Tensor, lens: torch.Tensor, topk: int, len_offset: i
     cnt = torch.empty((R, P, 2), dtype=torch.int32, device=scores.device)
     grid = (R, P)
     args = (scores, scores.stride(0), lens, len_offset, N, topk, seg, hist)
-    launch = {"num_warps": num_warps} if num_warps and os.environ.get("TRITON_INTERPRET") != "1" else {}
+    launch = {"num_warps": num_warps} if num_warps and not interpreting() else {}
     for pass_ in range(_PASSES):
         _hist_kernel[grid](*args, PASS=pass_, BLOCK=block, **launch)
     if P > 1:  # one segment per row: the scatter needs no counts of earlier segments
