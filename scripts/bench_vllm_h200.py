@@ -3,7 +3,7 @@
 
 Model: DeepSeek-V3.2 attention geometry (hidden 7168, 128 MLA heads, q_lora_rank 1536, kv_lora_rank 512 + rope 64,
 qk_nope 128, v_head 128; lightning indexer 64 heads × 128, top-k 2048), ``--layers`` layers, each with a dense
-4096-wide SwiGLU MLP, vocabulary 16384, random bf16 weights (``vllm_indexcache.toy.build_toy_model`` on the GPU).
+4096-wide SwiGLU MLP, vocabulary 16384, random bf16 weights (``vllm_indexcache.tools.toy.build_toy_model`` on the GPU).
 
 Every configuration runs in its own process (fresh CUDA context, ``disable_log_stats=False`` so that
 ``RequestOutput.metrics`` carries engine timestamps; CUDA graphs on — vLLM's default — unless ``--eager``):
@@ -65,7 +65,7 @@ def pattern_for(ret: str, layers: int) -> str | None:
 
 
 def build_model(path: Path, layers: int, max_pos: int) -> Path:
-    from vllm_indexcache.toy import build_toy_model
+    from vllm_indexcache.tools.toy import build_toy_model
 
     if (path / "config.json").is_file():
         return path
@@ -81,7 +81,7 @@ def worker(a) -> int:
     """One engine, one configuration; writes JSON to ``a.json``."""
     from vllm import LLM, SamplingParams
 
-    from vllm_indexcache.bench.measure import _stats, _tpot, kv_capacity
+    from vllm_indexcache.tools.bench.measure import _stats, _tpot, kv_capacity
 
     kwargs = dict(model=str(a.model), skip_tokenizer_init=True, disable_log_stats=False, enforce_eager=a.eager,
                   max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_util, seed=0,

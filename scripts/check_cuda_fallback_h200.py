@@ -3,7 +3,8 @@
 Default: builds a random-weight 4-layer DeepseekV32ForCausalLM (DeepSeek-V3.2 MLA/indexer dims, hidden 1024, dense
 MLP, bf16, index_topk 2048) with transformers, then runs three processes (each a fresh CUDA context):
 
-* ``reference`` — transformers float32 on the GPU (``vllm_indexcache.reference``, ``ties="lower"``): teacher-forced
+* ``reference`` — transformers float32 on the GPU (``vllm_indexcache.tools.reference``, ``ties="lower"``):
+  teacher-forced
   prompt log-probs of 300/3000/9000-token prompts;
 * ``plugin`` — ``attention_backend="indexcache"``, ``VLLM_INDEXCACHE_KERNELS=triton``;
 * ``native`` — ``VLLM_PLUGINS=none``, vLLM's FlashMLA-sparse + DeepGEMM FP8 indexer (skipped by ``--skip-native``);
@@ -66,7 +67,7 @@ def configure_model(model_dir: str, pattern: str) -> None:
 def build_model(path: str) -> None:
     import torch
 
-    from vllm_indexcache.toy import build_toy_model
+    from vllm_indexcache.tools.toy import build_toy_model
 
     build_toy_model(path, "DeepseekV32ForCausalLM", num_layers=4, first_k_dense_replace=4, seed=0, tokenizer=False,
                     device="cuda", dtype="bfloat16", hidden_size=1024, intermediate_size=2816,
@@ -143,11 +144,11 @@ def _engine_prompt_logprobs(llm, SamplingParams, TokensPrompt) -> dict:
 
 
 def reference_worker(model: str, out_json: str) -> None:
-    """The same prompt log-probs from transformers in float32 (``vllm_indexcache.reference``, pattern PATTERN,
+    """The same prompt log-probs from transformers in float32 (``vllm_indexcache.tools.reference``, pattern PATTERN,
     ``ties="lower"``: this package's tie rule), on the GPU."""
     import torch
 
-    from vllm_indexcache.reference import load_reference, prompt_logprobs
+    from vllm_indexcache.tools.reference import load_reference, prompt_logprobs
 
     ref = load_reference(model, PATTERN, torch.float32, ties="lower").to("cuda")
     info = {"mode": "reference", "dtype": "float32",

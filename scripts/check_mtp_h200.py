@@ -10,7 +10,7 @@ both ``attention_backend="indexcache"``, ``enforce_eager=True``, ``disable_log_s
 every draft token; bf16 can flip a near-tie through the different batch shapes of verification, so the first
 differing position is reported too), and the acceptance rate ``vllm:spec_decode_num_accepted_tokens /
 vllm:spec_decode_num_draft_tokens`` from ``LLM.get_metrics()`` (the toy's MTP layer is an "echo" of the next-token
-embedding over a near-bigram backbone, ``vllm_indexcache.toy.make_mtp_echo``: on CPU float32 0.79 all-F / 0.68
+embedding over a near-bigram backbone, ``vllm_indexcache.tools.toy.make_mtp_echo``: on CPU float32 0.79 all-F / 0.68
 FSFS were accepted).
 
 Usage (vLLM 0.26 importable, this repo installed as a plugin):
@@ -34,7 +34,7 @@ VOCAB = 512
 
 
 def build_model(path: str, topk: int) -> None:
-    from vllm_indexcache.toy import build_toy_model, make_mtp_echo
+    from vllm_indexcache.tools.toy import build_toy_model, make_mtp_echo
 
     build_toy_model(path, "DeepseekV32ForCausalLM", num_layers=4, seed=0, tokenizer=False, dtype="bfloat16",
                     index_topk=topk, mtp_layers=1)

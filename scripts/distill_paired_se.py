@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vllm_indexcache.data.corpus import load_tokens  # noqa: E402
-from vllm_indexcache.distill.export import load_distilled  # noqa: E402
 from vllm_indexcache.patterns import uniform_pattern  # noqa: E402
-from vllm_indexcache.reference import load_reference  # noqa: E402
+from vllm_indexcache.tools.data.corpus import load_tokens  # noqa: E402
+from vllm_indexcache.tools.distill.export import load_distilled  # noqa: E402
+from vllm_indexcache.tools.reference import load_reference  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("model", help="the source model of the --compare run")

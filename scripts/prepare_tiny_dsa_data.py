@@ -8,7 +8,7 @@ Then, to carry the result to an accelerator machine: ``tar cJf .device/data.tar.
 import argparse
 import json
 
-from vllm_indexcache.data import corpus
+from vllm_indexcache.tools.data import corpus
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--raw", default="data/raw")

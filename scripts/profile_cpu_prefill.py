@@ -3,7 +3,7 @@
 
     PYTHONPATH=. python scripts/profile_cpu_prefill.py --model runs/bench-cpu/model --ctx 16384 [--out prof]
 
-Runs the benchmark's engine (``vllm_indexcache.bench``: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one torch thread,
+Runs the benchmark's engine (``vllm_indexcache.tools.bench``: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one torch thread,
 ``enforce_eager``, chunked prefill 4096, prefix caching on, the same engine settings as ``vllm-indexcache bench``)
 on the toy model (``toy:N`` builds it as the bench does, in ``--model``), warms up with one 64-token request, then
 runs one fresh ``--ctx``-token prompt (2 tokens generated) under ``cProfile`` and splits its TTFT into disjoint
@@ -75,7 +75,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from vllm import LLM, SamplingParams
 
-    from vllm_indexcache.bench.measure import IndexerProfiler, bench_engine_kwargs, build_bench_model
+    from vllm_indexcache.tools.bench.measure import IndexerProfiler, bench_engine_kwargs, build_bench_model
 
     model = a.model
     if model.startswith("toy:"):

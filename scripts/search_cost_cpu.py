@@ -4,7 +4,8 @@ projected from them (Algorithm 1 on 12 layers: 1 baseline + 66 candidate evaluat
 
     python scripts/search_cost_cpu.py examples/models/tiny-dsa --data data/tiny-dsa [--seq-len 2048 --num-seqs 8]
 
-Same calibration as ``python -m vllm_indexcache.search.table2`` (8 windows of 2048 tokens of train.u16), hf engine,
+Same calibration as ``python -m vllm_indexcache.tools.search.table2`` (8 windows of 2048 tokens of train.u16), hf
+engine,
 float32, torch's default threads. Prints one JSON object.
 """
 import argparse
@@ -15,9 +16,9 @@ import time
 
 import torch
 
-from vllm_indexcache.search import algorithm as alg
-from vllm_indexcache.search.scorers import HFScorer
-from vllm_indexcache.search.state import load_calibration
+from vllm_indexcache.tools.search import algorithm as alg
+from vllm_indexcache.tools.search.scorers import HFScorer
+from vllm_indexcache.tools.search.state import load_calibration
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,7 +29,7 @@ if __name__ == "__main__":
     p.add_argument("--objectives", default="lm-loss,long-lm,retrieval")
     a = p.parse_args()
     seqs = load_calibration(a.data, a.model, seq_len=a.seq_len, num_seqs=a.num_seqs)
-    from vllm_indexcache.reference import load_reference
+    from vllm_indexcache.tools.reference import load_reference
 
     model = load_reference(a.model, ties="lower")
     n = model.config.num_hidden_layers

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vllm_indexcache.data.corpus import load_tokens  # noqa: E402
+from vllm_indexcache.tools.data.corpus import load_tokens  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("model")

@@ -9,7 +9,7 @@
 
 Before each stage it measures throughput over a few steps (a scratch run, thrown away), sets the stage's ``steps``
 so the stage fits its budget (seconds), and records the result in ``<run_dir>/config.json``. Phase ``sparse``
-also evaluates the dense and the sparse model (``vllm_indexcache.training.evaluate``). Results go to ``--out``:
+also evaluates the dense and the sparse model (``vllm_indexcache.tools.training.evaluate``). Results go to ``--out``:
 the safetensors shards of the stage's export, and ``meta.tar.gz`` with config, logs, done.json, evaluations.
 """
 import argparse
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from vllm_indexcache.training.config import load_config  # noqa: E402
-from vllm_indexcache.training.trainer import run_stage, train  # noqa: E402
+from vllm_indexcache.tools.training.config import load_config  # noqa: E402
+from vllm_indexcache.tools.training.trainer import run_stage, train  # noqa: E402
 
 
 def calibrate(cfg, index, budget_s, bench_steps=12):
@@ -113,7 +113,7 @@ def main():
     print(f"training done at {time.time() - t0:.0f}s", flush=True)
     extra = []
     if a.phase != "dense":
-        from vllm_indexcache.training.evaluate import evaluate
+        from vllm_indexcache.tools.training.evaluate import evaluate
         runs = [("dense", "dense", True, None), ("sparse", "sparse", False, None)]
         if a.phase == "sparse":
             runs.append(("dense_topk", "dense", False, None))

@@ -13,7 +13,7 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 @pytest.fixture(scope="session")
 def toy_models(tmp_path_factory):
     """Both DSA architectures, 4 layers (layer 0 dense MLP, layers 1-3 MoE), float32, index_topk 32."""
-    from vllm_indexcache.toy import build_toy_model
+    from vllm_indexcache.tools.toy import build_toy_model
 
     root = tmp_path_factory.mktemp("toy-models")
     return {

@@ -5,9 +5,9 @@ import argparse
 import numpy as np
 import pytest
 
-from vllm_indexcache.search.cli import options_from_args, run
-from vllm_indexcache.search.scorers import HFScorer
-from vllm_indexcache.toy import build_toy_model
+from vllm_indexcache.tools.search.cli import options_from_args, run
+from vllm_indexcache.tools.search.scorers import HFScorer
+from vllm_indexcache.tools.toy import build_toy_model
 
 SEQ_LEN, NUM_SEQS = 80, 2
 
@@ -41,7 +41,7 @@ def kill_after(n: int):
 
 def cached_factory(args, seqs):
     """HF scorer that reuses one loaded model per directory (the model is switched in place, never mutated)."""
-    from vllm_indexcache.reference import load_reference
+    from vllm_indexcache.tools.reference import load_reference
 
     key = str(args.model)
     if key not in _MODELS:

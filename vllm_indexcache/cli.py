@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``main(args) -> int``;
 modules are imported only when their subcommand runs, so ``vllm-indexcache pattern`` never imports vLLM or torch
-training code.
+training code. ``serve`` and ``pattern`` belong to the serving plugin; the others to the toolkit
+(:mod:`vllm_indexcache.tools`), which needs the ``tools`` extra.
 """
 from __future__ import annotations
 
@@ -14,15 +15,17 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("vllm_indexcache.commands.serve", "vllm serve with the INDEXCACHE backend (default: the shipped model)"),
     "pattern": ("vllm_indexcache.commands.pattern", "resolve and validate an IndexCache configuration for a model"),
-    "build-toy": ("vllm_indexcache.toy", "write a small random-weight DSA model (for tests and smoke runs)"),
-    "train": ("vllm_indexcache.training.cli", "train a small DSA model: dense, indexer warm-up, sparse stages"),
-    "eval": ("vllm_indexcache.training.evaluate", "held-out LM loss and retrieval accuracy of a DSA model"),
-    "distill": ("vllm_indexcache.distill.cli", "training-aware IndexCache: multi-layer indexer distillation (Eq. 1)"),
-    "search": ("vllm_indexcache.search.cli", "greedy IndexCache layer search (Algorithm 1), resumable"),
-    "bench": ("vllm_indexcache.bench.cli",
+    "build-toy": ("vllm_indexcache.tools.toy", "write a small random-weight DSA model (for tests and smoke runs)"),
+    "train": ("vllm_indexcache.tools.training.cli", "train a small DSA model: dense, indexer warm-up, sparse stages"),
+    "eval": ("vllm_indexcache.tools.training.evaluate", "held-out LM loss and retrieval accuracy of a DSA model"),
+    "distill": ("vllm_indexcache.tools.distill.cli",
+                "training-aware IndexCache: multi-layer indexer distillation (Eq. 1)"),
+    "search": ("vllm_indexcache.tools.search.cli", "greedy IndexCache layer search (Algorithm 1), resumable"),
+    "bench": ("vllm_indexcache.tools.bench.cli",
               "end-to-end speed benchmark through vLLM: TTFT, TPOT, indexer share, KV capacity"),
-    "analyze": ("vllm_indexcache.analyze", "cross-layer top-k overlap heatmap and per-layer indexer time share"),
-    "reliability": ("vllm_indexcache.reliability", "bounded load, KV-pressure, bad-input and search-fault checks"),
+    "analyze": ("vllm_indexcache.tools.analyze", "cross-layer top-k overlap heatmap and per-layer indexer time share"),
+    "reliability": ("vllm_indexcache.tools.reliability",
+                    "bounded load, KV-pressure, bad-input and search-fault checks"),
 }
 
 
@@ -37,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as e:
+        if not COMMANDS[name][0].startswith("vllm_indexcache.tools.") or (e.name or "").startswith("vllm_indexcache"):
+            raise
+        print(f"vllm-indexcache {name}: needs the toolkit's dependencies ({e.name} is missing): "
+              "pip install 'vllm-indexcache[tools]'", file=sys.stderr)
+        return 2
     if hasattr(module, "main_argv"):  # commands that hand their arguments to vLLM's own parser
         return int(module.main_argv(argv[1:]) or 0)
     cmd_parser = argparse.ArgumentParser(prog=f"vllm-indexcache {name}", description=COMMANDS[name][1])

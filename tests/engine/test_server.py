@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_indexcache.testing.server import free_port
+from vllm_indexcache.tools.testing.server import free_port
 
 SERVE = [sys.executable, "-m", "vllm_indexcache.cli", "serve"]
 SERVER_ARGS = ["--max-model-len", "1024", "--kv-cache-memory-bytes", str(128 << 20), "--dtype", "float32",
@@ -18,7 +18,7 @@ SERVER_ARGS = ["--max-model-len", "1024", "--kv-cache-memory-bytes", str(128 << 
 
 @pytest.fixture(scope="module")
 def server(toy_models, tmp_path_factory):
-    from vllm_indexcache.testing.server import Server
+    from vllm_indexcache.tools.testing.server import Server
 
     log = tmp_path_factory.mktemp("server") / "serve.log"
     model = toy_models["deepseek"]
@@ -116,7 +116,7 @@ def test_literal_vllm_serve_answers_chat_like_offline_llm_chat(tmp_path):
     its greedy chat reply equals ``LLM(...).chat(...)`` offline."""
     from openai import OpenAI
 
-    from vllm_indexcache.testing.server import Server
+    from vllm_indexcache.tools.testing.server import Server
 
     log = tmp_path / "vllm-serve.log"
     config = json.loads((TINY / "config.json").read_text())

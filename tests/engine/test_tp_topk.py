@@ -34,7 +34,7 @@ MAX_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def tie_model(tmp_path_factory):
-    from vllm_indexcache.toy import build_toy_model
+    from vllm_indexcache.tools.toy import build_toy_model
 
     root = tmp_path_factory.mktemp("tp-ties")
     return str(build_toy_model(root / "ties", "DeepseekV32ForCausalLM", num_layers=4, seed=7, tokenizer=False,

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_indexcache.analyze import analyze, overlap_matrix
-from vllm_indexcache.toy import build_toy_model
+from vllm_indexcache.tools.analyze import analyze, overlap_matrix
+from vllm_indexcache.tools.toy import build_toy_model
 
 K = 32  # toy index_topk
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    from vllm_indexcache.reference import load_reference
+    from vllm_indexcache.tools.reference import load_reference
 
     root = tmp_path_factory.mktemp("analyze")
     model_dir = build_toy_model(root / "toy4", num_layers=4, seed=0, tokenizer=False)
@@ -35,7 +35,7 @@ def hand_overlap(recs, i, j, k):
 
 
 def test_overlap_matrix_matches_sets_from_record_topk(toy):
-    from vllm_indexcache.reference import record_topk, set_pattern
+    from vllm_indexcache.tools.reference import record_topk, set_pattern
 
     set_pattern(toy["model"], "FFFF")
     seqs = [np.fromfile(toy["data"], dtype=np.uint16)[s:s + n].astype(int).tolist() for s, n in ((0, 70), (100, 50))]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_indexcache.bench.measure import resolve_pattern
-from vllm_indexcache.bench.report import amdahl, analyse, plot, summary_md
+from vllm_indexcache.tools.bench.measure import resolve_pattern
+from vllm_indexcache.tools.bench.report import amdahl, analyse, plot, summary_md
 
 
 def test_resolve_pattern():

@@ -15,7 +15,7 @@ from vllm_indexcache.config import (
     summary,
 )
 from vllm_indexcache.patterns import load_preset
-from vllm_indexcache.toy import toy_config
+from vllm_indexcache.tools.toy import toy_config
 
 V32, GLM = "DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"
 GLM4 = load_preset("glm5-searched-1of4").pattern
@@ -240,11 +240,11 @@ def test_vllm_only_keys_are_filled_checked_or_refused():
 def test_checkpoints_this_project_writes_carry_every_vllm_only_key(tmp_path, arch):
     import torch
 
-    from vllm_indexcache.distill.export import export_checkpoint
     from vllm_indexcache.dsa_config import IMPLIED
-    from vllm_indexcache.reference import load_reference
-    from vllm_indexcache.toy import build_toy_model
-    from vllm_indexcache.training.trainer import export_model
+    from vllm_indexcache.tools.distill.export import export_checkpoint
+    from vllm_indexcache.tools.reference import load_reference
+    from vllm_indexcache.tools.toy import build_toy_model
+    from vllm_indexcache.tools.training.trainer import export_model
 
     toy = build_toy_model(tmp_path / "toy", arch, num_layers=4)
     assert {k: json.loads((toy / "config.json").read_text())[k] for k in IMPLIED[arch]} == IMPLIED[arch]

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from vllm_indexcache.distill.loss import (
+from vllm_indexcache.tools.distill.loss import (
     MultiLayerIndexerDistiller,
     attention_target,
     indexer_log_probs,
@@ -22,8 +22,8 @@ PATTERN = "FSSF"  # layer 0 serves layers 0, 1, 2; layer 3 serves itself
 def _toy(dtype=torch.float64, seed=0, pattern=PATTERN, index_topk=8, arch="DeepseekV32ForCausalLM"):
     from transformers import AutoModelForCausalLM
 
-    from vllm_indexcache.reference import set_pattern
-    from vllm_indexcache.toy import toy_config
+    from vllm_indexcache.tools.reference import set_pattern
+    from vllm_indexcache.tools.toy import toy_config
 
     cfg = toy_config(arch, num_layers=len(pattern), first_k_dense_replace=len(pattern),
                      index_topk=index_topk, initializer_range=0.08)
@@ -194,8 +194,8 @@ def test_distill_cli_writes_servable_checkpoint(tmp_path):
     from safetensors import safe_open
 
     from vllm_indexcache.cli import main
-    from vllm_indexcache.distill.export import load_distilled
-    from vllm_indexcache.toy import build_toy_model
+    from vllm_indexcache.tools.distill.export import load_distilled
+    from vllm_indexcache.tools.toy import build_toy_model
 
     src = build_toy_model(tmp_path / "toy", num_layers=4, first_k_dense_replace=4, index_topk=8)
     out = tmp_path / "out"
@@ -216,7 +216,7 @@ def test_distill_cli_writes_servable_checkpoint(tmp_path):
     report = json.loads((out / "distill.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["warmup", "sparse"]
     model = load_distilled(out)
-    from vllm_indexcache.reference import get_pattern
+    from vllm_indexcache.tools.reference import get_pattern
     assert get_pattern(model) == PATTERN
     ids = _ids(t=24, seed=9)
     with torch.no_grad():
@@ -227,10 +227,10 @@ def test_distill_cli_writes_servable_checkpoint(tmp_path):
 def test_export_roundtrip_reproduces_model(tmp_path):
     """distill() + export_checkpoint() in float32: the reloaded checkpoint (S-layer indexers absent) gives the same
     logits as the trained model in memory."""
-    from vllm_indexcache.distill.export import export_checkpoint, load_distilled
-    from vllm_indexcache.distill.trainer import distill, make_batches
-    from vllm_indexcache.reference import load_reference
-    from vllm_indexcache.toy import build_toy_model
+    from vllm_indexcache.tools.distill.export import export_checkpoint, load_distilled
+    from vllm_indexcache.tools.distill.trainer import distill, make_batches
+    from vllm_indexcache.tools.reference import load_reference
+    from vllm_indexcache.tools.toy import build_toy_model
 
     src = build_toy_model(tmp_path / "toy", num_layers=4, first_k_dense_replace=4, index_topk=8, tokenizer=False)
     model = load_reference(str(src), pattern=PATTERN)

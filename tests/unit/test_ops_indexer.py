@@ -18,8 +18,8 @@ from vllm_indexcache.ops.indexer import cpu_blockwise
 from vllm_indexcache.ops.indexer.cpu import indexer_scores, indexer_topk
 from vllm_indexcache.ops.indexer.cpu_blockwise import indexer_topk_blockwise, paged_key_segments
 from vllm_indexcache.ops.indexer.naive import indexer_scores_naive, indexer_topk_naive
-from vllm_indexcache.reference import indexer_qkw
-from vllm_indexcache.toy import build_toy_model
+from vllm_indexcache.tools.reference import indexer_qkw
+from vllm_indexcache.tools.toy import build_toy_model
 
 RTOL = ATOL = 1e-5
 
@@ -141,7 +141,7 @@ def test_errors():
 
 @pytest.fixture(scope="module", params=["DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"])
 def toy_model(request, tmp_path_factory):
-    from vllm_indexcache.reference import model_class
+    from vllm_indexcache.tools.reference import model_class
 
     path = build_toy_model(tmp_path_factory.mktemp(request.param), request.param, num_layers=2, tokenizer=False)
     # explicit class: importing vLLM (other tests) re-maps transformers' AutoConfig for deepseek_v32

@@ -1,4 +1,4 @@
-"""Transformers reference with IndexCache reuse (``vllm_indexcache.reference``), on 4-layer toy models of both DSA
+"""Transformers reference with IndexCache reuse (``vllm_indexcache.tools.reference``), on 4-layer toy models of both DSA
 architectures (index_topk 32; prompts of 80 tokens so that selection is really sparse).
 
 Comparisons are exact (``torch.equal``) unless stated: the patches only route existing tensors.
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vllm_indexcache.ops.indexer.naive import indexer_topk_naive
-from vllm_indexcache.reference import (
+from vllm_indexcache.tools.reference import (
     check_pattern,
     default_pattern,
     get_pattern,
@@ -20,7 +20,7 @@ from vllm_indexcache.reference import (
     record_topk,
     set_pattern,
 )
-from vllm_indexcache.toy import build_toy_model
+from vllm_indexcache.tools.toy import build_toy_model
 
 ARCHS = ["DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"]
 PATTERNS = ["FSSS", "FSFS", "FFSF", "FSSF"]
@@ -52,7 +52,7 @@ def model(toy_dir):
 
 
 def test_pattern_none_is_unpatched_transformers(toy_dir, model):
-    from vllm_indexcache.reference import model_class
+    from vllm_indexcache.tools.reference import model_class
 
     plain = model_class(toy_dir).from_pretrained(toy_dir, dtype=torch.float32, attn_implementation="eager").eval()
     ids = _prompt(LONG)
@@ -151,7 +151,7 @@ def test_lower_ties_oracle_matches_ops(toy_dir):
 def test_glm_matches_native_shared_layers(tmp_path):
     """GLM: ``set_pattern`` on an all-F load equals transformers' native ``indexer_types`` path; a checkpoint saved
     without S-layer indexer weights (GLM-5.2 style) loads with its own pattern and refuses F on those layers."""
-    from vllm_indexcache.reference import model_class
+    from vllm_indexcache.tools.reference import model_class
 
     path = build_toy_model(tmp_path / "glm", "GlmMoeDsaForCausalLM", num_layers=4, tokenizer=False)
     pattern = "FSSF"

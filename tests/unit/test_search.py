@@ -14,11 +14,11 @@ import pytest
 import torch
 from searchkit import NUM_SEQS, SEQ_LEN, cached_factory, kill_after, make_args
 
-from vllm_indexcache.search import algorithm as alg
-from vllm_indexcache.search.cli import main as search_main
-from vllm_indexcache.search.cli import run, state_path
-from vllm_indexcache.search.state import calibration_identity, load_calibration
-from vllm_indexcache.toy import build_toy_model
+from vllm_indexcache.tools.search import algorithm as alg
+from vllm_indexcache.tools.search.cli import main as search_main
+from vllm_indexcache.tools.search.cli import run, state_path
+from vllm_indexcache.tools.search.state import calibration_identity, load_calibration
+from vllm_indexcache.tools.toy import build_toy_model
 
 
 # ---------------------------------------------------------------------------------------------- pure algorithm
@@ -101,7 +101,7 @@ def test_trajectory_is_nested_and_layer0_never_flipped(full_run, toy):
 
 
 def test_losses_equal_a_hand_computation_from_the_reference(full_run, toy):
-    from vllm_indexcache.reference import load_reference, prompt_logprobs, set_pattern
+    from vllm_indexcache.tools.reference import load_reference, prompt_logprobs, set_pattern
 
     seqs = load_calibration(toy["data"], seq_len=SEQ_LEN, num_seqs=NUM_SEQS)
     assert len(seqs) == NUM_SEQS and all(len(s) == SEQ_LEN for s in seqs)
@@ -153,7 +153,7 @@ def test_resume_after_sigkill_of_a_real_process(full_run, toy):
     cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
            "--retain", "1/8", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
            "--device", "cpu", "--objective", "lm-loss", "--probe", "none", "--no-progress"]
-    from vllm_indexcache.testing.server import sigkill_after_first_step
+    from vllm_indexcache.tools.testing.server import sigkill_after_first_step
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_at = sigkill_after_first_step(proc, spath, timeout=120)
@@ -187,7 +187,7 @@ def test_resume_after_sigkill_with_the_retrieval_objective(tmp_path):
     cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(model), "--data", str(data), "--retain", "2/5",
            "--out", str(out), "--seq-len", "300", "--num-seqs", str(NUM_SEQS), "--device", "cpu", "--objective",
            "retrieval", "--retrieval-docs", "2", "--retrieval-needles", "1", "--probe", "none", "--no-progress"]
-    from vllm_indexcache.testing.server import sigkill_after_first_step
+    from vllm_indexcache.tools.testing.server import sigkill_after_first_step
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_at = sigkill_after_first_step(proc, state_path(out), timeout=120)
@@ -288,7 +288,7 @@ def test_tiny_presets_match_the_model_and_are_nested():
 
 def test_tiny_presets_come_from_the_recorded_search_of_the_shipped_model():
     from vllm_indexcache.patterns import load_preset
-    from vllm_indexcache.search.state import model_identity
+    from vllm_indexcache.tools.search.state import model_identity
 
     search = json.loads(TINY_SEARCH.read_text())
     assert search["model"]["sha256"] == model_identity(TINY)["sha256"], (
@@ -315,7 +315,7 @@ def test_tiny_presets_come_from_the_recorded_search_of_the_shipped_model():
 def test_written_files_keep_the_users_umask(tmp_path):
     import os
 
-    from vllm_indexcache.search.state import write_atomic
+    from vllm_indexcache.tools.search.state import write_atomic
 
     old = os.umask(0o022)
     try:

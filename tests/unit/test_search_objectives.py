@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vllm_indexcache.search import objectives as obj
-from vllm_indexcache.search.cli import run_gate, search, state_path
-from vllm_indexcache.search.objectives import ObjectiveError, ObjectiveOptions
-from vllm_indexcache.search.scorers import HFScorer, _WeightedScorer
-from vllm_indexcache.search.state import StateError
-from vllm_indexcache.toy import build_toy_model
+from vllm_indexcache.tools.search import objectives as obj
+from vllm_indexcache.tools.search.cli import run_gate, search, state_path
+from vllm_indexcache.tools.search.objectives import ObjectiveError, ObjectiveOptions
+from vllm_indexcache.tools.search.scorers import HFScorer, _WeightedScorer
+from vllm_indexcache.tools.search.state import StateError
+from vllm_indexcache.tools.toy import build_toy_model
 
 NUM_LAYERS, COPY_LAYER, COPY_DISTANCE, WINDOW = 5, 3, 64, 32
 REPO = Path(__file__).resolve().parents[2]
@@ -126,7 +126,7 @@ def test_local_logprobs_see_only_the_window(copy_case):
 
 
 def test_calibration_needles_are_disjoint_from_evaluation_needles(copy_case):
-    from vllm_indexcache.data import retrieval as r
+    from vllm_indexcache.tools.data import retrieval as r
 
     assert not set(r.ADJECTIVES) & set(r.CALIB_ADJECTIVES) and not set(r.NOUNS) & set(r.CALIB_NOUNS)
     docs = obj.retrieval_documents(copy_case["seqs"], obj.model_encoder(copy_case["model"]), docs=2, needles=2,
@@ -211,7 +211,7 @@ def tiny_windows():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from vllm_indexcache.reference import load_reference
+    from vllm_indexcache.tools.reference import load_reference
 
     return load_reference(str(TINY), ties="lower")
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import safe_open
 
-from vllm_indexcache.toy import build_toy_model
+from vllm_indexcache.tools.toy import build_toy_model
 
 L = 3
 
@@ -22,7 +22,7 @@ def test_mtp_toy_layout_matches_vllm_mtp_loader(tmp_path):
     from vllm.model_executor.models.deepseek_mtp import DeepSeekMTP
     from vllm.model_executor.models.utils import get_spec_layer_idx_from_weight_name
 
-    from vllm_indexcache.reference import load_reference, prompt_logprobs
+    from vllm_indexcache.tools.reference import load_reference, prompt_logprobs
 
     mtp = build_toy_model(tmp_path / "mtp", num_layers=L, seed=5, tokenizer=False, index_topk=8, mtp_layers=1)
     plain = build_toy_model(tmp_path / "plain", num_layers=L, seed=5, tokenizer=False, index_topk=8)
@@ -53,7 +53,7 @@ def test_mtp_toy_layout_matches_vllm_mtp_loader(tmp_path):
     assert torch.equal(got, prompt_logprobs(load_reference(str(plain), ties="lower"), prompt))
 
     # make_mtp_echo: the MTP block adds nothing and keeps only the next-token embedding; backbone outputs scaled
-    from vllm_indexcache.toy import make_mtp_echo
+    from vllm_indexcache.tools.toy import make_mtp_echo
 
     make_mtp_echo(mtp, backbone_scale=0.5)
     echo, scaled = _tensors(mtp / "mtp.safetensors"), _tensors(mtp / "model.safetensors")

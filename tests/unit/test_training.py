@@ -1,4 +1,4 @@
-"""CPU tests of the DSA training recipe (vllm_indexcache.training) on a toy config: each stage's loss falls,
+"""CPU tests of the DSA training recipe (vllm_indexcache.tools.training) on a toy config: each stage's loss falls,
 resume from a checkpoint reproduces the uninterrupted run, and the functional training forward equals
 transformers' DeepseekV32 forward."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_indexcache.data.corpus import build_from_documents
-from vllm_indexcache.training.config import TrainConfig
-from vllm_indexcache.training.trainer import run_stage, train
+from vllm_indexcache.tools.data.corpus import build_from_documents
+from vllm_indexcache.tools.training.config import TrainConfig
+from vllm_indexcache.tools.training.trainer import run_stage, train
 
 PKG = Path(__file__).resolve().parents[2] / "vllm_indexcache"
 
@@ -99,8 +99,8 @@ def test_resume_is_identical(tmp_path, data_dir):
 def test_functional_forward_matches_transformers():
     from transformers import AutoModelForCausalLM
 
-    from vllm_indexcache.toy import toy_config
-    from vllm_indexcache.training.model import dsa_forward
+    from vllm_indexcache.tools.toy import toy_config
+    from vllm_indexcache.tools.training.model import dsa_forward
 
     cfg = toy_config(num_layers=2, first_k_dense_replace=2, index_topk=8, qk_nope_head_dim=32,
                      qk_rope_head_dim=16, v_head_dim=48)
@@ -123,8 +123,8 @@ def test_functional_forward_matches_transformers():
 def test_train_batches_deterministic_and_packed(data_dir):
     from tokenizers import Tokenizer
 
-    from vllm_indexcache.data.corpus import load_tokens
-    from vllm_indexcache.data.retrieval import TrainBatches
+    from vllm_indexcache.tools.data.corpus import load_tokens
+    from vllm_indexcache.tools.data.retrieval import TrainBatches
 
     tok = Tokenizer.from_file(str(data_dir / "tokenizer" / "tokenizer.json"))
     tokens = load_tokens(data_dir, "train")

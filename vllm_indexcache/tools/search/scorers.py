@@ -13,7 +13,7 @@ Both scorers also answer the search's retrieval gate (:meth:`probe`).
 
 Engines:
 
-* :class:`HFScorer` (``--engine hf``) — the transformers reference (:mod:`vllm_indexcache.reference`) with
+* :class:`HFScorer` (``--engine hf``) — the transformers reference (:mod:`vllm_indexcache.tools.reference`) with
   ``ties="lower"`` (deterministic top-k), patterns switched in place with ``set_pattern``.
 * :class:`VLLMScorer` (``--engine vllm``) — vLLM with the INDEXCACHE plugin, prompt log-probabilities. The engine is
   built once with every layer F; a pattern is applied by setting each DSA layer's ``skip_topk`` (vLLM 0.32's own
@@ -33,8 +33,8 @@ import os
 
 import numpy as np
 
-from vllm_indexcache.search import objectives as obj
-from vllm_indexcache.search.objectives import OBJECTIVES, ObjectiveOptions
+from vllm_indexcache.tools.search import objectives as obj
+from vllm_indexcache.tools.search.objectives import OBJECTIVES, ObjectiveOptions
 from vllm_indexcache.vllm_glue import hooks
 
 ENGINES = ("hf", "vllm")
@@ -91,7 +91,7 @@ class HFScorer(_WeightedScorer):
                  model=None, options: ObjectiveOptions | None = None):
         import torch
 
-        from vllm_indexcache.reference import load_reference
+        from vllm_indexcache.tools.reference import load_reference
 
         if objective not in OBJECTIVES:
             raise ValueError(f"--objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
@@ -110,7 +110,7 @@ class HFScorer(_WeightedScorer):
         self._build_targets(seqs, options)
 
     def _logp(self, pattern: str, x):
-        from vllm_indexcache.reference import set_pattern
+        from vllm_indexcache.tools.reference import set_pattern
 
         set_pattern(self.model, pattern)
         with self.torch.no_grad():

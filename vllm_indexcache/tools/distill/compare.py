@@ -1,14 +1,14 @@
 """``vllm-indexcache distill MODEL --compare 4,2 --data DIR --out DIR``: the training-aware IndexCache table.
 
 For each retention ``1/FREQ`` it evaluates, on the held-out split of ``--data`` (LM loss, nats/token, and retrieval
-accuracy, :func:`vllm_indexcache.training.evaluate.evaluate`):
+accuracy, :func:`vllm_indexcache.tools.training.evaluate.evaluate`):
 
 * **original** — all layers F (once);
 * **training-free uniform** — the source model with the uniform pattern (every ``FREQ``-th layer F, starting at 0:
   vLLM's rule with ``index_skip_topk_offset = 1``, so that it keeps the same number of F layers as the search);
 * **training-free searched** — the source model with the pattern of Algorithm 1 (``vllm-indexcache search``, LM-loss
   objective, calibration windows from the *training* split, so held-out data stays unseen);
-* **training-aware uniform** — :func:`~vllm_indexcache.distill.cli.distill` with the uniform pattern and Eq. 1;
+* **training-aware uniform** — :func:`~vllm_indexcache.tools.distill.cli.distill` with the uniform pattern and Eq. 1;
 * **training-aware uniform, no cross-layer term** — the same run with each F indexer trained on its own layer only.
 
 The two training-aware runs get identical budgets, data and seeds; they differ only in ``cross_layer``. Everything is
@@ -60,7 +60,8 @@ def _search(args, out: Path, min_retention: str) -> dict:
 
 
 def run_compare(args) -> int:
-    from ..patterns import uniform_pattern
+    from vllm_indexcache.patterns import uniform_pattern
+
     from ..reference import load_reference
     from .export import export_checkpoint
     from .trainer import distill, make_batches

@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_indexcache.testing.checks import (
+from vllm_indexcache.tools.testing.checks import (
     bad_requests,
     bad_settings,
     build_non_dsa_model,
@@ -51,7 +51,7 @@ from vllm_indexcache.testing.checks import (
     phase_search,
     vocab_range,
 )
-from vllm_indexcache.testing.server import Server, server_args
+from vllm_indexcache.tools.testing.server import Server, server_args
 
 PHASES = ("load", "badinput", "pressure", "search")
 
@@ -174,6 +174,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m vllm_indexcache.reliability")
+    parser = argparse.ArgumentParser(prog="python -m vllm_indexcache.tools.reliability")
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))

@@ -2,7 +2,7 @@
 
 The forward reads each module's parameters and reproduces transformers' maths (MLA with interleaved RoPE on the
 last ``qk_rope_head_dim`` query/key dims, DSA indexer, RMSNorm pre-norm blocks), so a model trained here is a
-plain transformers checkpoint that vLLM and :mod:`vllm_indexcache.reference` load unchanged. It differs only in
+plain transformers checkpoint that vLLM and :mod:`vllm_indexcache.tools.reference` load unchanged. It differs only in
 *how* attention runs, to be trainable and fast:
 
 * ``dense``  — causal attention over all keys (``scaled_dot_product_attention``, flash on GPU); indexer not run.

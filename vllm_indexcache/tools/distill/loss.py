@@ -32,7 +32,7 @@ GLM ``models/glm_moe_dsa``; DeepSeek-V3.2 report arXiv 2512.02556)::
     q[t, h] = RoPE(wq_b(q_resid[t]))[h]        k[s] = RoPE(LayerNorm(wk(x[s])))        (RoPE on the first dims)
     I[t, s] = Σ_h weights_proj(x[t])[h] · H^-0.5 · ReLU(q[t, h] · k[s] · D^-0.5)
 
-The same as :func:`vllm_indexcache.training.indexer_loss.indexer_scores`, except that the computation keeps the
+The same as :func:`vllm_indexcache.tools.training.indexer_loss.indexer_scores`, except that the computation keeps the
 inputs' precision when it is wider than float32 (the float64 gradient tests need that; transformers and the training
 module compute in float32).
 """
@@ -126,7 +126,8 @@ def indexer_scores(indexer, hidden_states: torch.Tensor, q_resid: torch.Tensor,
                    position_embeddings: tuple[torch.Tensor, torch.Tensor],
                    visible: torch.Tensor | None = None) -> torch.Tensor:
     """Index scores ``I[b, t, s]`` of one transformers indexer, differentiable w.r.t. its parameters: the training
-    recipe's :func:`vllm_indexcache.training.indexer_loss.indexer_scores` with the RoPE layout of the indexer's class
+    recipe's :func:`vllm_indexcache.tools.training.indexer_loss.indexer_scores` with the RoPE layout of the indexer's
+    class
     (DeepSeek-V3.2 NeoX, GLM-5 interleaved) and every product in ``promote_types(input dtype, float32)``.
 
     Args:
@@ -143,7 +144,7 @@ def indexer_scores(indexer, hidden_states: torch.Tensor, q_resid: torch.Tensor,
     Raises:
         TypeError: another indexer class.
     """
-    from vllm_indexcache.training.indexer_loss import indexer_scores as scores
+    from vllm_indexcache.tools.training.indexer_loss import indexer_scores as scores
 
     cos, sin = position_embeddings
     return scores(indexer, hidden_states, q_resid, cos, sin, rope_interleave=_interleaved(indexer), mask=visible,
@@ -230,12 +231,14 @@ class MultiLayerIndexerDistiller:
 
     The model must run eager attention (``attn_implementation="eager"``: the attention module then returns its
     probabilities) and, for patterns with S layers, must reuse top-k as IndexCache does — load it with
-    :func:`vllm_indexcache.reference.load_reference` or call :func:`~vllm_indexcache.reference.set_pattern` (the
+    :func:`vllm_indexcache.tools.reference.load_reference` or call :func:`~vllm_indexcache.tools.reference.set_pattern`
+    (the
     distiller does not change the model's pattern: it reads it from there unless ``pattern`` is given).
 
     Args:
         model: ``DeepseekV32ForCausalLM`` or ``GlmMoeDsaForCausalLM``.
-        pattern: F/S per DSA layer; default the pattern installed on ``model`` by :mod:`vllm_indexcache.reference`,
+        pattern: F/S per DSA layer; default the pattern installed on ``model`` by
+          :mod:`vllm_indexcache.tools.reference`,
             else ``config.index_topk_pattern``, else all F.
         variant: ``"dense"`` (KL over all visible keys) or ``"sparse"`` (over layer ``l``'s selected top-k).
         cross_layer: False = the ablation without the cross-layer term (each F indexer sees only its own layer).

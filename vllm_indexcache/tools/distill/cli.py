@@ -1,11 +1,11 @@
 """``vllm-indexcache distill MODEL --pattern … --data … --out DIR``: training-aware IndexCache (paper §3.2).
 
 Two stages on a transformers DSA checkpoint (``DeepseekV32ForCausalLM``; GLM-5 layout through the same hooks), with
-the pattern applied (S layers reuse the preceding F layer's top-k, :mod:`vllm_indexcache.reference`):
+the pattern applied (S layers reuse the preceding F layer's top-k, :mod:`vllm_indexcache.tools.reference`):
 
 1. **warm-up** (``--warmup-steps``): attention dense (every indexer selects every key), main model frozen (forward
    under ``no_grad``); only the F-layer indexers train, on Eq. 1's *dense* variant — KL to the attention of every
-   layer they serve, over all causal keys (:class:`~vllm_indexcache.distill.loss.MultiLayerIndexerDistiller`).
+   layer they serve, over all causal keys (:class:`~vllm_indexcache.tools.distill.loss.MultiLayerIndexerDistiller`).
 2. **sparse** (``--sparse-steps``): attention sparse with the pattern (S layers attend to their F layer's top-k);
    the F-layer indexers learn from Eq. 1's *sparse* variant (KL restricted to the selected keys, renormalised), on
    detached inputs; the rest of the model learns only from the next-token LM loss (``--main-lr 0`` freezes it).
@@ -20,7 +20,7 @@ with ``index_topk_pattern`` (and the keys vLLM reads: ``topk_method``, ``scoring
 per-stage logs, wall time). :func:`load_distilled` reloads it into the reference with its pattern.
 
 ``--data`` is a directory written by ``scripts/prepare_tiny_dsa_data.py`` (``train.u16`` + ``tokenizer/``; batches
-are the training recipe's :class:`~vllm_indexcache.data.retrieval.TrainBatches`: text windows plus retrieval
+are the training recipe's :class:`~vllm_indexcache.tools.data.retrieval.TrainBatches`: text windows plus retrieval
 documents), or ``random`` (uniform random token ids, for toy models and smoke tests).
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--compare", metavar="FREQS",
                         help="instead of one run: build the comparison table for these uniform frequencies "
-                             "(e.g. 4,2 for 1/4 and 1/2) into --out; see vllm_indexcache.distill.compare")
+                             "(e.g. 4,2 for 1/4 and 1/2) into --out; see vllm_indexcache.tools.distill.compare")
     parser.add_argument("--no-progress", action="store_true")
     from .compare import add_compare_arguments
     add_compare_arguments(parser)

@@ -71,10 +71,10 @@ class IndexerProfiler:
 # ------------------------------------------------------------------------------------------------------------- model
 def build_bench_model(out_dir: str | Path, num_layers: int, max_context: int, index_topk: int = 128,
                       seed: int = 0) -> Path:
-    """The benchmark toy: :func:`vllm_indexcache.toy.build_toy_model` geometry (hidden 128, 4 MLA heads,
+    """The benchmark toy: :func:`vllm_indexcache.tools.toy.build_toy_model` geometry (hidden 128, 4 MLA heads,
     kv_lora_rank 64 + rope 32, indexer 4 heads × 128), ``num_layers`` DSA layers all with a dense MLP
     (``first_k_dense_replace = num_layers``), ``index_topk`` 128, random float32 weights, no tokenizer."""
-    from vllm_indexcache.toy import build_toy_model
+    from vllm_indexcache.tools.toy import build_toy_model
 
     out = Path(out_dir)
     if (out / "config.json").is_file():

@@ -15,8 +15,8 @@ The weights are built once, at the start of the search, from the calibration win
   Cost per evaluation: the calibration tokens (as ``lm-loss``); once at start: one all-F pass over the calibration
   and one over ~2× its tokens in local windows.
 * ``retrieval`` — synthetic retrieval from the user's text: ``retrieval_docs`` needle documents
-  (:mod:`vllm_indexcache.data.retrieval`) of the calibration window length, cut from the calibration windows,
-  built with the model's own tokenizer, keys from :data:`~vllm_indexcache.data.retrieval.CALIB_ADJECTIVES` ×
+  (:mod:`vllm_indexcache.tools.data.retrieval`) of the calibration window length, cut from the calibration windows,
+  built with the model's own tokenizer, keys from :data:`~vllm_indexcache.tools.data.retrieval.CALIB_ADJECTIVES` ×
   ``CALIB_NOUNS`` (disjoint from the evaluation vocabulary), values and depths from ``retrieval_seed``; every
   needle is asked. Score: the mean NLL + ``retrieval_weight`` × the mean NLL of the answer tokens. Cost per
   evaluation: calibration tokens + ``retrieval_docs × seq_len`` tokens.
@@ -155,7 +155,7 @@ def key_token_masks(long_lp, local_lp, margin: float, fraction: float) -> list[n
 
 
 class TextEncoder:
-    """``encode(text) → .ids/.offsets`` (no special tokens) for :class:`~vllm_indexcache.data.retrieval.
+    """``encode(text) → .ids/.offsets`` (no special tokens) for :class:`~vllm_indexcache.tools.data.retrieval.
     RetrievalBuilder`, over a transformers tokenizer."""
 
     class _Enc:
@@ -184,13 +184,13 @@ def retrieval_documents(seqs, encoder, *, docs: int, needles: int, seed: int, le
                         questions: int | None = None):
     """Needle documents cut from the calibration windows ``seqs`` (calibration key vocabulary).
 
-    Returns a list of :class:`~vllm_indexcache.data.retrieval.RetrievalDoc` of ``length`` tokens (default: the
+    Returns a list of :class:`~vllm_indexcache.tools.data.retrieval.RetrievalDoc` of ``length`` tokens (default: the
     longest calibration window); ``questions`` per document (default every needle).
 
     Raises:
         ObjectiveError: windows too short for the needles.
     """
-    from vllm_indexcache.data.retrieval import RetrievalBuilder
+    from vllm_indexcache.tools.data.retrieval import RetrievalBuilder
 
     builder = RetrievalBuilder(encoder, vocabulary="calibration")
     length = length or max(len(s) for s in seqs)

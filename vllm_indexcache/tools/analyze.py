@@ -8,7 +8,7 @@
    Written as ``overlap.json`` (matrix, adjacent-layer overlaps, identities) and ``overlap.png`` (heatmap).
 2. **Indexer share of prefill time**, per layer: wall time of the layer's indexer forward divided by the wall time
    of the whole decoder layer, measured with forward hooks on the transformers reference
-   (:mod:`vllm_indexcache.reference`, ``ties="lower"``: the indexer scores with
+   (:mod:`vllm_indexcache.tools.reference`, ``ties="lower"``: the indexer scores with
    :func:`vllm_indexcache.ops.indexer.cpu.indexer_topk`) on the calibration sequences, median over ``--repeats``
    runs after one warm-up. A proxy on this device and implementation (eager attention, no fused kernels), not a
    vLLM serving measurement. Written to ``overlap.json`` under ``"timing"`` and as ``indexer_time.png``.
@@ -29,7 +29,7 @@ def overlap_matrix(topks: list[dict[int, torch.Tensor]], index_topk: int) -> tup
     """Mean pairwise top-k overlap over sparse query tokens.
 
     Args:
-        topks: per sequence, ``{layer: [S, index_topk] int}`` as :func:`vllm_indexcache.reference.record_topk`
+        topks: per sequence, ``{layer: [S, index_topk] int}`` as :func:`vllm_indexcache.tools.reference.record_topk`
             returns (key positions, ``-1`` = none).
         index_topk: ``k``.
 
@@ -70,7 +70,7 @@ def indexer_time_share(model, seqs: list[list[int]], repeats: int = 3, progress:
 
     Runs the model all-F (every layer runs its indexer).
     """
-    from vllm_indexcache.reference import set_pattern
+    from vllm_indexcache.tools.reference import set_pattern
 
     layers = model.model.layers[: model.config.num_hidden_layers]
     set_pattern(model, "F" * len(layers))
@@ -165,8 +165,8 @@ def analyze(model_dir, data, out_dir, *, seq_len: int = 2048, num_seqs: int = 4,
             model=None, progress: bool = True) -> dict:
     """Run both analyses and write ``out_dir/overlap.json``, ``overlap.png`` (and ``indexer_time.png``); a tqdm bar
     counts the windows (``progress=False``: none)."""
-    from vllm_indexcache.reference import load_reference, record_topk, set_pattern
-    from vllm_indexcache.search.state import calibration_identity, load_calibration, model_identity
+    from vllm_indexcache.tools.reference import load_reference, record_topk, set_pattern
+    from vllm_indexcache.tools.search.state import calibration_identity, load_calibration, model_identity
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from vllm_indexcache.search.state import StateError
+    from vllm_indexcache.tools.search.state import StateError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

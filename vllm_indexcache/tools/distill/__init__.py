@@ -1,7 +1,7 @@
 """Training-aware IndexCache: multi-layer indexer distillation (paper arXiv 2603.12201, Eq. 1).
 
-See :mod:`vllm_indexcache.distill.loss` (the loss and the hook-based distiller) and
-:mod:`vllm_indexcache.distill.cli` (``vllm-indexcache distill``).
+See :mod:`vllm_indexcache.tools.distill.loss` (the loss and the hook-based distiller) and
+:mod:`vllm_indexcache.tools.distill.cli` (``vllm-indexcache distill``).
 """
 from .loss import (
                    DistillLoss,

@@ -58,7 +58,7 @@ def export_checkpoint(model, pattern: str, src_dir: str | Path, out_dir: str | P
 
 
 def load_distilled(model_dir: str | Path, dtype: torch.dtype = torch.float32, **kwargs):
-    """Load a checkpoint written by :func:`export_checkpoint` into :mod:`vllm_indexcache.reference` with the
+    """Load a checkpoint written by :func:`export_checkpoint` into :mod:`vllm_indexcache.tools.reference` with the
     ``index_topk_pattern`` of its config (S layers' indexers are absent from the checkpoint and never run)."""
     import warnings
 

@@ -15,7 +15,7 @@ from .loss import MultiLayerIndexerDistiller
 def resolve_pattern(spec: str, num_layers: int) -> str:
     """``spec``: an explicit F/S string, ``uniform:FREQ`` or ``uniform:FREQ:OFFSET`` (vLLM 0.32's rule,
     :func:`vllm_indexcache.patterns.uniform_pattern`, default offset 2). Validated against ``num_layers``."""
-    from ..patterns import parse_pattern, uniform_pattern
+    from vllm_indexcache.patterns import parse_pattern, uniform_pattern
 
     if spec.startswith("uniform:"):
         parts = [int(x) for x in spec.split(":")[1:]]
@@ -58,7 +58,7 @@ def _indexer_params(model, pattern: str) -> list[torch.nn.Parameter]:
 def distill(model, pattern: str, get_batch, *, warmup_steps: int, sparse_steps: int, indexer_lr: float = 1e-3,
             main_lr: float = 3e-5, kl_weight: float = 1.0, cross_layer: bool = True, grad_clip: float = 1.0,
             log_every: int = 10, progress: bool = True) -> list[dict]:
-    """Run the warm-up and sparse stages in place on ``model`` (from :func:`~vllm_indexcache.reference.
+    """Run the warm-up and sparse stages in place on ``model`` (from :func:`~vllm_indexcache.tools.reference.
     load_reference` with ``pattern`` set, eager attention). Returns one report per stage run.
 
     Optimiser: AdamW (betas 0.9/0.95, no weight decay on the indexers, 0.1 on the main model), constant learning

@@ -41,7 +41,7 @@ VOCAB_SIZE = 8192
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
 EOS_ID = 2
 
-#: "<role>: <content>\n" per message, then "assistant:" when a reply is wanted (same as :mod:`vllm_indexcache.toy`).
+#: "<role>: <content>\n" per message, then "assistant:" when a reply is wanted (same as :mod:`vllm_indexcache.tools.toy`).
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"

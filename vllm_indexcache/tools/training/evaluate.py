@@ -2,11 +2,12 @@
 
 * LM loss: mean next-token cross-entropy (nats/token) on disjoint windows of ``context`` tokens of the held-out
   split (``heldout.u16``), at each context length (default 1024/2048/4096); at most ``max_tokens`` per context.
-* Retrieval: documents of :mod:`vllm_indexcache.data.retrieval` built on held-out text (``needles`` needles, the
+* Retrieval: documents of :mod:`vllm_indexcache.tools.data.retrieval` built on held-out text (``needles`` needles, the
   asked one at each ``depth``, ``examples`` documents per cell); a document counts as correct when the model's
   argmax reproduces all six answer digits given the question (teacher-forced = greedy decoding of the answer).
 
-The model runs through :mod:`vllm_indexcache.reference` (transformers, eager attention): with ``pattern``, S layers
+The model runs through :mod:`vllm_indexcache.tools.reference` (transformers, eager attention): with ``pattern``, S
+layers
 reuse the preceding F layer's top-k (IndexCache). ``dense=True`` sets every indexer's top-k above the context, so
 attention is exactly dense (the dense-stage model's setting). :func:`evaluate` is importable by the pattern search
 and distillation code; it runs on CPU too (slowly: lower ``max_tokens`` / ``examples``).
@@ -37,7 +38,7 @@ def load_model(model_dir: str | Path, pattern: str | None = None, dtype: torch.d
         model = load_reference(str(model_dir), pattern=pattern, dtype=dtype)
     else:
         if pattern is not None and set(pattern) != {"F"}:
-            raise RuntimeError("patterns need vllm_indexcache.reference")
+            raise RuntimeError("patterns need vllm_indexcache.tools.reference")
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="eager").eval()
     return model.to(device)

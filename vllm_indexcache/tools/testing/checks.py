@@ -1,5 +1,5 @@
 """The checks of ``vllm-indexcache reliability`` (bounded load, disconnects, KV pressure, bad input, search faults),
-each a function over a running :class:`~vllm_indexcache.testing.server.Server` or a scratch directory."""
+each a function over a running :class:`~vllm_indexcache.tools.testing.server.Server` or a scratch directory."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from vllm_indexcache.testing.server import CLI, Server, free_port, sigkill_after_first_step
+from vllm_indexcache.tools.testing.server import CLI, Server, free_port, sigkill_after_first_step
 
 NON_DSA_WARNING = "this model has no lightning indexer"
 
@@ -316,7 +316,7 @@ def phase_search(root: Path, timeout: float) -> dict:
     with exit 2 and one ``error:`` line, and left unchanged."""
     import numpy as np
 
-    from vllm_indexcache.toy import build_toy_model
+    from vllm_indexcache.tools.toy import build_toy_model
 
     root.mkdir(parents=True, exist_ok=True)
     model = build_toy_model(root / "toy5", num_layers=5, seed=0, tokenizer=False)

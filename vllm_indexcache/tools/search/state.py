@@ -2,7 +2,8 @@
 
 Calibration (``--data``), fixed once and reused for every candidate; a corpus directory means its ``train.u16``:
 
-* ``*.u16`` — uint16 token ids (the layout of :mod:`vllm_indexcache.data.corpus`, e.g. ``data/tiny-dsa/train.u16``):
+* ``*.u16`` — uint16 token ids (the layout of :mod:`vllm_indexcache.tools.data.corpus`, e.g.
+  ``data/tiny-dsa/train.u16``):
   ``num_seqs`` disjoint windows of ``seq_len`` tokens from token ``start`` on.
 * ``*.json`` — a list of token-id lists, or of strings (tokenized with the model's tokenizer, no special tokens).
 * ``*.jsonl`` — one object per line with ``prompt_token_ids`` (list of ints) or ``text``.

@@ -102,7 +102,7 @@ def write_byte_tokenizer(out_dir: str | Path) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=TOY_GEOMETRY["vocab_size"], special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    sources = [p.read_text() for p in sorted(Path(__file__).parent.rglob("*.py"))]
+    sources = [p.read_text() for p in sorted(Path(__file__).parents[1].rglob("*.py"))]  # the whole package
     tok.train_from_iterator(sources, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE

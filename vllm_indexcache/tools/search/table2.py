@@ -1,15 +1,16 @@
 """The shape of the IndexCache paper's Table 2 on a small trained DSA model, for several search objectives.
 
-    python -m vllm_indexcache.search.table2 examples/models/tiny-dsa --data-dir data/tiny-dsa \\
+    python -m vllm_indexcache.tools.search.table2 examples/models/tiny-dsa --data-dir data/tiny-dsa \\
         --out docs/tiny-dsa-table2/objectives --objectives lm-loss,long-lm,retrieval [--write-presets configs]
 
-1. For each objective, greedy search (Algorithm 1, :func:`vllm_indexcache.search.cli.search`, ``--engine hf``) on
+1. For each objective, greedy search (Algorithm 1, :func:`vllm_indexcache.tools.search.cli.search`, ``--engine hf``) on
    calibration windows of the *training* split (``train.u16``; ``--calib-split heldout`` takes held-out text past
    the evaluation windows), down to 1/8 retention: one nested trajectory gives the searched 1/2, 1/4, 1/8 patterns.
 2. Uniform baselines with the same F count: F = 0, freq, 2·freq, … (``pattern_rules.uniform_pattern(N, freq, 1)``).
 3. Held-out evaluation (``heldout.u16``) of original (all F), uniform and each objective's searched patterns at each
    retention: LM loss and long-range retrieval accuracy per needle depth
-   (:func:`vllm_indexcache.training.evaluate.evaluate`, ``ties="lower"`` reference, batch size 1), with the binomial
+   (:func:`vllm_indexcache.tools.training.evaluate.evaluate`, ``ties="lower"`` reference, batch size 1), with the
+   binomial
    standard error ``sqrt(p(1 − p)/n)`` of each accuracy. Evaluation needles use the evaluation key vocabulary and
    seed 0; the search's needles (``retrieval`` objective, probe) the disjoint calibration vocabulary and other seeds.
 4. Writes ``OUT/<objective>/search.json`` (+ ``.png``, state), ``OUT/table2.json`` and ``OUT/table2.md``; with
@@ -67,13 +68,14 @@ def write_presets(search: dict, model: str, directory, objective: str, calib_des
 def main(argv=None) -> int:
     import torch
 
-    from vllm_indexcache.reference import load_reference
-    from vllm_indexcache.search.cli import search, state_path
-    from vllm_indexcache.search.objectives import OBJECTIVES
-    from vllm_indexcache.search.scorers import HFScorer
-    from vllm_indexcache.training.evaluate import evaluate
+    from vllm_indexcache.tools.reference import load_reference
+    from vllm_indexcache.tools.search.cli import search, state_path
+    from vllm_indexcache.tools.search.objectives import OBJECTIVES
+    from vllm_indexcache.tools.search.scorers import HFScorer
+    from vllm_indexcache.tools.training.evaluate import evaluate
 
-    p = argparse.ArgumentParser(prog="python -m vllm_indexcache.search.table2", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vllm_indexcache.tools.search.table2",
+                                description=__doc__.splitlines()[0])
     p.add_argument("model")
     p.add_argument("--data-dir", required=True, help="corpus directory (train.u16, heldout.u16, tokenizer/)")
     p.add_argument("--out", required=True)
@@ -154,7 +156,8 @@ def main(argv=None) -> int:
         print(f"{method:22s} {r:4s} {pattern} " + " ".join(
             f"ctx{c}: loss {ev['lm'][str(c)]['loss']:.4f} retr {ev['retrieval'][str(c)]['mean']:.2f}"
             for c in contexts) + f" ({time.time() - t1:.0f} s)", flush=True)
-    command = "python -m vllm_indexcache.search.table2 " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    args = argv or sys.argv[1:]
+    command = "python -m vllm_indexcache.tools.search.table2 " + " ".join(shlex.quote(a) for a in args)
     any_search = searches[objectives[0]]
     table = {"model": any_search["model"], "calibration": any_search["calibration"], "contexts": contexts,
              "max_tokens": args.max_tokens, "examples": args.examples, "device": device, "rows": results,

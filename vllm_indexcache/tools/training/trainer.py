@@ -3,7 +3,7 @@
 Each stage of a :class:`~.config.TrainConfig` runs in ``<run_dir>/<stage name>/``:
 
 * ``ckpt.pt`` — resumable checkpoint (fp32 model, optimizer, step, torch/CUDA RNG states). The data position is
-  the step: batch ``i`` is a pure function of ``(seed, stage index, i)`` (:class:`~vllm_indexcache.data.retrieval.
+  the step: batch ``i`` is a pure function of ``(seed, stage index, i)`` (:class:`~vllm_indexcache.tools.data.retrieval.
   TrainBatches`), so a resumed run sees exactly the batches an uninterrupted run would.
 * ``log.jsonl`` — one line per logged step (loss, kl, lr, tokens/s).
 * ``final.pt`` + ``export/`` (a Hugging Face directory: safetensors shards, ``config.json``, tokenizer) +

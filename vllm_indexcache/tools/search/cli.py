@@ -22,10 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_indexcache.search import algorithm as alg
-from vllm_indexcache.search.objectives import OBJECTIVES, ObjectiveOptions
-from vllm_indexcache.search.scorers import ENGINES
-from vllm_indexcache.search.state import (
+from vllm_indexcache.tools.search import algorithm as alg
+from vllm_indexcache.tools.search.objectives import OBJECTIVES, ObjectiveOptions
+from vllm_indexcache.tools.search.scorers import ENGINES
+from vllm_indexcache.tools.search.state import (
     STATE_VERSION,
     StateError,
     calibration_file,
@@ -106,11 +106,11 @@ def make_scorer(model, seqs, *, engine: str, objective: str, options: ObjectiveO
     if engine == "hf":
         import torch
 
-        from vllm_indexcache.search.scorers import HFScorer
+        from vllm_indexcache.tools.search.scorers import HFScorer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return HFScorer(model, seqs, objective, device=device, dtype=dtype, options=options)
-    from vllm_indexcache.search.scorers import VLLMScorer
+    from vllm_indexcache.tools.search.scorers import VLLMScorer
 
     extra = {} if kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": kv_cache_memory_bytes}
     return VLLMScorer(model, seqs, objective, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
@@ -152,7 +152,7 @@ def run_gate(scorer, seqs, levels: dict, *, docs: int = 20, seed: int = 7, margi
     Returns ``{"probe": {...}, "all_f": acc, "levels": {level: {"pattern", "accuracy", "loss_vs_all_f", "ok"}},
     "skipped": reason or None}``.
     """
-    from vllm_indexcache.search.objectives import PROBE_NEEDLES, ObjectiveError, model_encoder, probe_documents
+    from vllm_indexcache.tools.search.objectives import PROBE_NEEDLES, ObjectiveError, model_encoder, probe_documents
 
     n = scorer.num_layers
     try:

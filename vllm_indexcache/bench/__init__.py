@@ -1,1 +1,0 @@
-"""End-to-end IndexCache benchmark through vLLM (``vllm-indexcache bench``); see :mod:`vllm_indexcache.bench.cli`."""

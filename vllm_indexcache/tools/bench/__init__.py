@@ -1,0 +1,1 @@
+"""End-to-end IndexCache benchmark through vLLM (``vllm-indexcache bench``); see :mod:`.cli`."""
