@@ -42,8 +42,9 @@ test: lint
 test-unit: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
+# ruff (line length 120, pyproject.toml) and mypy on the files listed in pyproject's [tool.mypy]
 lint: setup
-	$(BIN)/ruff check .
+	$(BIN)/ruff check . && $(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) $(TOY)

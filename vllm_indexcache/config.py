@@ -108,6 +108,7 @@ class IndexCacheConfig(BaseModel):
 
     def _resolve_preset(self, num_layers: int, architecture: str | None) -> str:
         name = self.index_cache_preset
+        assert name is not None, "resolve() calls _resolve_preset only with a preset"
         p = patterns.load_preset(name)
         if (architecture is not None and p.architecture != architecture) or p.num_layers != num_layers:
             raise ValueError(f"index_cache_preset={name!r}: made for {p.architecture} with {p.num_layers} layers, "

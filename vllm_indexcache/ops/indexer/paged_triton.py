@@ -87,6 +87,9 @@ def paged_indexer_step(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, 
         out: ``[>= T', >= topk]`` int32 top-k buffer; rows ``[0, T')`` are overwritten.
         decode_only: every request has exactly one query token and ``R == T`` (vLLM's uniform decode batch): no
             host reads, capturable in a CUDA graph.
+
+    Raises:
+        ValueError: ``decode_only`` with ``R != T``; without ``decode_only``, a host list is ``None``.
     """
     num_tokens = slot_mapping.shape[0]
     bs = kv_cache.shape[1]
@@ -102,6 +105,8 @@ def paged_indexer_step(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, 
                                                       seq_lens, bs, topk, max_len=block_table.shape[1] * bs)
         return
 
+    if query_start_loc_host is None or seq_lens_host is None:
+        raise ValueError("paged_indexer_step: query_start_loc_host and seq_lens_host are required unless decode_only")
     qsl = query_start_loc_host
     num_reqs = len(qsl) - 1
     single = [r for r in range(num_reqs) if qsl[r + 1] - qsl[r] == 1]
