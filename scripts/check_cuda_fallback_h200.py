@@ -24,7 +24,8 @@ context, chunked prefill at 2048 tokens, the plugin on ``VLLM_INDEXCACHE_KERNELS
 
 Usage (vLLM 0.26 importable, this repo installed as a plugin):
 ``OUT=/tmp/out python scripts/check_cuda_fallback_h200.py``.
-Writes ``$OUT/check_cuda_fallback_h200.json`` and prints the tables last. Results: ``docs/benchmarks.md`` §4.
+Writes ``$OUT/check_cuda_fallback_h200.json`` and prints the tables last. Results: ``docs/benchmarks.md`` (Triton
+fallback; the first runs: ``docs/log/benchmarks-2026-11-to-12.md`` §4).
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ handles only ``index_topk == 512`` (the toy has 128, DeepSeek-V3.2 2048), and th
 
 Float32 throughout: torch 2.13's bf16 matmul has no fast path on AVX2-only CPUs (0.3–0.7 GFLOP/s measured on a
 shared AVX2 EPYC, against 35–55 GFLOP/s fp32 on one thread; ``scripts/bench_cpu_indexer.py`` prints both on the
-machine at hand, docs/benchmarks.md §6).
+machine at hand, docs/log/benchmarks-2026-11-to-12.md §6).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ the slot list is split across ``splits`` programs (split-K, FlashDecoding style)
 partial output and log2-sum-exp, and a second kernel combines them. A token without valid slots gets zeros, as
 the reference. Tile defaults (:data:`DEFAULT_CONFIG`; :data:`SMALL_BATCH_CONFIG` for at most
 :data:`SMALL_BATCH_TOKENS` tokens) are the fastest of ``scripts/profile_triton_h200.py`` on an H200
-(docs/benchmarks.md §8).
+(docs/log/benchmarks-2026-11-to-12.md §8).
 Used by the CUDA Triton fallback of the INDEXCACHE backend (:mod:`vllm_indexcache.vllm_glue.cuda.sparse_mla`); the CPU
 backend uses :mod:`.cpu`.
 """

@@ -2,8 +2,9 @@
 
 The top-k of the lightning indexer (DeepSeek-V3.2 report §2.1): per query row, the ``topk`` (2048) best of up to
 ``N`` (128K+) float32 scores. ``torch.topk`` on such rows costs more than the scores themselves on an H200
-(docs/benchmarks.md §8) and breaks ties arbitrarily; this is the radix select that GPU top-k kernels use (as in
-vLLM's ``top_k_per_row`` CUDA op, ``csrc/sampler.cu``), written so that its result is exact and deterministic:
+(docs/log/benchmarks-2026-11-to-12.md §8) and breaks ties arbitrarily; this is the radix select that GPU top-k
+kernels use (as in vLLM's ``top_k_per_row`` CUDA op, ``csrc/sampler.cu``), written so that its result is exact and
+deterministic:
 
 1. every score becomes an order-preserving ``uint32`` key (``-0.0`` as ``+0.0``);
 2. four histogram passes, one per byte from the most significant, find the exact key ``τ`` of the k-th largest
