@@ -102,7 +102,7 @@ def _lower_ties_topk(indexer, hidden_states, q_resid, position_embeddings, posit
     Assumes one causal sequence without padding (what this module feeds the model); padding rows of queries with
     fewer visible keys than the width get the last key position, a future key that the causal mask removes.
     """
-    from vllm_indexcache.ops.indexer.cpu import indexer_topk
+    from vllm_indexcache.ops.indexer import indexer_topk
 
     if hidden_states.shape[0] != 1:
         raise NotImplementedError(f"ties='lower' supports batch size 1, got {hidden_states.shape[0]}")
