@@ -7,8 +7,8 @@ tokens. Prompts beyond ``max_model_len`` get 400 (``max_tokens`` past it is clam
 indexer served with ``--attention-backend indexcache`` falls back to vLLM's default CPU backend with exactly one
 warning.
 
-Bad IndexCache settings at start-up are tested in ``tests/test_server.py``; search SIGKILL/resume and refused state
-files in ``tests/test_search.py``.
+Bad IndexCache settings at start-up are tested in ``tests/engine/test_server.py``; search SIGKILL/resume and refused
+state files in ``tests/unit/test_search.py``.
 """
 from __future__ import annotations
 
