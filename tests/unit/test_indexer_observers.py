@@ -1,19 +1,28 @@
 """Observers of the CPU INDEXCACHE indexer (``vllm_glue/cpu/indexer.py``): called once per indexer call of a real
 step with the layer, the selections just written and the call's wall time, never for a profile/dummy run, and gone
-once removed; the bench's timing and the tests' top-k capture (``vllm_glue/hooks.py``) are such observers."""
+once removed; the bench's timing and the tests' top-k capture (``vllm_glue/hooks.py``) are such observers.
+
+vLLM (hence Triton) is imported inside the tests, not at collection: tests/unit/test_ops_triton*.py set
+TRITON_INTERPRET before Triton's first import."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import vllm_indexcache.vllm_glue.cpu.indexer as ix
 from vllm_indexcache.ops.indexer import indexer_topk_naive
 from vllm_indexcache.vllm_glue import hooks
 
 H, D, BS, TOPK, PREFIX = 2, 8, 4, 3, "model.layers.3.self_attn.indexer.k_cache"
 
 
-def _step(monkeypatch, ctx: int, ql: int, real: bool = True):
+@pytest.fixture
+def ix():
+    import vllm_indexcache.vllm_glue.cpu.indexer as module
+
+    return module
+
+
+def _step(ix, monkeypatch, ctx: int, ql: int, real: bool = True):
     """One request with ``ctx`` cached keys and ``ql`` new query tokens through ``run_lightning_indexer``; returns
     the top-k buffer and the naive top-k of its rows."""
     torch.manual_seed(ctx * 10 + ql)
@@ -33,13 +42,13 @@ def _step(monkeypatch, ctx: int, ql: int, real: bool = True):
     return buf, indexer_topk_naive(q, keys, w, positions, TOPK)
 
 
-def test_observer_sees_layer_selections_and_time(monkeypatch):
+def test_observer_sees_layer_selections_and_time(ix, monkeypatch):
     calls = []
     with ix.observing(lambda c: calls.append((c, c.topk.clone()))):
-        buf, want = _step(monkeypatch, 0, 5)
-        _step(monkeypatch, 0, 5, real=False)            # profile / dummy run: not observed
-        _step(monkeypatch, 5, 1)
-    _step(monkeypatch, 6, 1)                             # observer removed
+        buf, want = _step(ix, monkeypatch, 0, 5)
+        _step(ix, monkeypatch, 0, 5, real=False)            # profile / dummy run: not observed
+        _step(ix, monkeypatch, 5, 1)
+    _step(ix, monkeypatch, 6, 1)                             # observer removed
     assert len(calls) == 2
     (pre, pre_topk), (dec, _) = calls
     assert torch.equal(buf[:5], want) and torch.equal(pre_topk, want)
@@ -48,7 +57,7 @@ def test_observer_sees_layer_selections_and_time(monkeypatch):
     assert dec.layer == 3 and dec.decode and dec.positions.tolist() == [5]
 
 
-def test_bench_timing_and_topk_capture_are_observers(monkeypatch):
+def test_bench_timing_and_topk_capture_are_observers(ix, monkeypatch):
     monkeypatch.setattr(ix, "_OBSERVERS", [])            # the capture's observer stays for the process otherwise
     seconds, counts = {"prefill": 0.0, "decode": 0.0}, {"prefill": 0, "decode": 0}
     remove = hooks.time_lightning_indexer(seconds, counts)
@@ -56,9 +65,9 @@ def test_bench_timing_and_topk_capture_are_observers(monkeypatch):
     monkeypatch.setattr(hooks, "_CAPTURE", None)
     try:
         assert hooks.capture_topk(None, inputs=True) == 0
-        _, want = _step(monkeypatch, 0, 4)
-        _step(monkeypatch, 4, 1)
-        _step(monkeypatch, 0, 4, real=False)
+        _, want = _step(ix, monkeypatch, 0, 4)
+        _step(ix, monkeypatch, 4, 1)
+        _step(ix, monkeypatch, 0, 4, real=False)
     finally:
         remove()
     assert counts == {"prefill": 1, "decode": 1} and seconds["prefill"] > 0 and seconds["decode"] > 0
@@ -69,7 +78,7 @@ def test_bench_timing_and_topk_capture_are_observers(monkeypatch):
     assert hooks.captured_topk(None) == (0, [])
 
 
-def test_remove_is_idempotent():
+def test_remove_is_idempotent(ix):
     fn = lambda c: None  # noqa: E731
     remove = ix.add_observer(fn)
     remove()
