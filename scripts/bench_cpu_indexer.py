@@ -10,17 +10,18 @@ half as fast as fp32), and for the toy indexer geometry (examples/models/tiny-ds
 
 - **prefill**: queries = the prompt's tokens (causal), keys = the prompt, through
   :func:`vllm_indexcache.ops.indexer.cpu_blockwise.indexer_topk_blockwise` (new) and
-  :func:`vllm_indexcache.ops.indexer.cpu.indexer_topk` (old);
+  :func:`vllm_indexcache.ops.indexer.cpu.indexer_topk` (old; now kept as the vectorised oracle);
 - **decode**: ``--decode-batch`` requests of one query each against S keys in a bf16 paged cache (block size 128,
   consecutive blocks), through :func:`vllm_indexcache.ops.indexer.paged_cpu.paged_indexer_step_cpu` (new) and the
   previous driver (gather each request's keys through the block table, then ``cpu.indexer_topk``; reproduced here).
 
 Score FLOPs are counted as ``2 · H · D`` per (query, visible key) pair: ``2·H·D·Σ_t (pos_t + 1)`` for a causal
 prefill, ``2·H·D·S`` per decode query (ReLU and the head-weighted sum not counted). Achieved FLOP/s = those FLOPs /
-the indexer's wall time; ratio = achieved / the faster GEMM rate; top-k share = time in selection / indexer time (the
-new path times its phases; selection = everything after the ``[C, n]`` scores exist). ``--quick`` runs only the last
-``--quick-queries`` query tokens of a prompt (the most expensive ones) and runs the old path on at most
-``--old-queries`` of them, for prefills whose causal score FLOPs exceed ``--quick-gflop`` (300 GFLOP: only
+the indexer's wall time; ratio = achieved / the faster GEMM rate; top-k share = 1 − scoring time / indexer time, the
+scoring time measured by a score-only pass over the new path's own query and key blocks (:func:`_score_seconds`:
+GEMM, ReLU, head-weighted sum, causal mask; selection = everything after the ``[C, n]`` scores exist). ``--quick``
+runs only the last ``--quick-queries`` query tokens of a prompt (the most expensive ones) and runs the old path on
+at most ``--old-queries`` of them, for prefills whose causal score FLOPs exceed ``--quick-gflop`` (300 GFLOP: only
 DeepSeek-V3.2's 16K); the table says which rows ran.
 Writes ``OUT/bench_cpu_indexer.md`` and ``OUT/bench_cpu_indexer.json``.
 """
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 from vllm_indexcache.ops.indexer import cpu as old_cpu
-from vllm_indexcache.ops.indexer.cpu_blockwise import indexer_topk_blockwise
+from vllm_indexcache.ops.indexer.cpu_blockwise import block_shape, indexer_topk_blockwise, paged_key_segments
 from vllm_indexcache.ops.indexer.paged_cpu import paged_indexer_step_cpu
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,12 +93,12 @@ def bench_prefill(H: int, D: int, topk: int, S: int, rows: int, old_rows: int) -
     ``old_rows`` (0 = not run)."""
     q, k, w, pos = _inputs(rows, S, H, D)
     flops = 2 * H * D * int((pos + 1).sum())
-    stats: dict = {}
     t0 = time.perf_counter()
-    new = indexer_topk_blockwise(q, k, w, pos, topk, stats=stats)
+    new = indexer_topk_blockwise(q, k, w, pos, topk)
     t_new = time.perf_counter() - t0
+    score_s = _score_seconds(q, w, pos, lambda max_keys: ((s0, k[s0:s0 + max_keys]) for s0 in range(0, S, max_keys)))
     res = {"kind": "prefill", "H": H, "D": D, "topk": topk, "S": S, "queries": rows, "new_s": t_new,
-           "score_gflops": flops / t_new / 1e9, "topk_share": stats["select_s"] / t_new}
+           "score_gflops": flops / t_new / 1e9, "topk_share": max(0.0, 1.0 - score_s / t_new)}
     if old_rows:
         sl = slice(rows - old_rows, rows)
         t0 = time.perf_counter()
@@ -112,6 +113,33 @@ def bench_prefill(H: int, D: int, topk: int, S: int, rows: int, old_rows: int) -
         res.update(old_queries=old_rows, old_s=t_old, new_s_same_rows=t_new_sub, speedup=t_old / t_new_sub,
                    identical=bool(torch.equal(again, ref) and torch.equal(new[sl], ref)))
     return res
+
+
+def _score_seconds(q: torch.Tensor, w: torch.Tensor, pos: torch.Tensor, segments) -> float:
+    """Wall seconds of the fused blockwise indexer's scoring alone, over its own query and key blocks
+    (:func:`~vllm_indexcache.ops.indexer.cpu_blockwise.block_shape`): per block one float32 GEMM, ReLU, the
+    head-weighted sum and the causal mask of :func:`~vllm_indexcache.ops.indexer.cpu_blockwise.indexer_topk_segments`,
+    no selection. ``segments(max_keys)`` yields ``(s0, keys [n, D])`` in ascending position."""
+    T, H, D = q.shape
+    C, max_keys = block_shape(T, H)
+    t0 = time.perf_counter()
+    for a in range(0, T, C):
+        b = min(T, a + C)
+        rows = b - a
+        qf = q[a:b].float().reshape(rows * H, D)
+        wf = w[a:b].float().reshape(rows, 1, H)
+        p = pos[a:b].long()
+        pmin, pmax = int(p.min()), int(p.max())
+        for s0, keys in segments(max_keys):
+            if s0 > pmax:
+                break
+            n = min(keys.shape[0], pmax + 1 - s0)
+            logits = torch.mm(qf, keys[:n].float().T)
+            logits.relu_()
+            sc = torch.bmm(wf, logits.view(rows, H, n)).view(rows, n)
+            if s0 + n - 1 > pmin:
+                sc.masked_fill_(torch.arange(s0, s0 + n)[None, :] > p[:, None], float("-inf"))
+    return time.perf_counter() - t0
 
 
 def _old_paged_step(q, k, weights, cache, slot_mapping, block_table, qsl, seq_lens, positions, block_size, topk,
@@ -144,11 +172,13 @@ def bench_decode(H: int, D: int, topk: int, S: int, batch: int, block_size: int 
     qsl, seq_lens, positions = list(range(batch + 1)), [S] * batch, torch.full((batch,), S - 1)
     args = (q, k_new, w, cache, slots, block_table, qsl, seq_lens, positions, block_size, topk)
     out_new, out_old = torch.empty(batch, topk, dtype=torch.int32), torch.empty(batch, topk, dtype=torch.int32)
-    stats: dict = {}
-    t_new = _best(lambda: paged_indexer_step_cpu(*args, out_new, batch, stats=stats), reps)
-    stats.clear()
-    paged_indexer_step_cpu(*args, out_new, batch, stats=stats)
-    sel_share = stats["select_s"] / max(1e-12, stats["select_s"] + stats["score_s"])
+    t_new = _best(lambda: paged_indexer_step_cpu(*args, out_new, batch), reps)
+    score_s = 0.0
+    for r in range(batch):
+        ids = block_table[r].tolist()
+        score_s += _score_seconds(q[r:r + 1], w[r:r + 1], positions[r:r + 1],
+                                  lambda mk, ids=ids: paged_key_segments(cache, ids, S, block_size, mk))
+    sel_share = max(0.0, 1.0 - score_s / t_new)
     t_old = _best(lambda: _old_paged_step(*args, out_old, batch), reps)
     flops = 2 * H * D * S * batch
     return {"kind": "decode", "H": H, "D": D, "topk": topk, "S": S, "queries": batch, "new_s": t_new,

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-#: Name of the attention backend this plugin registers (``--attention-backend indexcache``).
-BACKEND_NAME = "INDEXCACHE"
-
 
 def register() -> None:
     """vLLM general-plugin entry point: register the INDEXCACHE backend and the IndexCache hooks (idempotent)."""
@@ -21,6 +18,10 @@ def register() -> None:
 
 def __getattr__(name: str):
     # Lazy re-exports so that `import vllm_indexcache` stays cheap (no pydantic/torch at import time).
+    if name == "BACKEND_NAME":  # the attention backend's name (``--attention-backend indexcache``)
+        from vllm_indexcache.vllm_glue import BACKEND_NAME
+
+        return BACKEND_NAME
     if name in ("IndexCacheConfig", "IndexCacheError"):
         from vllm_indexcache import config
 

@@ -85,7 +85,7 @@ def test_bad_kernel_choice_names_the_variable(monkeypatch):
 
 
 def test_importing_the_hook_does_not_import_vllm():
-    # vLLM imports Triton; tests/test_ops_triton*.py need Triton imported only after they set TRITON_INTERPRET
+    # vLLM imports Triton; tests/unit/test_ops_triton*.py need Triton imported only after they set TRITON_INTERPRET
     import subprocess
     import sys
 

@@ -102,7 +102,7 @@ def _lower_ties_topk(indexer, hidden_states, q_resid, position_embeddings, posit
     Assumes one causal sequence without padding (what this module feeds the model); padding rows of queries with
     fewer visible keys than the width get the last key position, a future key that the causal mask removes.
     """
-    from vllm_indexcache.ops.indexer.cpu import indexer_topk
+    from vllm_indexcache.ops.indexer import indexer_topk
 
     if hidden_states.shape[0] != 1:
         raise NotImplementedError(f"ties='lower' supports batch size 1, got {hidden_states.shape[0]}")
@@ -403,11 +403,9 @@ def record_topk(model, token_ids: list[int]) -> dict[int, torch.Tensor]:
 @torch.no_grad()
 def indexer_qkw(indexer, hidden_states: torch.Tensor, q_resid: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor]):
-    """The inputs of :mod:`vllm_indexcache.ops.indexer` from a transformers indexer module, for one sequence.
-
-    Mirrors the first half of ``DeepseekV32Indexer.forward`` / ``GlmMoeDsaIndexer.forward`` (transformers 5.19):
-    ``q = RoPE(wq_b(q_resid))``, ``k = RoPE(LayerNorm(wk(x)))`` (RoPE on the first ``qk_rope_head_dim`` dims; NeoX
-    for DeepSeek, interleaved for GLM), ``w = weights_proj(x) · H^-0.5 · D^-0.5``.
+    """The inputs of :mod:`vllm_indexcache.ops.indexer` from a transformers indexer module, for one sequence:
+    :func:`vllm_indexcache.tools.indexer_projection.indexer_qkw` (maths, RoPE layout by class, sources) without the
+    batch dimension.
 
     Args:
         indexer: a ``DeepseekV32Indexer`` or ``GlmMoeDsaIndexer``.
@@ -416,27 +414,13 @@ def indexer_qkw(indexer, hidden_states: torch.Tensor, q_resid: torch.Tensor,
         position_embeddings: ``(cos, sin)`` from the model's rotary embedding, ``[1, S, qk_rope_head_dim]``.
 
     Returns:
-        ``(q [S, H, D], k [S, D], weights [S, H] float32)``.
+        ``(q [S, H, D], k [S, D], weights [S, H])`` in ``promote_types(input dtype, float32)``, weights including
+        ``H^-0.5 · D^-0.5``.
 
     Raises:
         TypeError: unsupported indexer class.
     """
-    from transformers.models.deepseek_v32 import modeling_deepseek_v32 as ds
-    from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as glm
+    from vllm_indexcache.tools.indexer_projection import indexer_qkw as projection
 
-    if isinstance(indexer, glm.GlmMoeDsaIndexer):
-        rope = glm.apply_rotary_pos_emb_interleave
-    elif isinstance(indexer, ds.DeepseekV32Indexer):
-        rope = ds.apply_rotary_pos_emb
-    else:
-        raise TypeError(f"{type(indexer).__name__}: expected DeepseekV32Indexer or GlmMoeDsaIndexer")
-    _, S, _ = hidden_states.shape
-    H, D, R = indexer.n_heads, indexer.head_dim, indexer.qk_rope_head_dim
-    cos, sin = position_embeddings
-    q = indexer.wq_b(q_resid).view(1, S, H, D)
-    k = indexer.k_norm(indexer.wk(hidden_states)).unsqueeze(2)
-    q_rot, k_rot = rope(q[..., :R], k[..., :R], cos, sin, unsqueeze_dim=2)
-    q = torch.cat([q_rot, q[..., R:]], dim=-1)[0]
-    k = torch.cat([k_rot, k[..., R:]], dim=-1)[0, :, 0]
-    w = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)).float()[0]
-    return q, k, w * (H ** -0.5) * indexer.softmax_scale
+    q, k, w = projection(indexer, hidden_states, q_resid, position_embeddings)
+    return q[0], k[0], w[0]

@@ -12,6 +12,10 @@ import logging
 
 logger = logging.getLogger("vllm.indexcache")
 
+#: Name of the attention backend this plugin registers (``--attention-backend indexcache``); re-exported as
+#: ``vllm_indexcache.BACKEND_NAME``.
+BACKEND_NAME = "INDEXCACHE"
+
 #: platform → vLLM versions this glue was written and tested for (the setup.py extras name the same).
 TESTED = {"cpu": ("0.32.0",), "cuda": ("0.26.0",)}
 

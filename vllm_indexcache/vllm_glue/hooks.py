@@ -6,15 +6,15 @@ search's pattern switch and logits capture, the benchmark's indexer timing, and 
   buffer as the preceding F layer left it): patterns change without reloading weights, on every TP/PP worker.
 * :func:`kl_reset` / :func:`kl_store` / :func:`kl_score` — a forward hook on the model's ``logits_processor`` keeps
   the prompt logits of one request, so the KL objective is computed where the full distribution lives.
-* :func:`time_lightning_indexer` — wraps the CPU backend's ``run_lightning_indexer`` to time the F layers' indexer
-  per step kind (prefill / decode).
-* :func:`capture_topk` / :func:`captured_topk` — wrap the same function to keep every F layer's top-k rows per
-  step on each worker (TP ranks compared in ``tests/engine/test_tp_topk.py``).
+* :func:`time_lightning_indexer` — an observer of the CPU backend's indexer
+  (:func:`vllm_indexcache.vllm_glue.cpu.indexer.add_observer`) that times the F layers' indexer per step kind
+  (prefill / decode).
+* :func:`capture_topk` / :func:`captured_topk` — an observer that keeps every F layer's top-k rows per step on each
+  worker (TP ranks compared in ``tests/engine/test_tp_topk.py``).
 """
 from __future__ import annotations
 
 import re
-import time
 
 
 def apply_pattern(pattern: str, model) -> str:
@@ -108,80 +108,58 @@ def kl_score(index: int, num_rows: int, model):
 
 
 def time_lightning_indexer(seconds: dict, calls: dict):
-    """Wrap the CPU INDEXCACHE backend's ``run_lightning_indexer`` so that each call adds its wall time (s) to
-    ``seconds["prefill" | "decode"]`` and counts it in ``calls`` (a step whose query tokens equal its requests is
-    decode). Returns the function that restores the original."""
-    from vllm.forward_context import get_forward_context
+    """Observe the CPU INDEXCACHE backend's indexer (:func:`vllm_indexcache.vllm_glue.cpu.indexer.add_observer`) so
+    that each call of a real step adds its wall time (s) to ``seconds["prefill" | "decode"]`` and counts it in
+    ``calls`` (a step whose query tokens equal its requests is decode). Returns the function that removes the
+    observer."""
+    from vllm_indexcache.vllm_glue.cpu.indexer import add_observer
 
-    import vllm_indexcache.vllm_glue.cpu.indexer as ix
-
-    orig = ix.run_lightning_indexer
-
-    def timed(q, k, weights, k_cache, topk_buffer, topk):
-        meta = get_forward_context().attn_metadata
-        if not isinstance(meta, dict):
-            return orig(q, k, weights, k_cache, topk_buffer, topk)
-        m = meta[k_cache.prefix]
-        kind = "decode" if m.num_actual_tokens == m.num_reqs else "prefill"
-        t0 = time.perf_counter()
-        orig(q, k, weights, k_cache, topk_buffer, topk)
-        seconds[kind] += time.perf_counter() - t0
+    def timed(call) -> None:
+        kind = "decode" if call.decode else "prefill"
+        seconds[kind] += call.seconds
         calls[kind] += 1
 
-    ix.run_lightning_indexer = timed
-
-    def restore() -> None:
-        ix.run_lightning_indexer = orig
-
-    return restore
+    return add_observer(timed)
 
 
-_TOPK = "_indexcache_topk_capture"
+#: This process's top-k capture (:func:`capture_topk`): its records and whether inputs are kept; None until used.
+_CAPTURE: dict | None = None
 
 
 def capture_topk(model, inputs: bool = False) -> int:
-    """Worker side (``LLM.apply_model``): from now on record, for every call of the CPU INDEXCACHE backend's
-    ``run_lightning_indexer`` (one per F layer per forward step, MTP layers included), the top-k rows it wrote.
+    """Worker side (``LLM.apply_model``): from now on record, for every indexer call of the CPU INDEXCACHE backend
+    (one per F layer per forward step, MTP layers included), the top-k rows it wrote.
 
     Each record is a dict: ``layer`` (int, global layer index from the indexer K-cache prefix), ``topk``
     (``[T, index_topk]`` int32, a copy of ``topk_indices_buffer[:T]`` right after the indexer wrote it: request-local
     key positions, -1 padding), ``positions`` (``[T]`` int64), ``query_start_loc`` (list of ``num_reqs + 1`` ints);
     with ``inputs``, also this step's ``q [T,H,D]``, ``k [T,D]`` (model dtype, RoPE applied) and ``weights [T,H]``
     float32, so that a single-request prefill's selection can be recomputed from its own scores. Profile/dummy runs
-    are not recorded. Calling it again clears the records (the wrapper is installed once per process).
+    are not recorded. Calling it again clears the records (the observer is added once per process).
 
-    Returns the worker's tensor-parallel rank. Source of the wrapped function:
-    :func:`vllm_indexcache.vllm_glue.cpu.indexer.run_lightning_indexer` (CPU only; CUDA engines do not call it).
+    Returns the worker's tensor-parallel rank. Source of the records: the observers of
+    :mod:`vllm_indexcache.vllm_glue.cpu.indexer` (CPU only; CUDA engines do not call them).
     """
     from vllm.distributed import get_tensor_model_parallel_rank
-    from vllm.forward_context import get_forward_context
 
-    import vllm_indexcache.vllm_glue.cpu.indexer as ix
+    from vllm_indexcache.vllm_glue.cpu.indexer import add_observer
 
-    st = ix.__dict__.get(_TOPK)
-    if st is None:
-        st = {"records": [], "inputs": False}
-        orig = ix.run_lightning_indexer
+    global _CAPTURE
+    if _CAPTURE is None:
+        st = _CAPTURE = {"records": [], "inputs": False}
 
-        def recording(q, k, weights, k_cache, topk_buffer, topk):
-            orig(q, k, weights, k_cache, topk_buffer, topk)
-            meta = get_forward_context().attn_metadata
-            if not isinstance(meta, dict):
-                return
-            m = meta[k_cache.prefix]
-            T = m.num_actual_tokens
-            layer = re.search(r"layers\.(\d+)\.", k_cache.prefix + ".")
-            rec = {"layer": int(layer.group(1)) if layer else -1, "topk": topk_buffer[:T].clone(),
-                   "positions": m.positions[:T].clone(),
-                   "query_start_loc": [int(x) for x in m.query_start_loc_host[:m.num_reqs + 1]]}
+        def recording(call) -> None:
+            T = call.topk.shape[0]
+            rec = {"layer": call.layer, "topk": call.topk.clone(), "positions": call.positions.clone(),
+                   "query_start_loc": [int(x) for x in call.query_start_loc]}
             if st["inputs"]:
-                rec.update(q=q[:T].detach().clone(), k=k[:T].detach().clone(), weights=weights[:T].detach().clone())
+                rec.update(q=call.q[:T].detach().clone(), k=call.k[:T].detach().clone(),
+                           weights=call.weights[:T].detach().clone())
             st["records"].append(rec)
 
-        ix.run_lightning_indexer = recording
-        setattr(ix, _TOPK, st)
-    st["records"].clear()
-    st["inputs"] = inputs
+        add_observer(recording)
+    _CAPTURE["records"].clear()
+    _CAPTURE["inputs"] = inputs
     return get_tensor_model_parallel_rank()
 
 
@@ -191,9 +169,7 @@ def captured_topk(model) -> tuple[int, list[dict]]:
     float32), since ``collective_rpc`` results do not keep tensors as tensors across processes."""
     from vllm.distributed import get_tensor_model_parallel_rank
 
-    import vllm_indexcache.vllm_glue.cpu.indexer as ix
-
-    st = ix.__dict__.get(_TOPK)
+    st = _CAPTURE
     records = [] if st is None else [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in rec.items()}
                                      for rec in st["records"]]
     if st is not None:

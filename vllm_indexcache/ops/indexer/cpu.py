@@ -1,9 +1,16 @@
-"""Lightning indexer of DeepSeek Sparse Attention (DSA): vectorised torch implementation for CPU.
+"""Lightning indexer of DeepSeek Sparse Attention (DSA): vectorised torch oracle (any device; not the serving path).
 
 Same maths and output convention as :mod:`vllm_indexcache.ops.indexer.naive` (the reference; see there for the
 formula and sources: DeepSeek-V3.2 report §2.1, vLLM 0.32 ``model_executor/layers/sparse_attn_indexer.py``,
 transformers ``modeling_deepseek_v32.py``). No Python loop over tokens: query rows are processed in chunks sized so
-that the ``[rows, H, S]`` float32 intermediate stays under ``max_chunk_bytes``.
+that the ``[rows, H, S]`` float32 intermediate stays under ``max_chunk_bytes``; the ``[T, S]`` scores are built.
+
+The CPU backend runs :mod:`.cpu_blockwise` (via :mod:`.paged_cpu`) instead. This module is kept only as the oracle
+that is fast enough where the naive loop is not, and plain enough to trust: the transformers reference's
+``ties="lower"`` selection (:mod:`vllm_indexcache.tools.reference`, hence analyze and the engine tests),
+``tests/unit/test_ops_indexer.py`` (against the naive reference, and as the reference of the blockwise indexer),
+the Triton benchmark's reference on GPU (``scripts/bench_triton_h200.py``) and the baseline of
+``scripts/bench_cpu_indexer.py``.
 """
 from __future__ import annotations
 

@@ -26,14 +26,13 @@ machine at hand, docs/log/benchmarks-2026-11-to-12.md §6).
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator
 
 import torch
 
 from .naive import check_indexer_inputs
 
-__all__ = ["indexer_topk_blockwise", "indexer_topk_segments", "paged_key_segments"]
+__all__ = ["block_shape", "indexer_topk_blockwise", "indexer_topk_segments", "paged_key_segments"]
 
 _LOW = (1 << 32) - 1
 _SCALE = 1 << 32
@@ -197,8 +196,16 @@ def paged_key_segments(cache: torch.Tensor, block_ids: list[int], num_keys: int,
     yield from flush()
 
 
+def block_shape(num_queries: int, num_heads: int, q_block_rows: int | None = None) -> tuple[int, int]:
+    """``(query rows per block, longest key block)`` of :func:`indexer_topk_segments` for ``num_queries`` query rows
+    of ``num_heads`` heads: by default ~1024 GEMM rows per query block, and key blocks whose ``[C·H, n]`` float32
+    logits stay within ``_BLOCK_ELEMS`` (between 64 and ``_MAX_KEYS`` keys)."""
+    C = q_block_rows or max(1, 1024 // num_heads)
+    return C, max(64, min(_MAX_KEYS, _BLOCK_ELEMS // (min(C, max(1, num_queries)) * num_heads)))
+
+
 def indexer_topk_segments(q: torch.Tensor, weights: torch.Tensor, q_positions: torch.Tensor, topk: int,
-                          segments, q_block_rows: int | None = None, stats: dict | None = None) -> torch.Tensor:
+                          segments, q_block_rows: int | None = None) -> torch.Tensor:
     """Fused blockwise top-k over keys given as ascending segments (the core of the CPU indexer).
 
     Args:
@@ -210,8 +217,8 @@ def indexer_topk_segments(q: torch.Tensor, weights: torch.Tensor, q_positions: t
         segments: a callable ``max_keys -> iterable of (s0, keys [n, D])`` with strictly ascending, non-overlapping
             position ranges (e.g. slices of a ``[S, D]`` tensor, or :func:`paged_key_segments`); called once per
             query block; segments wholly past the block's last position are skipped.
-        q_block_rows: query rows per block (default: ``max(1, 1024 // H)``, i.e. ~1024 GEMM rows).
-        stats: if a dict, ``"score_s"`` / ``"select_s"`` (wall seconds in scoring / in selection) are added to it.
+        q_block_rows: query rows per block (default: ``max(1, 1024 // H)``, i.e. ~1024 GEMM rows; see
+            :func:`block_shape`).
 
     Returns:
         ``[T, topk]`` int32 request-local key positions, best first (descending score, ties → lower position),
@@ -226,11 +233,8 @@ def indexer_topk_segments(q: torch.Tensor, weights: torch.Tensor, q_positions: t
     out = torch.empty((T, topk), dtype=torch.int32, device=q.device)
     if T == 0:
         return out
-    C = q_block_rows or max(1, 1024 // H)
-    max_keys = max(64, min(_MAX_KEYS, _BLOCK_ELEMS // (min(C, T) * H)))
+    C, max_keys = block_shape(T, H, q_block_rows)
     empty = _empty_key()
-    clock = time.perf_counter
-    t_score = t_sel = 0.0
     pos_all = q_positions.long()
     for a in range(0, T, C):
         b = min(T, a + C)
@@ -247,7 +251,6 @@ def indexer_topk_segments(q: torch.Tensor, weights: torch.Tensor, q_positions: t
         for s0, keys in segments(max_keys):
             if s0 > pmax:
                 break
-            t0 = clock()
             n = min(keys.shape[0], pmax + 1 - s0)
             kf = keys[:n].float()
             logits = torch.mm(qf, kf.T)                                  # [rows·H, n]
@@ -256,7 +259,6 @@ def indexer_topk_segments(q: torch.Tensor, weights: torch.Tensor, q_positions: t
             if s0 + n - 1 > pmin:                                        # block crosses the causal diagonal
                 kpos = torch.arange(s0, s0 + n)
                 sc.masked_fill_(kpos[None, :] > pos[:, None], float("-inf"))
-            t1 = clock()
             if not full and n >= 4 * topk:
                 # running set not yet full: a key below a lower bound on the block's own k-th best cannot enter
                 cand = _group_candidates(sc, tau, s0, rows, empty, lb=_block_lower_bound(sc, topk))
@@ -270,18 +272,11 @@ def indexer_topk_segments(q: torch.Tensor, weights: torch.Tensor, q_positions: t
                     pending, pend_w = [], 0
                     tau = _threshold(run)
                     full = bool((run != empty).all())
-            t_score += t1 - t0
-            t_sel += clock() - t1
-        t1 = clock()
         if pending:
             run = torch.topk(torch.cat([run, *pending], 1), topk, dim=1, sorted=False).values
         run = torch.sort(run, dim=1, descending=True).values
         sel = _LOW - (run - torch.div(run, _SCALE, rounding_mode="floor") * _SCALE)
         out[a:b] = torch.where(run == empty, -1, sel).to(torch.int32)
-        t_sel += clock() - t1
-    if stats is not None:
-        stats["score_s"] = stats.get("score_s", 0.0) + t_score
-        stats["select_s"] = stats.get("select_s", 0.0) + t_sel
     return out
 
 
@@ -293,7 +288,7 @@ def _tensor_segments(k: torch.Tensor):
 
 
 def indexer_topk_blockwise(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, q_positions: torch.Tensor,
-                           topk: int, q_block_rows: int | None = None, stats: dict | None = None) -> torch.Tensor:
+                           topk: int, q_block_rows: int | None = None) -> torch.Tensor:
     """Top-k key selection of the lightning indexer, fused and blockwise (no ``[T, S]`` score matrix).
 
     Selections identical to :func:`~vllm_indexcache.ops.indexer.naive.indexer_topk_naive` (float32 scores, equal up
@@ -306,7 +301,6 @@ def indexer_topk_blockwise(q: torch.Tensor, k: torch.Tensor, weights: torch.Tens
         q_positions: ``[T]`` integer query positions; key ``s`` visible iff ``s ≤ q_positions[t]``.
         topk: keys kept per query (``index_topk``), ≥ 1.
         q_block_rows: query rows per block (see :func:`indexer_topk_segments`).
-        stats: optional dict accumulating ``score_s`` / ``select_s`` seconds.
 
     Returns:
         ``[T, topk]`` int32 request-local key positions: the ``min(topk, q_positions[t] + 1)`` best keys by
@@ -319,4 +313,4 @@ def indexer_topk_blockwise(q: torch.Tensor, k: torch.Tensor, weights: torch.Tens
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     check_indexer_inputs(q, k, weights, q_positions)
-    return indexer_topk_segments(q, weights, q_positions, topk, _tensor_segments(k), q_block_rows, stats)
+    return indexer_topk_segments(q, weights, q_positions, topk, _tensor_segments(k), q_block_rows)

@@ -20,7 +20,7 @@ __all__ = ["paged_indexer_step_cpu"]
 def paged_indexer_step_cpu(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
                            slot_mapping: torch.Tensor, block_table: torch.Tensor, query_start_loc_host: list[int],
                            seq_lens_host: list[int], positions: torch.Tensor, block_size: int, topk: int,
-                           out: torch.Tensor, num_tokens: int, stats: dict | None = None) -> None:
+                           out: torch.Tensor, num_tokens: int) -> None:
     """Insert keys, then write ``out[t]`` for every query token of the step.
 
     Args:
@@ -37,7 +37,6 @@ def paged_indexer_step_cpu(q: torch.Tensor, k: torch.Tensor, weights: torch.Tens
         topk: ``index_topk``.
         out: ``[>= T, topk]`` int32 top-k buffer; rows ``[0, T)`` are overwritten.
         num_tokens: ``T``, the step's query tokens.
-        stats: optional dict accumulating ``score_s`` / ``select_s`` seconds (benchmarks; the engine passes none).
 
     Raises:
         ValueError: ``topk < 1``.
@@ -57,5 +56,4 @@ def paged_indexer_step_cpu(q: torch.Tensor, k: torch.Tensor, weights: torch.Tens
         def segments(max_keys, ids=ids, n_keys=n_keys):
             return paged_key_segments(cache, ids, n_keys, block_size, max_keys)
 
-        out[start:end] = indexer_topk_segments(q[start:end], weights[start:end], positions[start:end], topk, segments,
-                                               stats=stats)
+        out[start:end] = indexer_topk_segments(q[start:end], weights[start:end], positions[start:end], topk, segments)

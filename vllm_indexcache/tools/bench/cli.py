@@ -10,10 +10,11 @@ profiled directly), and measures per context:
 * **batch 8**: 8 requests whose prompts share the first ``context - 16`` tokens (already in the prefix cache from
   a batch-1 repeat) and differ in the last 16, submitted together: TPOT per request and decode tokens/s =
   ``8 / TPOT``. Their TTFT is *not* a prefill measurement (the shared prefix is cached) and is not reported as one;
-* **indexer share (profiled)**: ``vllm_indexcache.vllm_glue.cpu.indexer.run_lightning_indexer`` is wrapped with
-  ``time.perf_counter`` accumulators (``VLLM_INDEXCACHE_PROFILE=1``, set by this command), split into prefill steps
-  (some request has more than one query token) and decode steps; share of prefill = indexer prefill seconds / TTFT,
-  share of decode = indexer decode seconds / (``last_token_ts - first_token_ts``), per batch-1 request;
+* **indexer share (profiled)**: every call of ``vllm_indexcache.vllm_glue.cpu.indexer.run_lightning_indexer`` is
+  timed with ``time.perf_counter`` and handed to an observer (``vllm_glue.cpu.indexer.add_observer``) that
+  accumulates it, split into prefill steps (some request has more than one query token) and decode steps; share of
+  prefill = indexer prefill seconds / TTFT, share of decode = indexer decode seconds /
+  (``last_token_ts - first_token_ts``), per batch-1 request;
 * **KV capacity** in tokens as vLLM computed it: ``cache_config.num_gpu_blocks × block_size`` after start-up (the
   CPU counterpart of the "GPU KV cache size: N tokens" log line). The plugin allocates no indexer K-cache for S
   layers, so each pattern's number is the reclaimed capacity; "not reclaimed" is the capacity at the all-F indexer
@@ -41,7 +42,6 @@ from pathlib import Path
 
 from .measure import (
     BATCH_SHARED_TAIL,
-    PROFILE_ENV,
     IndexerProfiler,
     bench_engine_kwargs,
     build_bench_model,
@@ -81,7 +81,6 @@ def main(args: argparse.Namespace) -> int:
         finish(json.loads((out / "bench.json").read_text()), out)
         return 0
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # engine core in this process: profilable
-    os.environ[PROFILE_ENV] = "1"
     if args.threads > 0:
         import torch
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-PROFILE_ENV = "VLLM_INDEXCACHE_PROFILE"
 BATCH_SHARED_TAIL = 16
 
 
@@ -45,22 +44,23 @@ def resolve_pattern(spec: str, num_layers: int) -> str:
 
 # -------------------------------------------------------------------------------------------------------- profiling
 class IndexerProfiler:
-    """Wall time of ``run_lightning_indexer`` (the F layers' scoring + top-k + K-cache insert), split by step kind."""
+    """Wall time of ``run_lightning_indexer`` (the F layers' scoring + top-k + K-cache insert), split by step kind:
+    an observer of the CPU indexer (:func:`vllm_indexcache.vllm_glue.hooks.time_lightning_indexer`)."""
 
     def __init__(self):
         self.seconds = {"prefill": 0.0, "decode": 0.0}
         self.calls = {"prefill": 0, "decode": 0}
-        self._orig = None
+        self._remove = None
 
     def install(self) -> None:
         from vllm_indexcache.vllm_glue.hooks import time_lightning_indexer
 
-        self._orig = time_lightning_indexer(self.seconds, self.calls)
+        self._remove = time_lightning_indexer(self.seconds, self.calls)
 
     def uninstall(self) -> None:
-        if self._orig is not None:
-            self._orig()
-            self._orig = None
+        if self._remove is not None:
+            self._remove()
+            self._remove = None
 
     def reset(self) -> None:
         for key in self.seconds:

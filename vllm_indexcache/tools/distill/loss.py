@@ -32,9 +32,9 @@ GLM ``models/glm_moe_dsa``; DeepSeek-V3.2 report arXiv 2512.02556)::
     q[t, h] = RoPE(wq_b(q_resid[t]))[h]        k[s] = RoPE(LayerNorm(wk(x[s])))        (RoPE on the first dims)
     I[t, s] = Σ_h weights_proj(x[t])[h] · H^-0.5 · ReLU(q[t, h] · k[s] · D^-0.5)
 
-The same as :func:`vllm_indexcache.tools.training.indexer_loss.indexer_scores`, except that the computation keeps the
-inputs' precision when it is wider than float32 (the float64 gradient tests need that; transformers and the training
-module compute in float32).
+Computed by :func:`vllm_indexcache.tools.training.indexer_loss.indexer_scores` on the shared projection
+:func:`vllm_indexcache.tools.indexer_projection.indexer_qkw`, in ``promote_types(input dtype, float32)``: float32 as in
+transformers, float64 for float64 inputs (the gradient tests need that).
 """
 from __future__ import annotations
 
@@ -111,24 +111,13 @@ def attention_target(attn_weights: torch.Tensor, visible: torch.Tensor | None = 
     return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
 
 
-def _interleaved(indexer) -> bool:
-    from transformers.models.deepseek_v32 import modeling_deepseek_v32 as ds
-    from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as glm
-
-    if isinstance(indexer, glm.GlmMoeDsaIndexer):
-        return True
-    if isinstance(indexer, ds.DeepseekV32Indexer):
-        return False
-    raise TypeError(f"{type(indexer).__name__}: expected DeepseekV32Indexer or GlmMoeDsaIndexer")
-
-
 def indexer_scores(indexer, hidden_states: torch.Tensor, q_resid: torch.Tensor,
                    position_embeddings: tuple[torch.Tensor, torch.Tensor],
                    visible: torch.Tensor | None = None) -> torch.Tensor:
     """Index scores ``I[b, t, s]`` of one transformers indexer, differentiable w.r.t. its parameters: the training
-    recipe's :func:`vllm_indexcache.tools.training.indexer_loss.indexer_scores` with the RoPE layout of the indexer's
-    class
-    (DeepSeek-V3.2 NeoX, GLM-5 interleaved) and every product in ``promote_types(input dtype, float32)``.
+    recipe's :func:`vllm_indexcache.tools.training.indexer_loss.indexer_scores` (q, k, w from
+    :func:`vllm_indexcache.tools.indexer_projection.indexer_qkw`: RoPE layout from the indexer's class, DeepSeek-V3.2
+    NeoX, GLM-5 interleaved; every product in ``promote_types(input dtype, float32)``).
 
     Args:
         indexer: ``DeepseekV32Indexer`` or ``GlmMoeDsaIndexer``.
@@ -147,8 +136,7 @@ def indexer_scores(indexer, hidden_states: torch.Tensor, q_resid: torch.Tensor,
     from vllm_indexcache.tools.training.indexer_loss import indexer_scores as scores
 
     cos, sin = position_embeddings
-    return scores(indexer, hidden_states, q_resid, cos, sin, rope_interleave=_interleaved(indexer), mask=visible,
-                  upcast=True)
+    return scores(indexer, hidden_states, q_resid, cos, sin, mask=visible)
 
 
 def indexer_log_probs(scores: torch.Tensor, support: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,12 @@
 """Lightning-indexer scores *with gradient* and the DSA indexer distillation losses.
 
 transformers' ``DeepseekV32Indexer.forward`` runs under ``@torch.no_grad()`` and returns only top-k indices, so
-training needs its own score computation. :func:`indexer_scores` re-implements that forward functionally, reading
-the module's own parameters (``wq_b``, ``wk``, ``k_norm``, ``weights_proj``), with the same maths
-(transformers 5.19 ``models/deepseek_v32/modeling_deepseek_v32.py``; DeepSeek-V3.2 report arXiv 2512.02556)::
+training needs its own score computation. :func:`indexer_scores` computes that forward functionally from the
+module's own parameters, through the shared projection :func:`vllm_indexcache.tools.indexer_projection.indexer_qkw`
+(maths and sources there: transformers 5.19 ``models/deepseek_v32/modeling_deepseek_v32.py``; DeepSeek-V3.2 report
+arXiv 2512.02556)::
 
-    q[t, h] = RoPE(wq_b(q_resid[t]))[h]                 # [H_I, D_I], q_resid = q_a_layernorm(q_a_proj(x))
-    k[s]    = RoPE(LayerNorm(wk(x[s])))                 # [D_I], one key head shared by all indexer heads
-    w[t, h] = weights_proj(x[t])[h] * H_I^-0.5
-    I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s] * D_I^-0.5)     (s <= t; -inf elsewhere)
-
-RoPE rotates the *first* ``qk_rope_head_dim`` dims of q and k, non-interleaved (NeoX half split) for DeepSeek-V3.2
-(``indexer_rope_interleave: false``) and interleaved for GLM-5 (``true``).
+    I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s])     (s <= t; -inf elsewhere; w includes H^-0.5 * D^-0.5)
 
 Losses (DeepSeek-V3.2 report §2.1; IndexCache paper arXiv 2603.12201 §3.2):
 
@@ -31,23 +26,6 @@ import torch.nn.functional as F
 __all__ = ["indexer_scores", "causal_mask", "topk_mask", "main_attention_target", "indexer_kl"]
 
 
-def _rope_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split rotation; ``x`` [B, T, ..., R], ``cos``/``sin`` [B, T, R] (``cat(freqs, freqs)`` layout)."""
-    while cos.dim() < x.dim():
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def _rope_interleave(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved-pair rotation written de-interleaved, as transformers' ``apply_rotary_pos_emb_interleave``."""
-    cos, sin = cos[..., : cos.shape[-1] // 2], sin[..., : sin.shape[-1] // 2]
-    while cos.dim() < x.dim():
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
 def causal_mask(t: int, device=None, s: int | None = None) -> torch.Tensor:
     """Bool ``[t, s]`` mask, True where key ``j`` is visible to query ``i`` (``j <= i + s - t``)."""
     s = t if s is None else s
@@ -55,39 +33,32 @@ def causal_mask(t: int, device=None, s: int | None = None) -> torch.Tensor:
 
 
 def indexer_scores(indexer, hidden_states: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, *, rope_interleave: bool = False, mask: torch.Tensor | None = None,
-                   upcast: bool = False) -> torch.Tensor:
+                   sin: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Index scores ``I[b, t, s]`` of one layer's indexer, differentiable w.r.t. the indexer's parameters (and its
     inputs, unless the caller detaches them).
 
+    q, k and w come from :func:`vllm_indexcache.tools.indexer_projection.indexer_qkw` (RoPE layout from the
+    indexer's class: NeoX for DeepSeek-V3.2, interleaved for GLM-5); the products run in
+    ``promote_types(hidden_states.dtype, float32)`` (under autocast, the q·k product in the autocast dtype).
+
     Args:
-        indexer: a ``DeepseekV32Indexer`` (or GLM's ``GlmMoeDsaIndexer``): uses ``wq_b``, ``wk``, ``k_norm``,
-            ``weights_proj``, ``n_heads``, ``head_dim``, ``qk_rope_head_dim``, ``softmax_scale``.
+        indexer: a ``DeepseekV32Indexer`` (or GLM's ``GlmMoeDsaIndexer``).
         hidden_states: ``[B, T, hidden]`` — the attention block's input (after ``input_layernorm``).
         q_resid: ``[B, T, q_lora_rank]`` — ``q_a_layernorm(q_a_proj(hidden_states))``.
         cos, sin: ``[B or 1, T, qk_rope_head_dim]`` from the model's rotary embedding.
-        rope_interleave: False for DeepSeek-V3.2 (NeoX), True for GLM-5.
         mask: bool broadcastable to ``[B, T, T]``, True = visible; default causal. Invisible entries are ``-inf``.
-        upcast: run the q·k products in ``promote_types(input dtype, float32)`` too (float64 inputs stay float64:
-            the distillation's gradient checks) instead of the inputs' dtype.
 
     Returns:
-        ``[B, T, T]`` scores, float32 (``promote_types(input dtype, float32)`` with ``upcast``). Without ``upcast``
-        the q·k products run in the inputs' dtype (bf16 under autocast); the ReLU, the head weighting and the sum
-        run in float32 as in transformers.
+        ``[B, T, T]`` scores in ``promote_types(hidden_states.dtype, float32)`` (float64 inputs stay float64).
+
+    Raises:
+        TypeError: an indexer of another class.
     """
-    b, t, _ = hidden_states.shape
-    h, d, r = indexer.n_heads, indexer.head_dim, indexer.qk_rope_head_dim
-    rope = _rope_interleave if rope_interleave else _rope_neox
-    q = indexer.wq_b(q_resid).view(b, t, h, d)
-    q = torch.cat([rope(q[..., :r], cos, sin), q[..., r:]], dim=-1)
-    k = indexer.k_norm(indexer.wk(hidden_states))  # [B, T, D]
-    k = torch.cat([rope(k[..., :r], cos, sin), k[..., r:]], dim=-1)
-    dt = torch.promote_types(hidden_states.dtype, torch.float32)
-    if upcast:
-        q, k = q.to(dt), k.to(dt)
-    logits = torch.einsum("bthd,bsd->bths", q, k.to(q.dtype)).to(dt) * indexer.softmax_scale  # [B, T, H, S]
-    w = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)).to(dt) * h ** -0.5  # [B, T, H]
+    from vllm_indexcache.tools.indexer_projection import indexer_qkw
+
+    t = hidden_states.shape[1]
+    q, k, w = indexer_qkw(indexer, hidden_states, q_resid, (cos, sin))
+    logits = torch.einsum("bthd,bsd->bths", q, k).to(w.dtype)  # [B, T, H, S]
     scores = torch.einsum("bth,bths->bts", w, F.relu(logits))
     if mask is None:
         mask = causal_mask(t, hidden_states.device)

@@ -61,7 +61,7 @@ def _attend(query, key, value, scale, mask: torch.Tensor | None):
     return out.transpose(1, 2).reshape(query.shape[0], query.shape[2], -1)
 
 
-def attention_forward(attn, x: torch.Tensor, cos, sin, mode: str, topk: int, rope_interleave: bool = False):
+def attention_forward(attn, x: torch.Tensor, cos, sin, mode: str, topk: int):
     """One ``DeepseekV32Attention`` block in ``mode``; returns ``(output [B,T,hidden], kl or None)``."""
     t = x.shape[1]
     causal = causal_mask(t, x.device)
@@ -73,13 +73,11 @@ def attention_forward(attn, x: torch.Tensor, cos, sin, mode: str, topk: int, rop
             q_resid, query, key, value = _qkv(attn, x, cos, sin)
             out = attn.o_proj(_attend(query, key, value, attn.scaling, None))
             target = main_attention_target(query, key, attn.scaling, causal)
-        scores = indexer_scores(attn.indexer, x.detach(), q_resid.detach(), cos, sin,
-                                rope_interleave=rope_interleave, mask=causal)
+        scores = indexer_scores(attn.indexer, x.detach(), q_resid.detach(), cos, sin, mask=causal)
         return out, indexer_kl(target, scores, causal)
     if mode == "sparse":
         q_resid, query, key, value = _qkv(attn, x, cos, sin)
-        scores = indexer_scores(attn.indexer, x.detach(), q_resid.detach(), cos, sin,
-                                rope_interleave=rope_interleave, mask=causal)
+        scores = indexer_scores(attn.indexer, x.detach(), q_resid.detach(), cos, sin, mask=causal)
         sel = topk_mask(scores, topk, causal)
         out = attn.o_proj(_attend(query, key, value, attn.scaling, sel))
         target = main_attention_target(query.detach(), key.detach(), attn.scaling, sel)
@@ -103,7 +101,6 @@ def dsa_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None, mod
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     cfg = model.config
     topk = cfg.index_topk if topk is None else topk
-    interleave = bool(getattr(cfg, "indexer_rope_interleave", False))
     m = model.model
     t = input_ids.shape[1]
     ctx = torch.no_grad() if mode == "warmup" else torch.enable_grad()
@@ -115,7 +112,7 @@ def dsa_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None, mod
     for layer in m.layers[: cfg.num_hidden_layers]:
         with ctx:
             h = layer.input_layernorm(x)
-        a, kl = attention_forward(layer.self_attn, h, cos, sin, mode, topk, interleave)
+        a, kl = attention_forward(layer.self_attn, h, cos, sin, mode, topk)
         if kl is not None:
             kls.append(kl)
         with ctx:

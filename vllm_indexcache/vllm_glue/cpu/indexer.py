@@ -12,9 +12,18 @@ them with DeepGEMM/Triton kernels that do not exist on CPU (``model_executor/lay
 so selections match transformers' reference — and score with the fused blockwise indexer
 (:func:`vllm_indexcache.ops.indexer.cpu_blockwise.indexer_topk_segments`, keys read in place from the paged cache).
 Only F layers own an ``Indexer``, so S layers allocate no indexer K-cache at all.
+
+Observers (:func:`add_observer`, :func:`observing`) see every indexer call of a real step (:class:`IndexerCall`: layer,
+selections, wall time, the step's positions and inputs): the benchmark's indexer timing and the tests' top-k capture
+(:mod:`vllm_indexcache.vllm_glue.hooks`) use them; with none registered nothing is timed.
 """
 from __future__ import annotations
 
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -80,10 +89,64 @@ class IndexCacheIndexer(Indexer):
         run_lightning_indexer(q, k, weights, self.k_cache, self.topk_indices_buffer, self.topk_tokens)
 
 
+@dataclass(frozen=True)
+class IndexerCall:
+    """One F layer's indexer call in one forward step, as observers see it (right after the call; the tensors are
+    the engine's own buffers and inputs: an observer that keeps them copies them).
+
+    Attributes:
+        layer: global layer index (from the K-cache prefix ``...layers.N...``; ``-1`` if it has none).
+        topk: ``[T, index_topk]`` int32 view of ``topk_indices_buffer[:T]`` just written (request-local key
+            positions, ``-1`` padding).
+        seconds: wall time of the call (K-cache insert, scores, top-k), ``time.perf_counter`` seconds.
+        decode: the step is a decode step (its query tokens equal its requests).
+        positions: ``[T]`` int64 token positions.
+        query_start_loc: ``num_reqs + 1`` cumulative query starts (host ints).
+        q: ``[T', H, D]``, k: ``[T', D]`` (model dtype, RoPE applied), weights: ``[T', H]`` float32; ``T' >= T``.
+    """
+
+    layer: int
+    topk: torch.Tensor
+    seconds: float
+    decode: bool
+    positions: torch.Tensor
+    query_start_loc: list[int]
+    q: torch.Tensor
+    k: torch.Tensor
+    weights: torch.Tensor
+
+
+#: Callables ``fn(call: IndexerCall) -> None``, called in order after each indexer call of a real step.
+_OBSERVERS: list[Callable[[IndexerCall], None]] = []
+
+
+def add_observer(fn: Callable[[IndexerCall], None]) -> Callable[[], None]:
+    """Register ``fn`` for every later indexer call of this process (a worker, or the engine's process when vLLM runs
+    in-process); returns the function that removes it. The same ``fn`` added twice is called twice."""
+    _OBSERVERS.append(fn)
+
+    def remove() -> None:
+        if fn in _OBSERVERS:
+            _OBSERVERS.remove(fn)
+
+    return remove
+
+
+@contextmanager
+def observing(fn: Callable[[IndexerCall], None]) -> Iterator[None]:
+    """``with observing(fn): ...`` — :func:`add_observer` for the block's duration."""
+    remove = add_observer(fn)
+    try:
+        yield
+    finally:
+        remove()
+
+
 def run_lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                           k_cache: IndexCacheIndexerKCache, topk_buffer: torch.Tensor, topk: int) -> None:
     """Insert this step's keys into the paged indexer K-cache, then write each query token's top-k
-    (:func:`vllm_indexcache.ops.indexer.paged_cpu.paged_indexer_step_cpu` on this step's metadata).
+    (:func:`vllm_indexcache.ops.indexer.paged_cpu.paged_indexer_step_cpu` on this step's metadata); then call the
+    observers (:func:`add_observer`) with an :class:`IndexerCall`.
 
     Args:
         q: ``[T, H, D]`` indexer queries (RoPE applied), model dtype.
@@ -94,13 +157,23 @@ def run_lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tenso
             request-local key positions, -1 where fewer than ``topk`` keys are visible.
         topk: ``index_topk``.
     """
+    t0 = time.perf_counter() if _OBSERVERS else 0.0
     attn_metadata = get_forward_context().attn_metadata
-    if not isinstance(attn_metadata, dict):  # profile / dummy run: nothing cached, nothing read
+    if not isinstance(attn_metadata, dict):  # profile / dummy run: nothing cached, nothing read, nothing observed
         return
     m: IndexCacheMetadata = attn_metadata[k_cache.prefix]
     paged_indexer_step_cpu(q, k, weights, k_cache.kv_cache.view(-1, k_cache.kv_cache.shape[-1]), m.slot_mapping,
                            m.block_table, m.query_start_loc_host[:m.num_reqs + 1], m.seq_lens_host, m.positions,
                            m.block_size, topk, topk_buffer, m.num_actual_tokens)
+    if _OBSERVERS:
+        seconds = time.perf_counter() - t0
+        T = m.num_actual_tokens
+        layer = re.search(r"layers\.(\d+)\.", k_cache.prefix + ".")
+        call = IndexerCall(layer=int(layer.group(1)) if layer else -1, topk=topk_buffer[:T], seconds=seconds,
+                           decode=T == m.num_reqs, positions=m.positions[:T],
+                           query_start_loc=m.query_start_loc_host[:m.num_reqs + 1], q=q, k=k, weights=weights)
+        for fn in list(_OBSERVERS):
+            fn(call)
 
 
 def adopt_indexer(indexer: Indexer) -> None:

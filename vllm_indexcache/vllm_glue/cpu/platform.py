@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from vllm.logger import init_logger
 
-from vllm_indexcache import BACKEND_NAME
+from vllm_indexcache.vllm_glue import BACKEND_NAME
 
 logger = init_logger("vllm.indexcache")
 _PATCHED = False

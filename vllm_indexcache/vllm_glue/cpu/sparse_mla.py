@@ -22,9 +22,9 @@ import torch
 from vllm.v1.attention.backend import AttentionLayer, MultipleOf
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
-from vllm_indexcache import BACKEND_NAME
 from vllm_indexcache.ops.paging import local_to_global_slots
 from vllm_indexcache.ops.sparse_mla.cpu import sparse_mla
+from vllm_indexcache.vllm_glue import BACKEND_NAME
 from vllm_indexcache.vllm_glue.cpu.indexer import adopt_indexer
 from vllm_indexcache.vllm_glue.cpu.metadata import IndexCacheMetadata, IndexCacheMetadataBuilder
 

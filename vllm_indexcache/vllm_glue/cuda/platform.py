@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 
-from vllm_indexcache import BACKEND_NAME
+from vllm_indexcache.vllm_glue import BACKEND_NAME
 
 # The logger vLLM's init_logger("vllm.indexcache") returns, without importing vLLM here: importing vLLM imports
 # Triton, which must not happen in-process before a test sets TRITON_INTERPRET (tests/unit/test_cuda_glue.py).

@@ -34,8 +34,8 @@ from vllm.v1.attention.backends.mla.flashmla_sparse import (
     triton_convert_req_index_to_global_index,
 )
 
-from vllm_indexcache import BACKEND_NAME
 from vllm_indexcache.ops.sparse_mla.triton import sparse_mla
+from vllm_indexcache.vllm_glue import BACKEND_NAME
 from vllm_indexcache.vllm_glue.cuda.indexer import adopt_indexer_cuda
 
 _FP8_REASON = ("kv_cache_dtype {0!r}: the INDEXCACHE Triton fallback keeps the MLA latent cache in bfloat16 "
