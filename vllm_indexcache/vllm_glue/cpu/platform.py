@@ -67,6 +67,7 @@ def install() -> None:
         model_config = vllm_config.model_config
         if not _is_dsa(model_config):
             return original_check(cls, vllm_config)
+        _refuse_backend_early(vllm_config)
         cache, sched = vllm_config.cache_config, vllm_config.scheduler_config
         if cache.kv_cache_memory_bytes is None and cache.gpu_memory_utilization == _VLLM_DEFAULT_UTILIZATION:
             cache.kv_cache_memory_bytes = DEFAULT_DSA_KV_BYTES
@@ -89,6 +90,21 @@ def install() -> None:
     _patch_pp_warmup()
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _refuse_backend_early(vllm_config) -> None:
+    """An explicit non-INDEXCACHE backend for a DSA model: one line and exit 2 in the API-server process, before the
+    EngineCore starts (:mod:`vllm_indexcache.vllm_glue.early_errors`)."""
+    from vllm_indexcache.config import IndexCacheError
+    from vllm_indexcache.vllm_glue.config_hook import _exit_on_error
+    from vllm_indexcache.vllm_glue.early_errors import check_cpu_backend
+
+    backend = vllm_config.attention_config.backend
+    try:
+        check_cpu_backend(None if backend is None else backend.name, True)
+    except IndexCacheError as err:
+        _exit_on_error(err)
+        raise
 
 
 def _patch_pp_warmup() -> None:
