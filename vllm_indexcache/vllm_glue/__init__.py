@@ -36,7 +36,8 @@ PATCHES = (
      "when vLLM ships a CPU sparse-MLA backend"),
     ("CpuPlatform.check_and_update_config", "cpu.platform",
      "it forces block_size=16 and disables chunked prefill / prefix caching for MLA on CPUs without AMX; the "
-     "INDEXCACHE backend has no such limit. Also: a 1 GiB KV cache when no KV size is given (vLLM's default "
+     "INDEXCACHE backend has no such limit (vLLM's line saying it forces them off is replaced by a true one). Also: a "
+     "1 GiB KV cache when no KV size is given (vLLM's default "
      "reserves 92 % of the node's memory and fails to start on smaller nodes); an explicit non-INDEXCACHE "
      "--attention-backend for a DSA model is refused here, in the API-server process (one line, exit 2)",
      "cpu 0.32.0", "-",
