@@ -12,7 +12,8 @@ MODEL ?= $(if $(wildcard $(SHIPPED)/config.json),$(SHIPPED),$(TOY))
 # IndexCache override passed as --hf-overrides (any of index_topk_freq, index_skip_topk_offset,
 # index_topk_pattern, index_cache_preset). Empty (default): the model's own config.json pattern.
 INDEXCACHE ?=
-SERVE_ARGS ?= --max-model-len 4096 --kv-cache-memory-bytes 1073741824
+# No --max-model-len: the model's own default (the shipped model: 2048, its trained context, config.json max_seq_len).
+SERVE_ARGS ?= --kv-cache-memory-bytes 1073741824
 
 .PHONY: setup serve test test-unit lint clean
 

@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--offset", type=int, default=2, help="index_skip_topk_offset for --freq")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="default: the model's own (the shipped model: 2048, its trained context)")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_indexcache.tools.analyze import analyze, overlap_matrix
+from vllm_indexcache.tools.analyze import analyze, overlap_matrix, timing_title
 from vllm_indexcache.tools.toy import build_toy_model
 
 K = 32  # toy index_topk
@@ -84,5 +84,19 @@ def test_analyze_writes_json_png_and_timing(toy):
     assert len(t["share"]) == 4 and all(0.0 < s < 1.0 for s in t["share"])
     assert all(ix < ly for ix, ly in zip(t["indexer_ms"], t["layer_ms"]))
     assert 0.0 < t["indexer_share_of_forward"] < 1.0
+    # --seq-len 60 --num-seqs 2: the title names both sequences and calls 120 the sum (issue 36, item 6)
+    assert t["tokens"] == 120 and t["sequence_tokens"] == [60, 60]
+    assert timing_title(t).startswith("prefill of 2 sequences × 60 tokens (120 tokens in all) on cpu; indexers = ")
     for name in ("overlap.png", "indexer_time.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_timing_title_says_what_the_token_count_is():
+    t = {"tokens": 4096, "device": "cpu", "indexer_share_of_forward": 0.123}
+    assert timing_title(t).startswith("prefill of 4096 tokens in all on cpu")          # older overlap.json
+    t["sequence_tokens"] = [2048, 2048]
+    assert timing_title(t) == ("prefill of 2 sequences × 2048 tokens (4096 tokens in all) on cpu; indexers = 12.3 % "
+                               "of the forward")
+    assert "1 sequence × 4096 tokens" in timing_title(dict(t, sequence_tokens=[4096]))
+    assert "3 sequences of 100–2048 tokens (4096 tokens in all)" in timing_title(dict(t, sequence_tokens=[100, 1948,
+                                                                                                           2048]))

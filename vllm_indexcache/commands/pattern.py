@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from vllm_indexcache.config import KEYS, IndexCacheError, pattern_source, resolve_hf_config, summary
+from vllm_indexcache.config_keys import check_model_keys
 from vllm_indexcache.patterns import f_layers, list_presets
 
 
@@ -30,6 +31,7 @@ def main(args: argparse.Namespace) -> int:
     """Print the resolved pattern of ``args.model``; return 0, or 2 with a one-line error on stderr."""
     try:
         config = _read_config(Path(args.model))
+        check_model_keys(config)
         if args.offset is not None and args.freq is None:
             raise IndexCacheError(f"index_skip_topk_offset={args.offset!r}: --offset needs --freq")
         overrides = {"index_topk_freq": args.freq, "index_skip_topk_offset": args.offset,

@@ -116,6 +116,7 @@ def indexer_time_share(model, seqs: list[list[int]], repeats: int = 3, progress:
             "model_forward_ms": statistics.median(total) * 1e3,
             "indexer_share_of_forward": sum(med["indexer"]) / (statistics.median(total) * 1e3),
             "repeats": repeats, "device": str(dev), "tokens": sum(len(s) for s in seqs),
+            "sequence_tokens": [len(s) for s in seqs],
             "implementation": "transformers reference, eager attention, vllm_indexcache.ops.indexer.cpu top-k"}
 
 
@@ -142,6 +143,21 @@ def plot_overlap(O: torch.Tensor, png, title: str) -> None:
     plt.close(fig)
 
 
+def timing_title(timing: dict) -> str:
+    """Title of ``indexer_time.png``: the sequences' lengths (each is its own prefill forward) and their sum, e.g.
+    ``prefill of 2 sequences × 2048 tokens (4096 tokens in all) on cpu; indexers = 12.3 % of the forward``."""
+    lengths = timing.get("sequence_tokens")
+    if not lengths:
+        what = f"{timing['tokens']} tokens in all"
+    elif len(set(lengths)) == 1:
+        what = (f"{len(lengths)} sequence{'s' if len(lengths) > 1 else ''} × {lengths[0]} tokens "
+                f"({timing['tokens']} tokens in all)")
+    else:
+        what = f"{len(lengths)} sequences of {min(lengths)}–{max(lengths)} tokens ({timing['tokens']} tokens in all)"
+    return (f"prefill of {what} on {timing['device']}; indexers = "
+            f"{100 * timing['indexer_share_of_forward']:.1f} % of the forward")
+
+
 def plot_timing(timing: dict, png) -> None:
     import matplotlib
 
@@ -153,8 +169,7 @@ def plot_timing(timing: dict, png) -> None:
     ax.bar(range(len(share)), [100 * s for s in share])
     ax.set_xlabel("layer")
     ax.set_ylabel("indexer share of layer time (%)")
-    ax.set_title(f"prefill, {timing['tokens']} tokens on {timing['device']}; indexers = "
-                 f"{100 * timing['indexer_share_of_forward']:.1f} % of the forward", fontsize=9)
+    ax.set_title(timing_title(timing), fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)

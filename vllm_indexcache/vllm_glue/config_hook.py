@@ -81,11 +81,13 @@ def install() -> None:
 
     def _try_verify_and_update_model_config(self):
         from vllm_indexcache.config import IndexCacheError, apply_to_hf_config
+        from vllm_indexcache.config_keys import check_model_keys
         from vllm_indexcache.dsa_config import complete_dsa_config
 
         try:
             for level, line in complete_dsa_config(self.hf_config):
                 getattr(logger, level)(line)
+            check_model_keys(self.hf_config, self.hf_overrides)  # misspelled IndexCache keys (issue 36)
             apply_to_hf_config(self.hf_config, self.hf_overrides)
         except IndexCacheError as err:
             _exit_on_error(err)

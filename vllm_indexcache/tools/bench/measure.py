@@ -123,12 +123,13 @@ def bench_engine_kwargs(max_model_len: int, *, dtype: str = "auto", kv_cache_mem
                         seed: int = 0, batch: int = 1, max_num_batched_tokens: int = 4096) -> dict:
     """``vllm.LLM`` keyword arguments of the CPU benchmark's engines (``vllm-indexcache bench`` and
     ``scripts/profile_cpu_prefill.py``): eager, chunked prefill at ``max_num_batched_tokens`` (at least
-    ``max(8, batch)``), prefix caching on, no tokenizer, a fixed KV-cache size in bytes (vLLM CPU cannot size it from
-    the node's memory)."""
+    ``max(8, batch)``), prefix caching on, a fixed KV-cache size in bytes (vLLM CPU cannot size it from the node's
+    memory). The tokenizer is loaded (``skip_tokenizer_init=True`` makes vLLM 0.32's ``LLM`` chat-template warm-up log
+    a traceback per engine); the benchmark's requests do not detokenize (``detokenize=False``)."""
     return dict(dtype=dtype, max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_memory_bytes,
                 enforce_eager=True, seed=seed, max_num_seqs=max(8, batch),
                 max_num_batched_tokens=max(max_num_batched_tokens, max(8, batch)),
-                skip_tokenizer_init=True, enable_prefix_caching=True)
+                enable_prefix_caching=True)
 
 
 def run_pattern(model: str, pattern: str, contexts: list[int], repeats: list[int], decode_tokens: int, batch: int,
@@ -145,7 +146,8 @@ def run_pattern(model: str, pattern: str, contexts: list[int], repeats: list[int
     res["dtype"] = str(llm.llm_engine.vllm_config.model_config.dtype)
     vocab = hf.vocab_size
     rng = random.Random(seed)
-    sp = SamplingParams(max_tokens=decode_tokens, min_tokens=decode_tokens, ignore_eos=True, temperature=0.0)
+    sp = SamplingParams(max_tokens=decode_tokens, min_tokens=decode_tokens, ignore_eos=True, temperature=0.0,
+                        detokenize=False)
     rand = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
     # warm-up: one short request of each kind
     llm.generate([{"prompt_token_ids": rand(64)}], sp, use_tqdm=False)

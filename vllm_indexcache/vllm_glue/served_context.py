@@ -1,0 +1,49 @@
+"""A DSA checkpoint's served context: ``max_seq_len`` by default, up to ``max_position_embeddings`` when asked.
+
+vLLM source (0.32): ``vllm/config/model.py`` — ``ModelConfig.get_and_verify_max_len`` takes the smallest of
+``max_position_embeddings``, ``max_seq_len``, … (``transformers_utils/model_arch_config_convertor.py``:
+``derive_max_model_len_and_key``) as the default ``max_model_len`` and refuses a larger ``--max-model-len`` unless
+``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1``. A checkpoint trained at a shorter context than its RoPE table (the shipped
+``examples/models/tiny-dsa``: trained at 2048, ``max_position_embeddings`` 8192) declares the trained length as
+``max_seq_len``, so every entry point serves 2048 tokens by default; :func:`beyond_trained_context` lets an explicit
+``--max-model-len`` up to ``max_position_embeddings`` through with one warning line (the positions exist; the model
+was not trained there), and vLLM's own check still refuses anything beyond ``max_position_embeddings``.
+"""
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm.indexcache")
+_ORIGINAL = None
+
+
+def beyond_trained_context(hf_config, max_model_len: int | None) -> str | None:
+    """The warning for an explicit ``max_model_len`` with ``max_seq_len < max_model_len <= max_position_embeddings``
+    on a DSA model (one with ``index_topk``), else None (vLLM decides: default, within ``max_seq_len``, or refused)."""
+    trained = getattr(hf_config, "max_seq_len", None)
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if (max_model_len is None or max_model_len == -1 or getattr(hf_config, "index_topk", None) is None
+            or not isinstance(trained, int) or not isinstance(positions, int)
+            or not trained < max_model_len <= positions):
+        return None
+    return (f"IndexCache: --max-model-len {max_model_len} is beyond the context the model declares as trained "
+            f"(max_seq_len={trained}, the default); allowed up to max_position_embeddings={positions}, but quality "
+            "there is what the model card says")
+
+
+def install() -> None:
+    """Wrap ``ModelConfig.get_and_verify_max_len`` (idempotent)."""
+    global _ORIGINAL
+    if _ORIGINAL is not None:
+        return
+    from vllm.config.model import ModelConfig
+
+    _ORIGINAL = ModelConfig.get_and_verify_max_len
+
+    def get_and_verify_max_len(self, max_model_len):
+        if (warning := beyond_trained_context(self.hf_text_config, max_model_len)) is not None:
+            logger.warning(warning)
+            return int(max_model_len)
+        return _ORIGINAL(self, max_model_len)
+
+    ModelConfig.get_and_verify_max_len = get_and_verify_max_len
