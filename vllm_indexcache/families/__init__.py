@@ -4,7 +4,18 @@ Each module defines ``FAMILY`` (a :class:`~vllm_indexcache.families.base.Family`
 lightning indexer (a pattern has one character per such layer), the transformers and vLLM module paths, the reuse
 switches, and the config keys transformers drops. A new family (DeepSeek-V4: only its CSA layers,
 ``compress_ratios[i] == 4``, own an indexer) is one more module whose ``indexer_layers`` returns those layer ids,
-listed in :data:`FAMILIES`. Serving side: no toolkit, torch or vLLM import.
+listed in :data:`FAMILIES`, e.g. (not implemented here)::
+
+    def indexer_layers(config):          # deepseek_v4.py: the CSA layers, MTP excluded
+        n = backbone_layers(config)
+        return [i for i, r in enumerate(config_value(config, "compress_ratios")[:n]) if r == 4]
+
+    FAMILY = Family(architecture="DeepseekV4ForCausalLM", name="DeepseekV4", model_type="deepseek_v4",
+                    indexer_layers=indexer_layers, hf_reuse="override", vllm_reuse_key=None, ...)
+
+and everything that asks the family (config resolution, reference, search, bench, distill, the glue's stage plan)
+then works with patterns of that length. DeepSeek-V4.1 (``index_source_layer_ids``) slots in the same way.
+Serving side: no toolkit, torch or vLLM import.
 """
 from __future__ import annotations
 
