@@ -53,15 +53,21 @@ V32_GEOMETRY = dict(hidden_size=7168, num_attention_heads=128, num_key_value_hea
                     kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                     index_n_heads=64, index_head_dim=128, index_topk=2048, intermediate_size=4096,
                     vocab_size=16384)
-RETENTIONS = ("1/2", "1/4")  #: kept fraction of indexers; the pattern comes from pattern_for()
+#: the default configurations' patterns, as pattern specs (:mod:`vllm_indexcache.pattern`): 1/K = every:K (F at 0,
+#: K, 2K, ...)
+RETENTIONS = ("1/2", "1/4")
 
 
-def pattern_for(ret: str, layers: int) -> str | None:
-    """All-F (None) or the uniform pattern keeping ``ret`` of ``layers`` indexers (layer 0 F)."""
-    if ret == "1":
-        return None
-    freq = int(ret.split("/")[1])
-    return "".join("F" if i % freq == 0 else "S" for i in range(layers))
+def indexer_layers(a) -> int:
+    """The pattern length of ``a.model``: its family's indexer layers (``--layers`` before the model exists: the
+    DeepSeek-V3.2 toy built here has an indexer on every layer)."""
+    from vllm_indexcache.families import family_for
+
+    path = Path(a.model) / "config.json"
+    if not path.is_file():
+        return a.layers
+    config = json.loads(path.read_text())
+    return family_for(config).num_indexer_layers(config)
 
 
 def build_model(path: Path, layers: int, max_pos: int) -> Path:
@@ -178,18 +184,29 @@ def config_spec(name: str, layers: int) -> dict:
     choice (``VLLM_INDEXCACHE_KERNELS`` of plugin runs), TP and PP sizes."""
     base, _, par = name.partition("@")
     kind, _, ret = base.partition("-")
-    if kind not in ("none", "native", "plugin", "triton") or (kind != "none" and ret not in RETENTIONS + ("1",)) \
+    ret = ret or ("1" if kind == "none" else "")
+    if kind not in ("none", "native", "plugin", "triton") or not ret \
             or (kind == "native" and ret == "1"):
-        raise SystemExit(f"--configs: bad entry {name!r} "
-                         "(expected none, plugin-1, native-1/2, plugin-1/4, triton-1, plugin-1/4@pp2, …)")
+        raise SystemExit(f"--configs: bad entry {name!r} (expected none, plugin-1, native-1/2, plugin-1/4, triton-1, "
+                         "plugin-1/4@pp2, …; after KIND- any pattern spec: 1/K = every:K, freq:K[:OFFSET], FSFS...)")
     tp = int(par[2:]) if par.startswith("tp") else 1
     pp = int(par[2:]) if par.startswith("pp") else 1
-    return {"pattern": pattern_for(ret or "1", layers), "plugin": kind in ("plugin", "triton"),
+    from vllm_indexcache.pattern import resolve_spec
+
+    try:   # "1": all F (no override); otherwise a pattern spec (1/K = every:K)
+        pattern = None if ret == "1" else resolve_spec(ret, layers, key="--configs")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return {"pattern": pattern, "plugin": kind in ("plugin", "triton"),
             "kernels": "triton" if kind == "triton" else "auto", "tp": tp, "pp": pp}
 
 
 def run_config(a, name: str) -> dict | None:
-    spec = config_spec(name, a.layers)
+    spec = config_spec(name, indexer_layers(a))
+    if spec["pattern"]:
+        from vllm_indexcache.pattern import describe_spec
+
+        print(f"{name}: " + describe_spec(name.partition("-")[2].partition("@")[0], spec["pattern"]), flush=True)
     stem = name.replace("/", "of").replace("@", "_")
     out = Path(a.out) / f"{stem}.json"
     env = dict(os.environ)
@@ -367,8 +384,8 @@ def main() -> int:
     p.add_argument("--concurrent-contexts", type=ints, default=[65536])
     p.add_argument("--configs", type=lambda s: s.split(","),
                    default=["none", "plugin-1", "native-1/4", "plugin-1/4", "native-1/2", "plugin-1/2"],
-                   help="none | plugin-1 | native-R | plugin-R | triton-R, optionally @tp2 / @pp2 (R = 1/2 or 1/4; "
-                        "triton-1 too)")
+                   help="none | plugin-1 | native-R | plugin-R | triton-R, optionally @tp2 / @pp2 (R: a pattern "
+                        "spec, e.g. 1/2 or 1/4 = every:2 / every:4, freq:4, FSFS...; triton-1 too)")
     p.add_argument("--render", help="comma-separated result directories: merge them into --out (no GPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--load-steps", type=int, default=32, help="timed decode steps per batch under load")

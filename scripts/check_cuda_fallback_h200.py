@@ -299,9 +299,12 @@ if __name__ == "__main__":
     a = ap.parse_args()
     GRAPHS = a.graphs
     if a.model:
+        from vllm_indexcache.families import family_for
+        from vllm_indexcache.pattern import resolve_spec
+
         with open(os.path.join(a.model, "config.json")) as f:
-            n_layers = json.load(f)["num_hidden_layers"]
-        configure_model(a.model, a.pattern or ("FS" * n_layers)[:n_layers])
+            config = json.load(f)
+        configure_model(a.model, a.pattern or resolve_spec("every:2", family_for(config).num_indexer_layers(config)))
     a.model = a.model or a.built_model
     SKIP_NATIVE = a.skip_native
     if a.worker == "reference":

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vllm_indexcache.patterns import uniform_pattern  # noqa: E402
+from vllm_indexcache.pattern import uniform_pattern  # noqa: E402
 from vllm_indexcache.tools.data.corpus import load_tokens  # noqa: E402
 from vllm_indexcache.tools.distill.export import load_distilled  # noqa: E402
 from vllm_indexcache.tools.reference import load_reference  # noqa: E402

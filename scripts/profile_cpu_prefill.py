@@ -81,7 +81,10 @@ def main() -> None:
     if model.startswith("toy:"):
         _, layers, path = model.split(":", 2)
         model = str(build_bench_model(path, int(layers), a.ctx + 24))
-    layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
+    from vllm_indexcache.families import family_for
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    layers = family_for(config).num_indexer_layers(config)
     llm = LLM(model=model, attention_backend="indexcache",
               hf_overrides={"index_topk_pattern": a.pattern or "F" * layers}, disable_log_stats=False,
               **bench_engine_kwargs(a.ctx + 24))

@@ -32,7 +32,9 @@ if __name__ == "__main__":
     from vllm_indexcache.tools.reference import load_reference
 
     model = load_reference(a.model, ties="lower")
-    n = model.config.num_hidden_layers
+    from vllm_indexcache.families import family_for
+
+    n = family_for(type(model).__name__).num_indexer_layers(model.config)
     evals = 1 + alg.total_evaluations(n, alg.target_f_count(n, alg.parse_retention("1/8")), alg.pp_blocks(n, 1))
     out = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "evaluations_per_search": evals, "objectives": {}}

@@ -3,12 +3,17 @@
 Keys (as vLLM 0.32 ``model_executor/models/deepseek_v2.py`` reads them, plus this plugin's preset key):
 
 * ``index_topk_freq`` (int >= 1, default 1 = IndexCache off) and ``index_skip_topk_offset`` (int >= 1, default 2):
-  the uniform rule of :func:`vllm_indexcache.patterns.uniform_pattern`;
-* ``index_topk_pattern``: explicit ``F``/``S`` string, one char per backbone layer; overrides freq/offset;
+  the uniform rule of :func:`vllm_indexcache.pattern.uniform_pattern`;
+* ``index_topk_pattern``: explicit ``F``/``S`` string, one char per indexer layer; overrides freq/offset;
 * ``index_cache_preset``: name or path of a preset (``configs/*.json``); overrides both, but must not contradict
   them.
 
-MTP/NextN layers (``num_nextn_predict_layers``) are not part of the pattern: they always run their own indexer.
+The pattern has one character per *indexer layer* of the model's DSA family
+(:func:`vllm_indexcache.families.family_for`, keyed by ``architectures[0]``); in DeepSeek-V3.2 and GLM-5 these are the
+``num_hidden_layers`` backbone layers. MTP/NextN layers (``num_nextn_predict_layers``) are not part of the pattern:
+they always run their own indexer. A DSA config (``index_topk``) of an architecture no family describes is left to
+vLLM untouched by :func:`apply_to_hf_config` (vLLM reads its own keys, if any), except that the plugin-only
+``index_cache_preset`` is refused there; :func:`resolve_hf_config` refuses such a config with one line.
 Transformers' ``GlmMoeDsaConfig.indexer_types`` is treated as derived state: it is never read, and
 :func:`apply_to_hf_config` overwrites it so that transformers follows the same pattern as vLLM.
 Every invalid value raises :class:`IndexCacheError` with a one-line ``key=value: reason`` message.
@@ -19,7 +24,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from vllm_indexcache import patterns
+from vllm_indexcache.families import FamilyError, architecture_of, family_for, find_family
+from vllm_indexcache.families.base import config_value
+from vllm_indexcache.pattern import check_chars, load_preset, one_line, parse_pattern, uniform_pattern
 
 KEYS = ("index_topk_freq", "index_skip_topk_offset", "index_topk_pattern", "index_cache_preset")
 
@@ -34,7 +41,7 @@ class IndexCacheConfig(BaseModel):
     Args:
         index_topk_freq: every ``freq``-th layer is F (vLLM 0.32 rule); 1 = all F (off).
         index_skip_topk_offset: shifts the uniform rule; 2 keeps layers 0 and 1 F, GLM-5.2 uses 3.
-        index_topk_pattern: explicit F/S string (upper case only; lower case is refused, see ``patterns``).
+        index_topk_pattern: explicit F/S string (upper case only; lower case is refused, see ``pattern``).
         index_cache_preset: preset name in ``configs/`` (with or without ``.json``) or path to a preset file.
 
     Raises:
@@ -52,18 +59,18 @@ class IndexCacheConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise IndexCacheError(patterns.one_line(e)) from None
+            raise IndexCacheError(one_line(e)) from None
 
     @field_validator("index_topk_pattern")
     @classmethod
     def _check_pattern(cls, v: str | None) -> str | None:
-        return None if v is None else patterns.check_chars(v)
+        return None if v is None else check_chars(v)
 
     @field_validator("index_cache_preset")
     @classmethod
     def _check_preset(cls, v: str | None) -> str | None:
         if v is not None:
-            patterns.load_preset(v)
+            load_preset(v)
         return v
 
     @classmethod
@@ -83,13 +90,13 @@ class IndexCacheConfig(BaseModel):
         return cls(**values)
 
     def resolve(self, num_layers: int, architecture: str | None = None) -> str:
-        """The F/S pattern for a model with ``num_layers`` backbone DSA layers.
+        """The F/S pattern for a model with ``num_layers`` indexer layers (its family's ``num_indexer_layers``).
 
         Precedence: preset > pattern > freq/offset (vLLM 0.32 ``deepseek_v2.py``: a pattern overrides freq). A preset
         given together with a pattern, or with ``index_topk_freq`` != 1, must yield the same pattern.
 
         Args:
-            num_layers: ``num_hidden_layers`` (MTP/NextN layers excluded).
+            num_layers: the family's indexer-layer count (MTP/NextN layers excluded).
             architecture: HF architecture (``architectures[0]``); None skips the preset's architecture check.
 
         Raises:
@@ -101,15 +108,15 @@ class IndexCacheConfig(BaseModel):
             if self.index_cache_preset is not None:
                 return self._resolve_preset(num_layers, architecture)
             if self.index_topk_pattern is not None:
-                return patterns.parse_pattern(self.index_topk_pattern, num_layers, model=model)
-            return patterns.uniform_pattern(num_layers, self.index_topk_freq, self.index_skip_topk_offset)
+                return parse_pattern(self.index_topk_pattern, num_layers, model=model)
+            return uniform_pattern(num_layers, self.index_topk_freq, self.index_skip_topk_offset)
         except ValueError as e:
             raise IndexCacheError(str(e)) from None
 
     def _resolve_preset(self, num_layers: int, architecture: str | None) -> str:
         name = self.index_cache_preset
         assert name is not None, "resolve() calls _resolve_preset only with a preset"
-        p = patterns.load_preset(name)
+        p = load_preset(name)
         if (architecture is not None and p.architecture != architecture) or p.num_layers != num_layers:
             raise ValueError(f"index_cache_preset={name!r}: made for {p.architecture} with {p.num_layers} layers, "
                              f"the model is {architecture or 'a model'} with {num_layers} DSA layers")
@@ -117,7 +124,7 @@ class IndexCacheConfig(BaseModel):
             raise ValueError(f"index_cache_preset={name!r}: conflicts with "
                              f"index_topk_pattern={self.index_topk_pattern!r}; set only one of them")
         if self.index_topk_freq != 1:
-            uniform = patterns.uniform_pattern(num_layers, self.index_topk_freq, self.index_skip_topk_offset)
+            uniform = uniform_pattern(num_layers, self.index_topk_freq, self.index_skip_topk_offset)
             if uniform != p.pattern:
                 raise ValueError(f"index_cache_preset={name!r}: conflicts with index_topk_freq="
                                  f"{self.index_topk_freq}, index_skip_topk_offset={self.index_skip_topk_offset} "
@@ -128,15 +135,16 @@ class IndexCacheConfig(BaseModel):
 def resolve_hf_config(hf_config: Any) -> str | None:
     """Resolve a model config (transformers ``PretrainedConfig`` or ``config.json`` dict) to its F/S pattern.
 
-    A model has a lightning indexer iff it has ``index_topk``; its DSA layers are its ``num_hidden_layers``
-    (MTP/NextN layers, ``num_nextn_predict_layers``, are excluded: they are always F).
+    A model has a lightning indexer iff it has ``index_topk``; the pattern has one character per indexer layer of its
+    family (:func:`vllm_indexcache.families.family_for`; MTP/NextN layers are excluded: they are always F).
 
     Returns:
         None for a model without indexer and without IndexCache keys; the all-F pattern for a DSA model without
         keys; else the resolved pattern (see :meth:`IndexCacheConfig.resolve`).
 
     Raises:
-        IndexCacheError: IndexCache keys on a model without an indexer, or any invalid value.
+        IndexCacheError: IndexCache keys on a model without an indexer, a DSA architecture no family describes, a
+            bad layer count, or any invalid value.
     """
     architecture = _architecture(hf_config)
     if config_value(hf_config, "index_topk") is None:
@@ -145,9 +153,10 @@ def resolve_hf_config(hf_config: Any) -> str | None:
                 raise IndexCacheError(f"{key}={value!r}: IndexCache keys need a DSA model, but "
                                       f"{architecture or 'this model'} has no lightning indexer (no index_topk)")
         return None
-    num_layers = config_value(hf_config, "num_hidden_layers")
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise IndexCacheError(f"num_hidden_layers={num_layers!r}: a DSA model needs an integer layer count >= 1")
+    try:
+        num_layers = family_for(hf_config).num_indexer_layers(hf_config)
+    except FamilyError as e:
+        raise IndexCacheError(str(e)) from None
     return IndexCacheConfig.from_hf_config(hf_config).resolve(num_layers, architecture)
 
 
@@ -181,12 +190,20 @@ def apply_to_hf_config(hf_config: Any, overrides: Any = None) -> str | None:
     ``index_cache_preset``. Idempotent. Works on a ``PretrainedConfig`` or a dict; leaves a model without indexer
     and without keys untouched.
 
+    A DSA config whose architecture no family describes is left untouched (None), unless it sets the plugin-only
+    ``index_cache_preset`` (refused: nothing else would read it).
+
     Returns:
-        The pattern, or None for a model without indexer (see :func:`resolve_hf_config`).
+        The pattern, or None for a model without indexer (see :func:`resolve_hf_config`) or of no known family.
 
     Raises:
         IndexCacheError: as :func:`resolve_hf_config`.
     """
+    if config_value(hf_config, "index_topk") is not None and find_family(hf_config) is None:
+        preset = config_value(hf_config, "index_cache_preset")
+        if preset is not None:
+            raise IndexCacheError(f"index_cache_preset={preset!r}: {_no_family(hf_config)}")
+        return None
     source = pattern_source(hf_config, overrides)
     if source.startswith("--hf-overrides"):
         for key in KEYS:
@@ -224,11 +241,13 @@ def summary(pattern: str, source: str | None = None) -> str:
     return f"IndexCache: {len(pattern)} DSA layers, {n_f} F / {len(pattern) - n_f} S: {pattern}{tail}"
 
 
-def config_value(hf_config: Any, key: str) -> Any:
-    """``hf_config[key]`` for a ``config.json`` dict, ``hf_config.key`` for a ``PretrainedConfig``; None if absent."""
-    return hf_config.get(key) if isinstance(hf_config, dict) else getattr(hf_config, key, None)
-
-
 def _architecture(hf_config: Any) -> str | None:
-    archs = config_value(hf_config, "architectures")
-    return archs[0] if archs else None
+    return architecture_of(hf_config)
+
+
+def _no_family(hf_config: Any) -> str:
+    try:
+        family_for(hf_config)
+    except FamilyError as e:
+        return str(e)
+    return ""

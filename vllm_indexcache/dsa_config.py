@@ -11,8 +11,9 @@ transformers' ``DeepseekV32Config`` / ``GlmMoeDsaConfig`` do not declare ``scori
 * ``indexer_rope_interleave`` — vLLM rotates the indexer NeoX-style unless it is true; transformers' DeepSeek-V3.2
   indexer rotates NeoX-style (``false``), its GLM-5 indexer interleaved (``true``).
 
-Each is filled with the value transformers' class implies (:data:`IMPLIED`), one log line per filled key; a present
-value that contradicts it gets one warning line (it is kept: vLLM will compute something transformers does not).
+Each is filled with the value transformers' class implies (the family's ``implied``, :mod:`vllm_indexcache.families`),
+one log line per filled key; a present value that contradicts it gets one warning line (it is kept: vLLM will compute
+something transformers does not).
 One more vLLM-only key has no single implied value: vLLM builds MoE MLPs on layers ``i >= first_k_dense_replace``
 with ``i % moe_layer_freq == 0`` (default 1), transformers on the layers its ``mlp_layer_types`` names ``"sparse"``;
 a list that rule cannot express is refused with one line (:class:`DSAConfigError`). The main MLA's RoPE is
@@ -23,15 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_indexcache.config import IndexCacheError, config_value
-
-#: architecture → {vLLM-only key: the value transformers' class for that architecture implies}
-IMPLIED: dict[str, dict[str, Any]] = {
-    "DeepseekV32ForCausalLM": {"scoring_func": "sigmoid", "topk_method": "noaux_tc",
-                               "indexer_rope_interleave": False},
-    "GlmMoeDsaForCausalLM": {"scoring_func": "sigmoid", "topk_method": "noaux_tc",
-                             "indexer_rope_interleave": True},
-}
-_CLASS = {"DeepseekV32ForCausalLM": "DeepseekV32", "GlmMoeDsaForCausalLM": "GlmMoeDsa"}
+from vllm_indexcache.families import FAMILIES, architecture_of
 
 
 class DSAConfigError(IndexCacheError):
@@ -58,13 +51,12 @@ def complete_dsa_config(hf_config: Any) -> list[tuple[str, str]]:
         DSAConfigError: ``mlp_layer_types`` that vLLM's ``first_k_dense_replace`` / ``moe_layer_freq`` rule cannot
             express.
     """
-    archs = config_value(hf_config, "architectures") or [None]
-    implied = IMPLIED.get(archs[0])
-    if implied is None:
+    family = FAMILIES.get(architecture_of(hf_config))   # exact: MTP draft configs are left alone, as before
+    if family is None:
         return []
-    name = _CLASS[archs[0]]
+    name = family.name
     out = []
-    for key, value in implied.items():
+    for key, value in family.implied.items():
         have = config_value(hf_config, key)
         if have is None:
             _set(hf_config, key, value)

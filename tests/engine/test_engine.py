@@ -144,21 +144,22 @@ def test_invalid_pattern_refused_before_loading(toy_models):
 def test_stage_pattern_forces_stage_start_f():
     from vllm_indexcache.vllm_glue.model import stage_pattern
 
-    assert stage_pattern("FFSS", 2, 4) == "FFFS"
-    assert stage_pattern("FFSS", 0, 2) == "FFSS"
-    assert stage_pattern("FSFS", 2, 4) == "FSFS"
+    L4 = list(range(4))
+    assert stage_pattern("FFSS", L4, 2, 4) == "FFFS"
+    assert stage_pattern("FFSS", L4, 0, 2) == "FFSS"
+    assert stage_pattern("FSFS", L4, 2, 4) == "FSFS"
 
 
 def test_plan_stage_sends_and_receives_where_a_stage_starts_on_s():
     from vllm_indexcache.vllm_glue.model import plan_stage
 
-    first, second = (plan_stage("FFSS", 4, r, 2) for r in (0, 1))
+    first, second = (plan_stage("FFSS", range(4), 4, r, 2) for r in (0, 1))
     assert (first.sends, first.receives, second.sends, second.receives) == (True, False, False, True)
     assert first.pattern == second.pattern == "FFSS"
-    mid = [plan_stage("FSSSSS", 6, r, 3) for r in range(3)]  # stage 1 (layers 2-3) has no F: it passes top-k on
+    mid = [plan_stage("FSSSSS", range(6), 6, r, 3) for r in range(3)]  # stage 1 (layers 2-3) has no F: passes on
     assert [(p.receives, p.sends) for p in mid] == [(False, True), (True, True), (True, False)]
-    assert plan_stage("FSFS", 4, 1, 2).receives is False
-    assert plan_stage("FFSS", 4, 1, 2, handoff=False).pattern == "FFFS"
+    assert plan_stage("FSFS", range(4), 4, 1, 2).receives is False
+    assert plan_stage("FFSS", range(4), 4, 1, 2, handoff=False).pattern == "FFFS"
 
 
 def _pp_log(capfd):
@@ -213,15 +214,17 @@ def test_bare_save_pretrained_checkpoint_serves_the_transformers_model(tmp_path,
     expert-score bias and, for GLM-5, rotates the indexer NeoX-style; the DeepSeek toy then fails to load)."""
     import json
 
-    from vllm_indexcache.dsa_config import IMPLIED
+    from vllm_indexcache.families import family_for
     from vllm_indexcache.tools.toy import build_toy_model
+
+    implied = dict(family_for(arch).implied)
 
     model = str(build_toy_model(tmp_path / "bare", arch, num_layers=4, seed=3, bare=True))
     written = json.loads((tmp_path / "bare" / "config.json").read_text())
-    assert not any(k in written for k in IMPLIED[arch])
+    assert not any(k in written for k in implied)
     prompts = _prompts(PROMPT_LENS, seed=5)
     reference = _reference(model, None, prompts, MAX_TOKENS)
     with engine(model) as llm:
         hf_config = llm.llm_engine.model_config.hf_config
-        assert {k: getattr(hf_config, k) for k in IMPLIED[arch]} == IMPLIED[arch]
+        assert {k: getattr(hf_config, k) for k in implied} == implied
         _assert_match(_generate(llm, prompts, MAX_TOKENS), reference, f"bare {arch}")

@@ -1,22 +1,9 @@
-"""``vllm-indexcache bench``: pattern resolution, the Amdahl bound and the analysis (no engine is started)."""
+"""``vllm-indexcache bench``: the Amdahl bound and the analysis (no engine is started)."""
 from __future__ import annotations
 
 import pytest
 
-from vllm_indexcache.tools.bench.measure import resolve_pattern
 from vllm_indexcache.tools.bench.report import amdahl, analyse, plot, summary_md
-
-
-def test_resolve_pattern():
-    assert resolve_pattern("all-F", 8) == "FFFFFFFF"
-    assert resolve_pattern("1/2", 8) == "FSFSFSFS"
-    assert resolve_pattern("1/4", 8) == "FSSSFSSS"
-    assert resolve_pattern("1/8", 8) == "FSSSSSSS"
-    assert resolve_pattern("1/4", 6) == "FSSSFS"          # ceil(n/k) F layers
-    assert resolve_pattern("FSFS", 4) == "FSFS"
-    assert resolve_pattern("tiny-dsa-searched-1of4", 12) == "FSFSSSSSSSFS"
-    with pytest.raises(ValueError):
-        resolve_pattern("FSF", 4)
 
 
 def test_amdahl():

@@ -14,7 +14,7 @@ from vllm_indexcache.config import (
     resolve_hf_config,
     summary,
 )
-from vllm_indexcache.patterns import load_preset
+from vllm_indexcache.pattern import load_preset
 from vllm_indexcache.tools.toy import toy_config
 
 V32, GLM = "DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"
@@ -97,9 +97,9 @@ def test_summary_exact():
 
 
 def test_pattern_source_and_overrides_replace_the_models_keys():
-    shipped = {"index_topk": 8, "num_hidden_layers": 4, "index_topk_pattern": "FSSF"}
+    shipped = dsa_dict(layers=4, index_topk_pattern="FSSF")
     assert pattern_source(dict(shipped)) == "model config"
-    assert pattern_source({"index_topk": 8, "num_hidden_layers": 4}) == "default (no IndexCache keys: all F)"
+    assert pattern_source(dsa_dict(layers=4)) == "default (no IndexCache keys: all F)"
     # vLLM has applied --hf-overrides onto the config: an override replaces the model's own keys as a whole
     cfg = dict(shipped, index_topk_freq=2, index_skip_topk_offset=1)
     assert apply_to_hf_config(cfg, {"index_topk_freq": 2, "index_skip_topk_offset": 1}) == "FSFS"
@@ -180,7 +180,20 @@ def test_cli_options_replace_model_keys(glm52_dir):
     assert "21 F / 57 S" in r.stdout and r.stdout.splitlines()[1].startswith("F layers: 0 1 5 9 ")
 
 
+def test_cli_pattern_takes_a_spec_and_prints_it_in_full(glm52_dir):
+    every4 = "".join("F" if i % 4 == 0 else "S" for i in range(78))
+    for spec in ("every:4", "1/4"):
+        r = run_cli(glm52_dir, "--pattern", spec)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0] == f"spec {spec!r} -> {every4} (20 F / 78 indexer layers)"
+        assert lines[1] == f"IndexCache: 78 DSA layers, 20 F / 58 S: {every4} (from command-line options)"
+    r = run_cli(glm52_dir, "--pattern", "freq:4:3")           # the model's own keys, written as a spec
+    assert r.returncode == 0 and r.stdout.splitlines()[1].startswith("IndexCache: 78 DSA layers, 21 F / 57 S: FFFSSSF")
+
+
 @pytest.mark.parametrize("args, fragment", [
+    (["--pattern", "freq:0"], "index_topk_pattern='freq:0': index_topk_freq=0"),
     (["--pattern", "FFS"], "index_topk_pattern='FFS': length 3 != 78 DSA layers of GlmMoeDsaForCausalLM"),
     (["--freq", "0"], "index_topk_freq=0"),
     (["--preset", "deepseek-v3.2-uniform-1of2"], "index_cache_preset='deepseek-v3.2-uniform-1of2'"),
@@ -209,7 +222,10 @@ def test_cli_non_dsa_model(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- vLLM-only DSA keys
 def test_vllm_only_keys_are_filled_checked_or_refused():
-    from vllm_indexcache.dsa_config import IMPLIED, DSAConfigError, complete_dsa_config
+    from vllm_indexcache.dsa_config import DSAConfigError, complete_dsa_config
+    from vllm_indexcache.families import FAMILIES
+
+    IMPLIED = {a: dict(f.implied) for a, f in FAMILIES.items()}
 
     cfg = {"architectures": ["GlmMoeDsaForCausalLM"], "num_hidden_layers": 4, "n_routed_experts": 4,
            "first_k_dense_replace": 1, "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]}
@@ -240,12 +256,13 @@ def test_vllm_only_keys_are_filled_checked_or_refused():
 def test_checkpoints_this_project_writes_carry_every_vllm_only_key(tmp_path, arch):
     import torch
 
-    from vllm_indexcache.dsa_config import IMPLIED
+    from vllm_indexcache.families import family_for
     from vllm_indexcache.tools.distill.export import export_checkpoint
     from vllm_indexcache.tools.reference import load_reference
     from vllm_indexcache.tools.toy import build_toy_model
     from vllm_indexcache.tools.training.trainer import export_model
 
+    IMPLIED = {arch: dict(family_for(arch).implied)}
     toy = build_toy_model(tmp_path / "toy", arch, num_layers=4)
     assert {k: json.loads((toy / "config.json").read_text())[k] for k in IMPLIED[arch]} == IMPLIED[arch]
     bare = build_toy_model(tmp_path / "bare", arch, num_layers=4, bare=True)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from vllm_indexcache.patterns import (
+from vllm_indexcache.pattern import (
     Preset,
     f_layers,
     list_presets,

@@ -269,12 +269,14 @@ TINY_SEARCH = TABLE2 / "retrieval" / "search.json"
 
 
 def test_tiny_presets_match_the_model_and_are_nested():
-    from vllm_indexcache.patterns import load_preset
+    from vllm_indexcache.families import family_for
+    from vllm_indexcache.pattern import load_preset
 
     config = json.loads((TINY / "config.json").read_text())
     presets = {r: load_preset(f"tiny-dsa-searched-1of{r}") for r in (2, 4, 8)}
+    n = family_for(config).num_indexer_layers(config)   # a preset's num_layers: the family's indexer layers
     for r, p in presets.items():
-        assert (p.architecture, p.num_layers) == (config["architectures"][0], config["num_hidden_layers"]) \
+        assert (p.architecture, p.num_layers) == (config["architectures"][0], n) \
             == ("DeepseekV32ForCausalLM", 12)
         assert p.retention == f"1/{r}" and len(p.f_layers) == alg.target_f_count(12, alg.parse_retention(p.retention))
         assert p.f_layers[0] == 0
@@ -287,7 +289,7 @@ def test_tiny_presets_match_the_model_and_are_nested():
 
 
 def test_tiny_presets_come_from_the_recorded_search_of_the_shipped_model():
-    from vllm_indexcache.patterns import load_preset
+    from vllm_indexcache.pattern import load_preset
     from vllm_indexcache.tools.search.state import model_identity
 
     search = json.loads(TINY_SEARCH.read_text())

@@ -21,7 +21,7 @@ def test_wheel_install_resolves_presets_outside_the_repository(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                            str(wheel)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    code = ("import vllm_indexcache, vllm_indexcache.patterns as p; "
+    code = ("import vllm_indexcache, vllm_indexcache.pattern as p; "
             "print(vllm_indexcache.__file__); print(p.load_preset('glm5-searched-1of4').num_layers); "
             "print(p.presets_dir())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,

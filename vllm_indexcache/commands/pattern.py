@@ -1,9 +1,11 @@
-"""``vllm-indexcache pattern MODEL [--freq N [--offset N] | --pattern S | --preset NAME]``.
+"""``vllm-indexcache pattern MODEL [--freq N [--offset N] | --pattern SPEC | --preset NAME]``.
 
 Resolves and validates the IndexCache pattern of a local model (its ``config.json``, read with plain ``json``: no
 vLLM or torch import) and prints the summary line and the F layer ids. Without options the model's own keys are
 used; any option *replaces* all of the model's IndexCache keys (so ``--preset`` works on GLM-5.2, whose checkpoint
-sets freq 4). Exit status: 0 on success, 2 on an invalid configuration (one-line error on stderr).
+sets freq 4). ``--pattern`` takes any pattern spec of :mod:`vllm_indexcache.pattern` (``FSFS...``, ``all-F``,
+``freq:K[:OFFSET]``, ``every:K`` = ``1/K``, ``preset:NAME``), resolved for the model's indexer layers and printed in
+full. Exit status: 0 on success, 2 on an invalid configuration (one-line error on stderr).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from pathlib import Path
 
 from vllm_indexcache.config import KEYS, IndexCacheError, pattern_source, resolve_hf_config, summary
 from vllm_indexcache.config_keys import check_model_keys
-from vllm_indexcache.patterns import f_layers, list_presets
+from vllm_indexcache.families import architecture_of, family_for
+from vllm_indexcache.pattern import SPEC_FORMS, describe_spec, f_layers, list_presets, resolve_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="local model directory (or its config.json)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--freq", type=int, help="index_topk_freq: uniform rule, every N-th layer F (1 = off)")
-    group.add_argument("--pattern", help="index_topk_pattern: explicit F/S string, one char per DSA layer")
+    group.add_argument("--pattern", metavar="SPEC", help=f"index_topk_pattern as a pattern spec, one F/S per indexer "
+                                                          f"layer: {SPEC_FORMS}")
     group.add_argument("--preset", help=f"index_cache_preset: one of {', '.join(list_presets())}, or a .json path")
     parser.add_argument("--offset", type=int, help="index_skip_topk_offset for --freq (default 2)")
 
@@ -34,8 +38,13 @@ def main(args: argparse.Namespace) -> int:
         check_model_keys(config)
         if args.offset is not None and args.freq is None:
             raise IndexCacheError(f"index_skip_topk_offset={args.offset!r}: --offset needs --freq")
+        spec_line = None
+        explicit = args.pattern
+        if args.pattern is not None:
+            explicit = _resolve_spec(args.pattern, config)
+            spec_line = describe_spec(args.pattern, explicit)
         overrides = {"index_topk_freq": args.freq, "index_skip_topk_offset": args.offset,
-                     "index_topk_pattern": args.pattern, "index_cache_preset": args.preset}
+                     "index_topk_pattern": explicit, "index_cache_preset": args.preset}
         source = pattern_source(config)
         if any(v is not None for v in overrides.values()):
             config = {k: v for k, v in config.items() if k not in KEYS}
@@ -48,9 +57,22 @@ def main(args: argparse.Namespace) -> int:
     if pattern is None:
         print(f"{args.model}: no lightning indexer (no index_topk); IndexCache does not apply")
         return 0
+    if spec_line:
+        print(spec_line)
     print(summary(pattern, source))
     print("F layers: " + " ".join(map(str, f_layers(pattern))))
     return 0
+
+
+def _resolve_spec(spec: str, config: dict) -> str:
+    """``--pattern SPEC`` as an explicit F/S string for the model's indexer layers (its family's count)."""
+    if config.get("index_topk") is None:
+        return spec          # resolve_hf_config refuses IndexCache keys on a model without indexer
+    try:
+        n = family_for(config).num_indexer_layers(config)
+        return resolve_spec(spec, n, key="index_topk_pattern", architecture=architecture_of(config))
+    except ValueError as e:   # FamilyError included
+        raise IndexCacheError(str(e)) from None
 
 
 def _read_config(path: Path) -> dict:

@@ -70,9 +70,11 @@ def indexer_time_share(model, seqs: list[list[int]], repeats: int = 3, progress:
 
     Runs the model all-F (every layer runs its indexer).
     """
+    from vllm_indexcache.families import family_for
     from vllm_indexcache.tools.reference import set_pattern
 
-    layers = model.model.layers[: model.config.num_hidden_layers]
+    # the decoder layers that own an indexer, in pattern order
+    layers = [model.model.layers[i] for i in family_for(type(model).__name__).indexer_layers(model.config)]
     set_pattern(model, "F" * len(layers))
     dev = next(model.parameters()).device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -188,7 +190,9 @@ def analyze(model_dir, data, out_dir, *, seq_len: int = 2048, num_seqs: int = 4,
     seqs = load_calibration(data, model_dir, seq_len=seq_len, num_seqs=num_seqs, start=start)
     if model is None:
         model = load_reference(str(model_dir), dtype=getattr(torch, dtype), ties="lower").to(device)
-    L = model.config.num_hidden_layers
+    from vllm_indexcache.families import family_for
+
+    L = family_for(type(model).__name__).num_indexer_layers(model.config)
     k = int(model.config.index_topk)
     set_pattern(model, "F" * L)
     from tqdm import tqdm

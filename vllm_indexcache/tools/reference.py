@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
-    "load_reference", "set_pattern", "get_pattern", "default_pattern", "check_pattern", "set_ties", "TIES",
+    "load_reference", "set_pattern", "get_pattern", "default_pattern", "set_ties", "TIES",
     "prompt_logprobs", "greedy_generate", "record_topk", "indexer_qkw",
 ]
 
@@ -81,17 +81,15 @@ def _arch(model) -> str:
 
 
 def _layers(model):
-    return model.model.layers[: model.config.num_hidden_layers]
+    """The decoder layers that own a lightning indexer, in pattern order (the family's ``indexer_layers``)."""
+    from vllm_indexcache.families import family_for
+
+    layers = model.model.layers
+    return [layers[i] for i in family_for(_arch(model)).indexer_layers(model.config)]
 
 
-def check_pattern(pattern: str, num_layers: int) -> str:
-    """Validate an IndexCache pattern for a model with ``num_layers`` DSA layers and return it.
-
-    Raises:
-        ValueError: (message names the pattern) not a str of upper-case ``F``/``S``, length ≠ ``num_layers``, or
-            layer 0 is ``S`` (an S layer needs a preceding F layer).
-    """
-    from vllm_indexcache.pattern_rules import parse_pattern
+def _check(pattern: str, num_layers: int) -> str:
+    from vllm_indexcache.pattern import parse_pattern
 
     return parse_pattern(pattern, num_layers, key="pattern")
 
@@ -200,11 +198,11 @@ def set_pattern(model, pattern: str | None) -> None:
 
     Args:
         model: a ``DeepseekV32ForCausalLM`` or ``GlmMoeDsaForCausalLM`` (from :func:`load_reference` or not).
-        pattern: one ``F``/``S`` per DSA layer, or None for :func:`default_pattern`.
+        pattern: one ``F``/``S`` per indexer layer of the model's family, or None for :func:`default_pattern`.
 
     Raises:
-        ValueError: invalid pattern (see :func:`check_pattern`), or an ``F`` on a GLM layer whose indexer weights
-            are not in the checkpoint.
+        ValueError: invalid pattern (:func:`vllm_indexcache.pattern.parse_pattern`), or an ``F`` on a GLM layer
+            whose indexer weights are not in the checkpoint.
         TypeError: unsupported model class.
 
     Note (GLM): an S layer's indexer is detached from the module tree (held aside and re-attached, moved to the
@@ -213,7 +211,7 @@ def set_pattern(model, pattern: str | None) -> None:
     """
     state = _install(model)
     layers = _layers(model)
-    pattern = default_pattern(model) if pattern is None else check_pattern(pattern, len(layers))
+    pattern = default_pattern(model) if pattern is None else _check(pattern, len(layers))
     if state.arch == _ARCH_GLM:
         missing = [i for i, c in enumerate(pattern) if c == "F" and state.indexers[i] is None]
         if missing:
@@ -238,8 +236,8 @@ def load_reference(model_dir, pattern: str | None = None, dtype: torch.dtype = t
 
     Args:
         model_dir: Hugging Face model directory (``DeepseekV32ForCausalLM`` or ``GlmMoeDsaForCausalLM``).
-        pattern: ``F``/``S`` per DSA layer; None = all ``F`` (see :func:`default_pattern` for GLM checkpoints
-            without indexer weights on some layers).
+        pattern: ``F``/``S`` per indexer layer of the family; None = all ``F`` (see :func:`default_pattern` for GLM
+            checkpoints without indexer weights on some layers).
         dtype: parameter dtype (``indexer.weights_proj`` stays float32, as transformers keeps it).
         ties: tie rule of the F layers' top-k, one of :data:`TIES`. The default reproduces unpatched transformers
             bit for bit; ``"lower"`` matches this package's backend (use it as the engine's oracle).
@@ -248,7 +246,8 @@ def load_reference(model_dir, pattern: str | None = None, dtype: torch.dtype = t
         The model; switch patterns later with :func:`set_pattern`.
 
     Raises:
-        ValueError: invalid pattern (its length is checked against ``num_hidden_layers``) or unknown ``ties``.
+        ValueError: invalid pattern (its length is checked against the family's indexer layers) or unknown
+            ``ties``.
         TypeError: unsupported architecture.
     """
     if ties not in TIES:
@@ -256,7 +255,9 @@ def load_reference(model_dir, pattern: str | None = None, dtype: torch.dtype = t
     model_cls = model_class(model_dir)
     config = model_cls.config_class.from_pretrained(model_dir)
     if pattern is not None:
-        check_pattern(pattern, config.num_hidden_layers)
+        from vllm_indexcache.families import family_for
+
+        _check(pattern, family_for(model_cls.__name__).num_indexer_layers(config))
     kwargs = dict(dtype=dtype, attn_implementation="eager")
     if getattr(config, "model_type", None) == "glm_moe_dsa":
         # Build an indexer on every layer; those without weights in the checkpoint are dropped below.

@@ -58,14 +58,30 @@ PHASES = ("load", "badinput", "pressure", "search")
 
 def default_pattern(model: str) -> str:
     """The model's own IndexCache pattern (its config.json, resolved as the plugin resolves it) when it sets one,
-    else every 4th layer F from layer 0 (``uniform_pattern(N, 4, 1)``)."""
+    else every 4th indexer layer F from layer 0 (spec ``every:4``)."""
     from vllm_indexcache.config import KEYS, resolve_hf_config
-    from vllm_indexcache.pattern_rules import uniform_pattern
+    from vllm_indexcache.families import family_for
+    from vllm_indexcache.pattern import resolve_spec
 
     config = json.loads((Path(model) / "config.json").read_text())
     if any(config.get(k) is not None for k in KEYS):
         return resolve_hf_config(config)
-    return uniform_pattern(config["num_hidden_layers"], 4, 1)
+    return resolve_spec("every:4", family_for(config).num_indexer_layers(config))
+
+
+def pattern_of(model: str, spec: str | None) -> str:
+    """``--pattern SPEC`` (:mod:`vllm_indexcache.pattern`) for ``model``, printed in full; None:
+    :func:`default_pattern`."""
+    from vllm_indexcache.families import family_for
+    from vllm_indexcache.pattern import describe_spec, resolve_spec
+
+    if spec is None:
+        return default_pattern(model)
+    config = json.loads((Path(model) / "config.json").read_text())
+    pattern = resolve_spec(spec, family_for(config).num_indexer_layers(config), key="--pattern",
+                           architecture=(config.get("architectures") or [None])[0])
+    print(describe_spec(spec, pattern), flush=True)
+    return pattern
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,8 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--out", required=True, help="output directory (reliability.json, logs/)")
     parser.add_argument("--model", default=None, help="DSA model directory (default: the shipped tiny-dsa)")
-    parser.add_argument("--pattern", default=None, help="index_topk_pattern (default: the model's own pattern, "
-                        "else F every 4th layer)")
+    parser.add_argument("--pattern", default=None, metavar="SPEC",
+                        help="pattern spec (F/S string, all-F, freq:K[:OFFSET], every:K = 1/K, preset:NAME; default: "
+                             "the model's own pattern, else every:4)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
     parser.add_argument("--requests", type=int, default=64, help="concurrent requests that must complete")
     parser.add_argument("--disconnects", type=int, default=8, help="extra clients that disconnect mid-stream")
@@ -97,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     model = str(Path(args.model or args.default_model()).resolve())
-    pattern = args.pattern or default_pattern(model)
+    pattern = pattern_of(model, args.pattern)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = set(phases) - set(PHASES)
     if unknown:

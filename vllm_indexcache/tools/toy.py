@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vllm_indexcache.dsa_config import IMPLIED
+from vllm_indexcache.families import family_for
 
 ARCHITECTURES = ("DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM")
 
@@ -124,7 +124,7 @@ def build_toy_model(out_dir: str | Path, architecture: str = "DeepseekV32ForCaus
 
     Weights are ``dtype`` (float32 by default), drawn on ``device`` with ``torch.manual_seed(seed)``; ``init_std`` is
     larger than transformers' default (0.02) so that logits are not near-uniform and the indexer's scores are far
-    from ties. ``config.json`` carries every vLLM-only key explicitly (:data:`vllm_indexcache.dsa_config.IMPLIED`);
+    from ties. ``config.json`` carries every vLLM-only key explicitly (:attr:`vllm_indexcache.families.Family.implied`);
     ``bare=True`` writes only what ``save_pretrained`` writes for a config that never had them (a user's export).
     ``mtp_layers > 0`` appends that many MTP layers (:func:`add_mtp_layers`); the backbone's weights are the same
     as without them for the same ``seed``.
@@ -141,7 +141,7 @@ def build_toy_model(out_dir: str | Path, architecture: str = "DeepseekV32ForCaus
     out.mkdir(parents=True, exist_ok=True)
     cfg = toy_config(architecture, num_layers, first_k_dense_replace, initializer_range=init_std, **overrides)
     if bare:
-        for key in IMPLIED[architecture]:
+        for key in family_for(architecture).implied:
             delattr(cfg, key)
     torch.manual_seed(seed)
     # The class by name, not AutoModelForCausalLM: importing vLLM re-maps transformers' deepseek_v32 config.
@@ -156,7 +156,7 @@ def build_toy_model(out_dir: str | Path, architecture: str = "DeepseekV32ForCaus
     cfg_path = out / "config.json"
     data = json.loads(cfg_path.read_text())
     if not bare:
-        data.update(IMPLIED[architecture])
+        data.update(family_for(architecture).implied)
     data["architectures"] = [architecture]
     cfg_path.write_text(json.dumps(data, indent=2) + "\n")
     if mtp_layers:

@@ -32,6 +32,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_indexcache.config import SOURCE_KEY, summary
+from vllm_indexcache.families import family_for
 
 logger = init_logger("vllm.indexcache")
 
@@ -64,17 +65,24 @@ def vllm_model_class(architecture: str) -> type:
     return getattr(importlib.import_module(module), cls_name)
 
 
-def stage_pattern(pattern: str, start_layer: int, end_layer: int) -> str:
-    """Return ``pattern`` with the stage's first layer ``start_layer`` forced to F (fallback when handoff is
-    impossible).
+def stage_pattern(pattern: str, layers: list[int], start_layer: int, end_layer: int) -> str:
+    """Return ``pattern`` with the stage's first indexer layer forced to F (fallback when handoff is impossible).
 
     Args:
-        pattern: resolved F/S string, one char per backbone DSA layer.
+        pattern: resolved F/S string, one char per indexer layer of the family.
+        layers: the family's indexer layer ids (``family.indexer_layers(config)``): ``pattern[i]`` is layer
+            ``layers[i]``.
         start_layer, end_layer: the stage's layer range ``[start, end)`` (``vllm.distributed.utils.get_pp_indices``).
     """
-    if start_layer < len(pattern) and pattern[start_layer] == "S" and end_layer > start_layer:
-        return pattern[:start_layer] + "F" + pattern[start_layer + 1:]
+    first = _first_indexer(layers, start_layer, end_layer)
+    if first is not None and pattern[first] == "S":
+        return pattern[:first] + "F" + pattern[first + 1:]
     return pattern
+
+
+def _first_indexer(layers: list[int], start: int, end: int) -> int | None:
+    """Pattern position of the first indexer layer in ``[start, end)``, or None when the range holds none."""
+    return next((i for i, layer in enumerate(layers) if start <= layer < end), None)
 
 
 @dataclasses.dataclass
@@ -82,11 +90,13 @@ class StagePlan:
     """This pipeline stage's share of the pattern and its top-k handoff.
 
     Attributes:
-        pattern: the full F/S string the stage builds from (the user's, unless forced F was needed).
+        pattern: the full F/S string the stage builds from (the user's, unless forced F was needed), one char per
+            indexer layer.
         rank, start, end: PP rank and its layer range ``[start, end)``.
-        receives: the stage starts on S and reads the previous stage's top-k.
+        receives: the stage starts on S (its first indexer layer is S) and reads the previous stage's top-k.
         sends: the next stage starts on S and reads this stage's top-k.
         source: where the pattern came from (:func:`vllm_indexcache.config.pattern_source`).
+        layers: the family's indexer layer ids (``pattern[i]`` is layer ``layers[i]``).
     """
 
     pattern: str
@@ -96,22 +106,52 @@ class StagePlan:
     receives: bool
     sends: bool
     source: str | None
+    layers: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def indexer_layers(self) -> int:
+        """Number of indexer layers on this stage."""
+        return sum(self.start <= layer < self.end for layer in self.layers)
+
+    @property
+    def first_layer(self) -> int:
+        """Layer id of the stage's first indexer layer (``start`` when it holds none)."""
+        first = _first_indexer(self.layers, self.start, self.end)
+        return self.start if first is None else self.layers[first]
 
 
-def plan_stage(pattern: str, num_layers: int, rank: int, world: int, handoff: bool = True) -> StagePlan:
+def plan_stage(pattern: str, layers: list[int], num_layers: int, rank: int, world: int,
+               handoff: bool = True) -> StagePlan:
     """Plan stage ``rank`` of ``world``: which top-k it receives/sends, or (``handoff=False``) its forced-F pattern.
 
-    Layer ranges come from ``vllm.distributed.utils.get_pp_indices`` (honours ``VLLM_PP_LAYER_PARTITION``).
+    Args:
+        pattern: one F/S per indexer layer of the family.
+        layers: the family's indexer layer ids, ``len(layers) == len(pattern)`` (``family.indexer_layers``).
+        num_layers: backbone decoder layers, split over the stages (``family.num_backbone_layers``).
+        rank, world: this stage and the pipeline size.
+        handoff: False: no handoff, the stage's first indexer layer is forced F where it is S.
+
+    A stage receives when its first indexer layer is S, or when it holds no indexer layer and the next stage
+    receives (it passes the top-k on). Layer ranges come from ``vllm.distributed.utils.get_pp_indices`` (honours
+    ``VLLM_PP_LAYER_PARTITION``).
+
+    Raises:
+        ValueError: ``len(pattern) != len(layers)``.
     """
     from vllm.distributed.utils import get_pp_indices
 
-    start, end = get_pp_indices(num_layers, rank, world)
-    nxt = get_pp_indices(num_layers, rank + 1, world)[0] if rank + 1 < world else None
-    starts_s = rank > 0 and start < end and pattern[start] == "S"
-    next_s = nxt is not None and nxt < len(pattern) and pattern[nxt] == "S"
+    layers = list(layers)
+    if len(pattern) != len(layers):
+        raise ValueError(f"pattern={pattern!r}: length {len(pattern)} != {len(layers)} indexer layers")
+    bounds = [get_pp_indices(num_layers, r, world) for r in range(world)]
+    needs = [False] * (world + 1)
+    for r in reversed(range(1, world)):
+        first = _first_indexer(layers, *bounds[r])
+        needs[r] = pattern[first] == "S" if first is not None else needs[r + 1]
+    start, end = bounds[rank]
     if handoff:
-        return StagePlan(pattern, rank, start, end, starts_s, next_s, None)
-    return StagePlan(stage_pattern(pattern, start, end), rank, start, end, False, False, None)
+        return StagePlan(pattern, rank, start, end, needs[rank], needs[rank + 1], None, layers)
+    return StagePlan(stage_pattern(pattern, layers, start, end), rank, start, end, False, False, None, layers)
 
 
 def handoff_possible(base: type) -> bool:
@@ -135,12 +175,14 @@ def _prepare(vllm_config, base: type) -> StagePlan | None:
         return None
     pp = get_pp_group()
     handoff = handoff_possible(base)
-    plan = plan_stage(pattern, hf_config.num_hidden_layers, pp.rank_in_group, pp.world_size, handoff)
+    family = family_for(hf_config)
+    plan = plan_stage(pattern, family.indexer_layers(hf_config), family.num_backbone_layers(hf_config),
+                      pp.rank_in_group, pp.world_size, handoff)
     plan.source = getattr(hf_config, SOURCE_KEY, None)
     if plan.pattern != pattern:
         logger.warning("IndexCache: pipeline stage %d starts on S layer %d and top-k cannot be handed across "
                        "stages here (%s, VLLM_INDEXCACHE_PP_HANDOFF); layer %d runs its own indexer (F) on this "
-                       "stage.", plan.rank, plan.start, base.__qualname__, plan.start)
+                       "stage.", plan.rank, plan.first_layer, base.__qualname__, plan.first_layer)
         hf_config.index_topk_pattern = plan.pattern
     return plan
 
@@ -177,14 +219,14 @@ def _report(model, plan: StagePlan | None) -> None:
     if plan is None:
         return
     per_layer, n_f = indexer_cache_bytes(model)
-    n_layers = plan.end - plan.start
+    n_layers = plan.indexer_layers
     logger.info("%s (stage %d: layers %d-%d, %d F built); indexer K-cache %d B/token instead of %d B/token all-F "
                 "(%d B/token saved)", summary(plan.pattern, plan.source), plan.rank, plan.start, plan.end - 1, n_f,
                 per_layer * n_f, per_layer * n_layers, per_layer * (n_layers - n_f))
     if plan.receives:
         logger.info("IndexCache: top-k handoff active: stage %d starts on S layer %d and reads the top-k that the "
                     "previous stage hands over with its hidden states (IntermediateTensors[%r])", plan.rank,
-                    plan.start, HANDOFF_KEY)
+                    plan.first_layer, HANDOFF_KEY)
     if plan.sends:
         logger.info("IndexCache: top-k handoff active: stage %d hands its top-k to the next stage, which starts on "
                     "an S layer", plan.rank)
@@ -226,8 +268,9 @@ def _finish(model, plan: StagePlan | None) -> None:
     model._indexcache_topk = topk_buffer(model) if plan and (plan.receives or plan.sends) else None
     if plan and plan.receives:
         if model._indexcache_topk is None:
-            raise RuntimeError(f"IndexCache: pipeline stage {plan.rank} starts on S layer {plan.start} but its model "
-                               f"holds no topk_indices_buffer to receive top-k into; set VLLM_INDEXCACHE_PP_HANDOFF=0")
+            raise RuntimeError(f"IndexCache: pipeline stage {plan.rank} starts on S layer {plan.first_layer} but its "
+                               "model holds no topk_indices_buffer to receive top-k into; set "
+                               "VLLM_INDEXCACHE_PP_HANDOFF=0")
         model.make_empty_intermediate_tensors = _with_handoff_slot(model.make_empty_intermediate_tensors,
                                                                    model._indexcache_topk.shape[1])
     _report(model, plan)

@@ -1,5 +1,8 @@
 """``vllm-indexcache bench MODEL --contexts 1024,4096 --patterns all-F,1/2,1/4,1/8 --out DIR``.
 
+``--patterns`` takes pattern specs (:mod:`vllm_indexcache.pattern`): ``1/K`` is ``every:K`` (F at indexer layers 0,
+K, 2K, ...), ``freq:K[:OFFSET]`` is vLLM's rule; each is printed in full as it is resolved.
+
 Runs vLLM (offline ``LLM``) with the INDEXCACHE backend once per pattern, sequentially, in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the engine core and the CPU worker live here and the indexer can be
 profiled directly), and measures per context:
@@ -40,13 +43,15 @@ import sys
 import time
 from pathlib import Path
 
+from vllm_indexcache.families import family_for
+from vllm_indexcache.pattern import SPEC_FORMS, describe_spec, resolve_spec
+
 from .measure import (
     BATCH_SHARED_TAIL,
     IndexerProfiler,
     bench_engine_kwargs,
     build_bench_model,
     machine,
-    resolve_pattern,
     run_pattern,
 )
 from .report import finish
@@ -57,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory, or toy:LAYERS to build the benchmark toy in OUT/model")
     parser.add_argument("--contexts", default="1024,4096,16384", help="comma-separated prompt lengths (tokens)")
     parser.add_argument("--patterns", default="all-F,1/2,1/4,1/8",
-                        help="comma-separated: all-F, 1/k (F every k-th layer from 0), an F/S string or a preset; "
-                             "all-F is added first if missing (the baseline)")
+                        help=f"comma-separated pattern specs: {SPEC_FORMS}; all-F is added first if missing (the "
+                             "baseline)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--repeats", default="3",
                         help="repeats per context: one number, or a comma list matching --contexts (e.g. 3,3,2)")
@@ -104,8 +109,11 @@ def main(args: argparse.Namespace) -> int:
     if model.startswith("toy:"):
         model = str(build_bench_model(out / "model", int(model[4:]), max(contexts) + args.decode_tokens + 16))
     cfg = json.loads((Path(model) / "config.json").read_text())
-    num_layers = cfg["num_hidden_layers"]
-    patterns = {s: resolve_pattern(s, num_layers) for s in specs}
+    num_layers = family_for(cfg).num_indexer_layers(cfg)
+    patterns = {s: resolve_spec(s, num_layers, key="--patterns", architecture=cfg["architectures"][0])
+                for s in specs}
+    for s, pattern in patterns.items():
+        print(describe_spec(s, pattern), flush=True)
     max_len = max(contexts) + args.decode_tokens + BATCH_SHARED_TAIL
     engine_kwargs = bench_engine_kwargs(max_len, dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                                         seed=args.seed, batch=args.batch,

@@ -15,33 +15,6 @@ from pathlib import Path
 BATCH_SHARED_TAIL = 16
 
 
-# ----------------------------------------------------------------------------------------------------------- patterns
-def resolve_pattern(spec: str, num_layers: int) -> str:
-    """``all-F`` → every layer F; ``1/k`` → F at layers ``0, k, 2k, ...`` (``ceil(n/k)`` F layers: exactly ``n/k``
-    when ``k`` divides ``n``); a literal F/S string or a preset name/path (``configs/``) as is.
-
-    Raises:
-        ValueError: an invalid spec or a pattern of the wrong length.
-    """
-    from vllm_indexcache.pattern_rules import uniform_pattern
-    from vllm_indexcache.patterns import check_chars, load_preset
-
-    if spec.lower() in ("all-f", "allf", "f", "1/1"):
-        return "F" * num_layers
-    if spec.startswith("1/") and spec[2:].isdigit():
-        k = int(spec[2:])
-        if k < 1:
-            raise ValueError(f"pattern {spec!r}: k must be >= 1")
-        return uniform_pattern(num_layers, k, 1)
-    if set(spec) <= {"F", "S"}:
-        pattern = check_chars(spec)
-    else:
-        pattern = load_preset(spec).pattern
-    if len(pattern) != num_layers:
-        raise ValueError(f"pattern {spec!r} has {len(pattern)} layers, the model has {num_layers}")
-    return pattern
-
-
 # -------------------------------------------------------------------------------------------------------- profiling
 class IndexerProfiler:
     """Wall time of ``run_lightning_indexer`` (the F layers' scoring + top-k + K-cache insert), split by step kind:

@@ -33,12 +33,14 @@ from pathlib import Path
 import torch
 
 from .export import export_checkpoint
-from .trainer import distill, make_batches, resolve_pattern
+from .trainer import distill, make_batches
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="source DSA checkpoint directory (e.g. examples/models/tiny-dsa)")
-    parser.add_argument("--pattern", help="F/S per layer, or uniform:FREQ[:OFFSET] (vLLM rule)")
+    parser.add_argument("--pattern", metavar="SPEC",
+                        help="pattern spec, one F/S per indexer layer: an F/S string, all-F, freq:K[:OFFSET] (vLLM's "
+                             "rule; uniform:K[:OFFSET] is an alias), every:K (= 1/K), preset:NAME")
     parser.add_argument("--data", required=True, help="data directory (train.u16 + tokenizer/) or 'random'")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--context", type=int, default=512, help="tokens per training row")
@@ -73,7 +75,12 @@ def main(args: argparse.Namespace) -> int:
     if not args.pattern:
         raise SystemExit("distill: --pattern is required (or --compare)")
     src_cfg = json.loads((Path(args.model) / "config.json").read_text())
-    pattern = resolve_pattern(args.pattern, src_cfg["num_hidden_layers"])
+    from vllm_indexcache.families import family_for
+    from vllm_indexcache.pattern import describe_spec, resolve_spec
+
+    pattern = resolve_spec(args.pattern, family_for(src_cfg).num_indexer_layers(src_cfg), key="--pattern",
+                           architecture=src_cfg["architectures"][0])
+    print(describe_spec(args.pattern, pattern), flush=True)
     model = load_reference(args.model, pattern=pattern, dtype=torch.float32)
     get_batch = make_batches(args.data, model.config.vocab_size, args.context, args.batch_size, args.seed,
                              args.retrieval_fraction)

@@ -60,7 +60,7 @@ def _search(args, out: Path, min_retention: str) -> dict:
 
 
 def run_compare(args) -> int:
-    from vllm_indexcache.patterns import uniform_pattern
+    from vllm_indexcache.pattern import uniform_pattern
 
     from ..reference import load_reference
     from .export import export_checkpoint
@@ -71,7 +71,9 @@ def run_compare(args) -> int:
     freqs = [int(f) for f in args.compare.split(",")]
     t_all = time.time()
     src = load_reference(args.model, dtype=torch.float32)
-    n = src.config.num_hidden_layers
+    from vllm_indexcache.families import family_for
+
+    n = family_for(type(src).__name__).num_indexer_layers(src.config)
     results: dict = {"model": str(args.model), "data": str(args.data), "threads": torch.get_num_threads(),
                      "budgets": {k: getattr(args, k) for k in (
                          "context", "batch_size", "warmup_steps", "sparse_steps", "indexer_lr", "main_lr",

@@ -245,13 +245,16 @@ class MultiLayerIndexerDistiller:
                              "attention probabilities that only eager attention returns; load with "
                              "attn_implementation='eager'")
         self.model = model
-        self.layers = list(model.model.layers[: model.config.num_hidden_layers])
+        from vllm_indexcache.families import family_for
+
+        # the decoder layers that own an indexer, in pattern order (pattern character i -> self.layers[i])
+        self.layers = [model.model.layers[i] for i in family_for(type(model).__name__).indexer_layers(model.config)]
         if pattern is None:
             state = model.__dict__.get("_indexcache_state")
             pattern = (state.pattern if state is not None
                        else getattr(model.config, "index_topk_pattern", None) or "F" * len(self.layers))
         if len(pattern) != len(self.layers):
-            raise ValueError(f"pattern={pattern!r}: {len(pattern)} characters for {len(self.layers)} DSA layers")
+            raise ValueError(f"pattern={pattern!r}: {len(pattern)} characters for {len(self.layers)} indexer layers")
         self.pattern = pattern
         self.served = served_layers(pattern)
         self.variant, self.cross_layer, self.reduction = variant, cross_layer, reduction

@@ -12,17 +12,6 @@ import torch.nn.functional as F
 from .loss import MultiLayerIndexerDistiller
 
 
-def resolve_pattern(spec: str, num_layers: int) -> str:
-    """``spec``: an explicit F/S string, ``uniform:FREQ`` or ``uniform:FREQ:OFFSET`` (vLLM 0.32's rule,
-    :func:`vllm_indexcache.patterns.uniform_pattern`, default offset 2). Validated against ``num_layers``."""
-    from vllm_indexcache.patterns import parse_pattern, uniform_pattern
-
-    if spec.startswith("uniform:"):
-        parts = [int(x) for x in spec.split(":")[1:]]
-        return uniform_pattern(num_layers, *parts)
-    return parse_pattern(spec, num_layers)
-
-
 def make_batches(data: str, vocab_size: int, context: int, batch_size: int, seed: int = 0,
                  retrieval_fraction: float = 0.25):
     """Return ``get(step) -> LongTensor [batch_size, context + 1]``, a pure function of ``(seed, step)``."""
@@ -51,8 +40,11 @@ def _set_dense(model, dense: bool) -> None:
 
 
 def _indexer_params(model, pattern: str) -> list[torch.nn.Parameter]:
-    layers = model.model.layers[: model.config.num_hidden_layers]
-    return [p for i, c in enumerate(pattern) if c == "F" for p in layers[i].self_attn.indexer.parameters()]
+    from vllm_indexcache.families import family_for
+
+    ids = family_for(type(model).__name__).indexer_layers(model.config)   # pattern character i -> layer ids[i]
+    layers = model.model.layers
+    return [p for i, c in zip(ids, pattern) if c == "F" for p in layers[i].self_attn.indexer.parameters()]
 
 
 def distill(model, pattern: str, get_batch, *, warmup_steps: int, sparse_steps: int, indexer_lr: float = 1e-3,

@@ -101,7 +101,9 @@ class HFScorer(_WeightedScorer):
         self.model = model if model is not None else load_reference(str(model_dir), dtype=getattr(torch, dtype),
                                                                      ties="lower").to(device)
         self.device = next(self.model.parameters()).device
-        self.num_layers = self.model.config.num_hidden_layers
+        from vllm_indexcache.families import family_for
+
+        self.num_layers = family_for(type(self.model).__name__).num_indexer_layers(self.model.config)
         self.index_topk = int(self.model.config.index_topk)
         self.seqs = [torch.tensor([s], dtype=torch.long, device=self.device) for s in seqs]
         self.reference = None
@@ -176,7 +178,9 @@ class VLLMScorer(_WeightedScorer):
         from vllm import LLM, SamplingParams
 
         config = json.loads((Path(model_dir) / "config.json").read_text())
-        self.num_layers = int(config["num_hidden_layers"])
+        from vllm_indexcache.families import family_for
+
+        self.num_layers = family_for(config).num_indexer_layers(config)
         self.index_topk = int(config["index_topk"])
         self.model_dir = model_dir
         self.objective = objective

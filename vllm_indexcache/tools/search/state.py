@@ -164,8 +164,22 @@ def model_identity(model_dir) -> dict:
                 f.seek(max(0, size - _EDGE))
                 h.update(f.read(_EDGE))
     archs = config.get("architectures") or [None]
-    return {"sha256": h.hexdigest(), "num_layers": config.get("num_hidden_layers"), "architecture": archs[0],
+    return {"sha256": h.hexdigest(), "num_layers": _indexer_layers(config), "architecture": archs[0],
             "path": str(d), "weights_hashed": "full" if full else "edges"}
+
+
+def _indexer_layers(config: dict) -> int:
+    """The pattern length of a model: its family's indexer-layer count (:mod:`vllm_indexcache.families`).
+
+    Raises:
+        StateError: no DSA family for the architecture, or a bad layer count.
+    """
+    from vllm_indexcache.families import family_for
+
+    try:
+        return family_for(config).num_indexer_layers(config)
+    except ValueError as e:
+        raise StateError(f"MODEL: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- state

@@ -6,7 +6,7 @@
 1. For each objective, greedy search (Algorithm 1, :func:`vllm_indexcache.tools.search.cli.search`, ``--engine hf``) on
    calibration windows of the *training* split (``train.u16``; ``--calib-split heldout`` takes held-out text past
    the evaluation windows), down to 1/8 retention: one nested trajectory gives the searched 1/2, 1/4, 1/8 patterns.
-2. Uniform baselines with the same F count: F = 0, freq, 2·freq, … (``pattern_rules.uniform_pattern(N, freq, 1)``).
+2. Uniform baselines with the same F count: F = 0, freq, 2·freq, … (``pattern.uniform_pattern(N, freq, 1)``).
 3. Held-out evaluation (``heldout.u16``) of original (all F), uniform and each objective's searched patterns at each
    retention: LM loss and long-range retrieval accuracy per needle depth
    (:func:`vllm_indexcache.tools.training.evaluate.evaluate`, ``ties="lower"`` reference, batch size 1), with the
@@ -32,7 +32,7 @@ RETENTIONS = ("1/2", "1/4", "1/8")
 
 def uniform_for(num_layers: int, retention: str) -> str:
     """Uniform pattern with the F count of ``retention``: F = 0, freq, 2·freq, … (freq = its denominator)."""
-    from vllm_indexcache.pattern_rules import uniform_pattern
+    from vllm_indexcache.pattern import uniform_pattern
 
     return uniform_pattern(num_layers, Fraction(retention).denominator, 1)
 
@@ -44,7 +44,7 @@ def binomial_se(p: float, n: int) -> float:
 
 def write_presets(search: dict, model: str, directory, objective: str, calib_desc: str) -> list[Path]:
     """``<model name>-searched-1of{2,4,8}.json`` presets from one search result (validated before writing)."""
-    from vllm_indexcache.patterns import Preset
+    from vllm_indexcache.pattern import Preset
 
     name = Path(model).name
     written = []
@@ -122,7 +122,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     model = load_reference(args.model, ties="lower").to(device)
-    N = model.config.num_hidden_layers
+    from vllm_indexcache.families import family_for
+
+    N = family_for(type(model).__name__).num_indexer_layers(model.config)
     data = Path(args.data_dir) / f"{args.calib_split}.u16"
 
     searches = {}

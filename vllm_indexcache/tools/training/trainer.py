@@ -76,9 +76,9 @@ def export_model(model, out_dir: str | Path, dtype: str = "bfloat16", tokenizer_
     m.save_pretrained(str(out), max_shard_size=max_shard_size)
     cfg_path = out / "config.json"
     data = json.loads(cfg_path.read_text())
-    from vllm_indexcache.dsa_config import IMPLIED
+    from vllm_indexcache.families import family_for
 
-    data.update(IMPLIED["DeepseekV32ForCausalLM"], architectures=["DeepseekV32ForCausalLM"])
+    data.update(family_for("DeepseekV32ForCausalLM").implied, architectures=["DeepseekV32ForCausalLM"])
     cfg_path.write_text(json.dumps(data, indent=2) + "\n")
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():

@@ -1,0 +1,250 @@
+"""IndexCache F/S patterns: the rules, one pattern-spec syntax for every command, and the presets in ``configs/``.
+
+A pattern is a string with one character per *indexer layer* of the model's DSA family
+(:func:`vllm_indexcache.families.family_for`; character ``i`` belongs to decoder layer
+``family.indexer_layers(config)[i]``, in DeepSeek-V3.2 and GLM-5 simply layer ``i``): ``F`` (Full: the layer runs its
+lightning indexer) or ``S`` (Shared: the layer reuses the top-k of the nearest preceding F layer). Only upper-case
+``F``/``S`` are accepted: vLLM 0.32 tests ``pattern[i] == "S"``, so a lower-case ``s`` would silently run as F there.
+
+Pattern specs (:func:`resolve_spec`, accepted by ``vllm-indexcache pattern/bench/distill``, the reliability run and
+``scripts/bench_vllm_h200.py``):
+
+* ``FSFS...`` — an explicit pattern, one character per indexer layer;
+* ``all-F`` — every indexer layer F (IndexCache off);
+* ``freq:K[:OFFSET]`` — vLLM's uniform rule (``index_topk_freq=K``, ``index_skip_topk_offset=OFFSET``, default 2):
+  indexer layer ``i`` is S iff ``max(i - OFFSET + 1, 0) % K != 0`` (:func:`uniform_pattern`); ``uniform:K[:OFFSET]``
+  is accepted as an alias;
+* ``every:K`` — F at indexer layers 0, K, 2K, … (``freq:K:1``); ``1/K`` is an alias of ``every:K`` (what the bench
+  and the H200 script have always meant by it; it is *not* ``freq:K``: on 12 layers ``every:4`` = F at 0, 4, 8,
+  ``freq:4`` = F at 0, 1, 5, 9);
+* ``preset:NAME`` — a preset of ``configs/`` (or ``preset:PATH``; a bare preset name or ``.json`` path also works).
+
+Pure functions need neither torch nor vLLM; pydantic is used for :class:`Preset` only. Functions raise plain
+``ValueError`` with a one-line ``key=value: reason`` message; :mod:`vllm_indexcache.config` re-raises them as
+``IndexCacheError``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PATTERN_KEY = "index_topk_pattern"
+#: The spec forms, for help texts and error messages.
+SPEC_FORMS = "an F/S string, all-F, freq:K[:OFFSET] (vLLM's rule), every:K (F at 0, K, 2K, ...; 1/K is an alias), " \
+             "preset:NAME"
+
+
+# ------------------------------------------------------------------------------------------------------------- rules
+def uniform_pattern(num_layers: int, freq: int, offset: int = 2) -> str:
+    """The uniform F/S pattern of vLLM 0.32 (``model_executor/models/deepseek_v2.py``).
+
+    Indexer layer ``i`` (0-based) is S iff ``max(i - offset + 1, 0) % freq != 0``. ``freq=1`` gives all F (IndexCache
+    off); offset 2 keeps layers 0 and 1 F (freq 4 on 78 layers: F = 0, 1, 5, 9, ..., 77); GLM-5.2 ships offset 3
+    (F = 0, 1, 2, 6, 10, ..., 74); offset 1 gives F = 0, freq, 2·freq, ... (spec ``every:K``). The paper's "uniform"
+    baseline (§3) is this rule.
+
+    Args:
+        num_layers: number of indexer layers (MTP/NextN layers excluded).
+        freq: ``index_topk_freq``, >= 1.
+        offset: ``index_skip_topk_offset``, >= 1.
+
+    Raises:
+        ValueError: ``num_layers`` < 1, or ``freq``/``offset`` not an int >= 1.
+    """
+    for key, value in (("num_layers", num_layers), ("index_topk_freq", freq), ("index_skip_topk_offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r}: must be an integer >= 1")
+    return "".join("S" if max(i - offset + 1, 0) % freq != 0 else "F" for i in range(num_layers))
+
+
+def check_chars(pattern: str, key: str = PATTERN_KEY) -> str:
+    """Check that ``pattern`` is a non-empty str of ``F``/``S`` whose first layer is F; return it unchanged.
+
+    Indexer layer 0 must be F: an S layer reuses the top-k of a *preceding* F layer, and layer 0 has none.
+
+    Raises:
+        ValueError: not a str, empty, a character other than ``F``/``S`` (lower case included), or layer 0 is S.
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"{key}={pattern!r}: must be a non-empty string of 'F'/'S'")
+    bad = sorted(set(pattern) - {"F", "S"})
+    if bad:
+        raise ValueError(f"{key}={pattern!r}: invalid character(s) {''.join(bad)!r}; only upper-case 'F' and 'S'")
+    if pattern[0] != "F":
+        raise ValueError(f"{key}={pattern!r}: layer 0 is S, but the first DSA layer must be F "
+                         "(an S layer reuses the top-k of a preceding F layer)")
+    return pattern
+
+
+def parse_pattern(pattern: str, num_layers: int | None = None, key: str = PATTERN_KEY,
+                  model: str = "the model") -> str:
+    """Validate ``pattern`` (see :func:`check_chars`) and, when given, its length against ``num_layers``.
+
+    Args:
+        pattern: the F/S string.
+        num_layers: number of indexer layers of the model, or None to skip the length check.
+        key: config key named in error messages.
+        model: model name used in the length error (e.g. the HF architecture).
+
+    Raises:
+        ValueError: see :func:`check_chars`; length != ``num_layers``.
+    """
+    check_chars(pattern, key)
+    if num_layers is not None and len(pattern) != num_layers:
+        raise ValueError(f"{key}={pattern!r}: length {len(pattern)} != {num_layers} DSA layers of {model}")
+    return pattern
+
+
+def f_layers(pattern: str) -> list[int]:
+    """0-based indexer-layer ordinals of the F layers of ``pattern``."""
+    return [i for i, c in enumerate(pattern) if c == "F"]
+
+
+# ------------------------------------------------------------------------------------------------------------- specs
+_UNIFORM = re.compile(r"^(freq|uniform):(\d+)(?::(\d+))?$")
+_EVERY = re.compile(r"^(?:every:|1/)(\d+)$")
+
+
+def resolve_spec(spec: str, num_layers: int, key: str = "pattern", architecture: str | None = None) -> str:
+    """The F/S pattern a spec (module docstring) names for a model with ``num_layers`` indexer layers.
+
+    Args:
+        spec: ``FSFS...``, ``all-F``, ``freq:K[:OFFSET]`` (alias ``uniform:``), ``every:K`` (alias ``1/K``),
+            ``preset:NAME`` (or a ``.json`` path).
+        num_layers: the family's indexer-layer count (``family_for(config).num_indexer_layers(config)``).
+        key: option or key named in error messages.
+        architecture: the model's HF architecture; when given, a preset made for another one is refused.
+
+    Raises:
+        ValueError: one line naming ``key`` and ``spec``: not a spec, a bad number, a pattern (or preset) of another
+            length or architecture.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"{key}={spec!r}: empty pattern spec; expected {SPEC_FORMS}")
+    spec = spec.strip()
+    try:
+        if set(spec) <= set("FSfs"):
+            return parse_pattern(spec, num_layers, key, architecture or "the model")
+        if spec.lower() in ("all-f", "allf"):
+            return uniform_pattern(num_layers, 1)
+        if m := _UNIFORM.match(spec):
+            return uniform_pattern(num_layers, int(m.group(2)), int(m.group(3) or 2))
+        if m := _EVERY.match(spec):
+            return uniform_pattern(num_layers, int(m.group(1)), 1)
+        if spec.startswith("preset:") or spec.endswith(".json") or spec in list_presets():
+            p = load_preset(spec.removeprefix("preset:"), key="preset")
+            if architecture is not None and p.architecture != architecture:
+                raise ValueError(f"preset {p.name} is made for {p.architecture}, the model is {architecture}")
+            return parse_pattern(p.pattern, num_layers, "preset", p.architecture)
+    except ValueError as e:
+        if str(e).startswith(f"{key}={spec!r}"):
+            raise
+        raise ValueError(f"{key}={spec!r}: {e}") from None
+    hint = "; 1/K means every:K, write freq:K for vLLM's rule" if "/" in spec else ""
+    raise ValueError(f"{key}={spec!r}: not a pattern spec; expected {SPEC_FORMS}{hint}")
+
+
+def describe_spec(spec: str, pattern: str) -> str:
+    """One line naming what a spec resolved to, e.g. ``spec 'freq:4' -> FFSSSFSSSFSS (4 F / 12 indexer layers)``."""
+    return f"spec {spec!r} -> {pattern} ({pattern.count('F')} F / {len(pattern)} indexer layers)"
+
+
+# ----------------------------------------------------------------------------------------------------------- presets
+class Preset(BaseModel):
+    """A named IndexCache pattern for one model, stored as JSON in ``configs/``.
+
+    Fields: ``name``; ``architecture`` (HF architecture string, e.g. ``GlmMoeDsaForCausalLM``); ``num_layers``
+    (the number of *indexer layers* of that model, i.e. the pattern length: for DeepSeek-V3.2 and GLM-5 every
+    backbone DSA layer, MTP excluded); ``pattern`` (explicit F/S string); ``retention`` (nominal fraction of F layers,
+    e.g. ``"1/4"``); ``source`` (where the pattern comes from: paper App. B, a model config, a search command...);
+    for uniform presets, ``index_topk_freq`` and ``index_skip_topk_offset`` (the pattern must equal
+    :func:`uniform_pattern` of them).
+
+    Raises:
+        pydantic.ValidationError: on construction, for an invalid pattern, a length != ``num_layers``, a malformed
+        ``retention``, or a pattern that does not match the given freq/offset.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    architecture: str
+    num_layers: int = Field(ge=1, strict=True)
+    pattern: str
+    retention: str = Field(pattern=r"^\d+/\d+$")
+    source: str
+    index_topk_freq: int | None = Field(default=None, ge=1, strict=True)
+    index_skip_topk_offset: int | None = Field(default=None, ge=1, strict=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> Preset:
+        parse_pattern(self.pattern, self.num_layers, "pattern", self.architecture)
+        if self.index_topk_freq is None and self.index_skip_topk_offset is not None:
+            raise ValueError("index_skip_topk_offset is set without index_topk_freq")
+        if self.index_topk_freq is not None:
+            offset = 2 if self.index_skip_topk_offset is None else self.index_skip_topk_offset
+            if uniform_pattern(self.num_layers, self.index_topk_freq, offset) != self.pattern:
+                raise ValueError(f"pattern does not match index_topk_freq={self.index_topk_freq}, "
+                                 f"index_skip_topk_offset={offset}")
+        return self
+
+    @property
+    def f_layers(self) -> list[int]:
+        """0-based indexer-layer ordinals of the F layers."""
+        return f_layers(self.pattern)
+
+
+def presets_dir() -> Path:
+    """Directory holding the preset JSON files: the package data ``vllm_indexcache/configs`` (read with
+    ``importlib.resources``; in a checkout it is a link to the repository's ``configs/``, the source of truth, and a
+    wheel carries copies of those files)."""
+    from importlib.resources import files
+
+    return Path(str(files("vllm_indexcache") / "configs"))
+
+
+def list_presets() -> list[str]:
+    """Sorted names (file stems) of the presets in :func:`presets_dir`."""
+    return sorted(p.stem for p in presets_dir().glob("*.json"))
+
+
+def load_preset(name_or_path: str | Path, key: str = "index_cache_preset") -> Preset:
+    """Load a preset by name (a file in :func:`presets_dir`, with or without ``.json``) or by path to a JSON file.
+
+    A value containing a path separator is taken as a path; anything else as a preset name.
+
+    Raises:
+        ValueError (one line, naming ``key`` and the value): unknown preset (the available ones are listed), missing
+        or unreadable file, invalid JSON, or content that is not a valid :class:`Preset`.
+    """
+    text = str(name_or_path)
+    if "/" in text or "\\" in text:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ValueError(f"{key}={text!r}: no such file")
+    else:
+        path = presets_dir() / (text if text.endswith(".json") else text + ".json")
+        if not path.is_file():
+            raise ValueError(f"{key}={text!r}: unknown preset; available: {', '.join(list_presets()) or 'none'} "
+                             "(or give a path to a preset .json file)")
+    try:
+        return Preset.model_validate(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{key}={text!r}: cannot read {path}: {e}") from None
+    except ValidationError as e:
+        raise ValueError(f"{key}={text!r}: invalid preset file {path}: {one_line(e)}") from None
+
+
+def one_line(error: ValidationError) -> str:
+    """Pydantic's multi-line error as one line: ``field=value: message`` per error, joined by ``; ``."""
+    parts = []
+    for err in error.errors(include_url=False):
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "value_error":  # raised by our validators: the message already names key and value
+            parts.append(re.sub(r"^Value error, ", "", err["msg"]))
+        else:
+            parts.append(f"{loc}={err['input']!r}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts).replace("\n", " ")
