@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -145,6 +146,20 @@ def resolve_spec(spec: str, num_layers: int, key: str = "pattern", architecture:
         raise ValueError(f"{key}={spec!r}: {e}") from None
     hint = "; 1/K means every:K, write freq:K for vLLM's rule" if "/" in spec else ""
     raise ValueError(f"{key}={spec!r}: not a pattern spec; expected {SPEC_FORMS}{hint}")
+
+
+def resolve_for_model(spec: str, config: Any, key: str = "pattern") -> str:
+    """:func:`resolve_spec` for the model of ``config`` (``config.json`` dict or ``PretrainedConfig``): the pattern
+    length is its family's indexer-layer count and a preset must be made for its architecture.
+
+    Raises:
+        ValueError: one line: see :func:`resolve_spec`; a config of no known DSA family
+            (:class:`~vllm_indexcache.families.FamilyError`).
+    """
+    from vllm_indexcache.families import architecture_of, family_for
+
+    return resolve_spec(spec, family_for(config).num_indexer_layers(config), key=key,
+                        architecture=architecture_of(config))
 
 
 def describe_spec(spec: str, pattern: str) -> str:

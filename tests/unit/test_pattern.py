@@ -68,3 +68,23 @@ def test_pure_rules_import_without_torch():
     code = "import sys, vllm_indexcache.pattern, vllm_indexcache.families; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_resolve_for_model_asks_the_family():
+    """The length comes from the config's family; a preset for another architecture and an unknown family are one-line
+    errors; ``eval --pattern`` takes the same specs."""
+    import argparse
+
+    from vllm_indexcache.pattern import resolve_for_model
+    from vllm_indexcache.tools.training import evaluate
+
+    config = {"architectures": ["GlmMoeDsaForCausalLM"], "num_hidden_layers": 6, "index_topk": 8}
+    assert resolve_for_model("every:2", config) == "FSFSFS"
+    with pytest.raises(ValueError, match=r"^--pattern='freq:x'") as e:
+        resolve_for_model("freq:x", config, key="--pattern")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        resolve_for_model("all-F", {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2})
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    assert "SPEC" in parser.format_help() and "every:K" in parser.format_help()

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from vllm_indexcache.config import KEYS, IndexCacheError, pattern_source, resolve_hf_config, summary
 from vllm_indexcache.config_keys import check_model_keys
-from vllm_indexcache.families import architecture_of, family_for
-from vllm_indexcache.pattern import SPEC_FORMS, describe_spec, f_layers, list_presets, resolve_spec
+from vllm_indexcache.pattern import SPEC_FORMS, describe_spec, f_layers, list_presets, resolve_for_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,8 +68,7 @@ def _resolve_spec(spec: str, config: dict) -> str:
     if config.get("index_topk") is None:
         return spec          # resolve_hf_config refuses IndexCache keys on a model without indexer
     try:
-        n = family_for(config).num_indexer_layers(config)
-        return resolve_spec(spec, n, key="index_topk_pattern", architecture=architecture_of(config))
+        return resolve_for_model(spec, config, key="index_topk_pattern")
     except ValueError as e:   # FamilyError included
         raise IndexCacheError(str(e)) from None
 

@@ -72,14 +72,11 @@ def default_pattern(model: str) -> str:
 def pattern_of(model: str, spec: str | None) -> str:
     """``--pattern SPEC`` (:mod:`vllm_indexcache.pattern`) for ``model``, printed in full; None:
     :func:`default_pattern`."""
-    from vllm_indexcache.families import family_for
-    from vllm_indexcache.pattern import describe_spec, resolve_spec
+    from vllm_indexcache.pattern import describe_spec, resolve_for_model
 
     if spec is None:
         return default_pattern(model)
-    config = json.loads((Path(model) / "config.json").read_text())
-    pattern = resolve_spec(spec, family_for(config).num_indexer_layers(config), key="--pattern",
-                           architecture=(config.get("architectures") or [None])[0])
+    pattern = resolve_for_model(spec, json.loads((Path(model) / "config.json").read_text()), key="--pattern")
     print(describe_spec(spec, pattern), flush=True)
     return pattern
 

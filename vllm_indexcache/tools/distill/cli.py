@@ -75,11 +75,9 @@ def main(args: argparse.Namespace) -> int:
     if not args.pattern:
         raise SystemExit("distill: --pattern is required (or --compare)")
     src_cfg = json.loads((Path(args.model) / "config.json").read_text())
-    from vllm_indexcache.families import family_for
-    from vllm_indexcache.pattern import describe_spec, resolve_spec
+    from vllm_indexcache.pattern import describe_spec, resolve_for_model
 
-    pattern = resolve_spec(args.pattern, family_for(src_cfg).num_indexer_layers(src_cfg), key="--pattern",
-                           architecture=src_cfg["architectures"][0])
+    pattern = resolve_for_model(args.pattern, src_cfg, key="--pattern")
     print(describe_spec(args.pattern, pattern), flush=True)
     model = load_reference(args.model, pattern=pattern, dtype=torch.float32)
     get_batch = make_batches(args.data, model.config.vocab_size, args.context, args.batch_size, args.seed,

@@ -1,4 +1,4 @@
-"""``vllm-indexcache eval MODEL --data DIR [--pattern FFSS…] [--dense]``: held-out LM loss and retrieval accuracy.
+"""``vllm-indexcache eval MODEL --data DIR [--pattern SPEC] [--dense]``: held-out LM loss and retrieval accuracy.
 
 * LM loss: mean next-token cross-entropy (nats/token) on disjoint windows of ``context`` tokens of the held-out
   split (``heldout.u16``), at each context length (default 1024/2048/4096); at most ``max_tokens`` per context.
@@ -151,7 +151,9 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, pattern: str | None
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory (e.g. examples/models/tiny-dsa)")
     parser.add_argument("--data", required=True, help="data directory from scripts/prepare_tiny_dsa_data.py")
-    parser.add_argument("--pattern", help="IndexCache pattern, one F/S per layer (default all F)")
+    parser.add_argument("--pattern", metavar="SPEC", help="IndexCache pattern spec (vllm_indexcache.pattern: FSFS..., "
+                        "all-F, freq:K[:O], every:K, preset:NAME), resolved for the model's indexer layers; "
+                        "default all F")
     parser.add_argument("--dense", action="store_true", help="dense attention (indexer selects every key)")
     parser.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)))
     parser.add_argument("--depths", default=",".join(f"{d:g}" for d in DEFAULT_DEPTHS))
@@ -166,7 +168,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    res = evaluate(args.model, args.data, pattern=args.pattern, dense=args.dense,
+    pattern = None
+    if args.pattern is not None:
+        from vllm_indexcache.pattern import describe_spec, resolve_for_model
+
+        pattern = resolve_for_model(args.pattern, json.loads((Path(args.model) / "config.json").read_text()),
+                                    key="--pattern")
+        print(describe_spec(args.pattern, pattern), flush=True)
+    res = evaluate(args.model, args.data, pattern=pattern, dense=args.dense,
                    contexts=[int(c) for c in args.contexts.split(",")],
                    depths=[float(d) for d in args.depths.split(",")], max_tokens=args.max_tokens,
                    examples=args.examples, needles=args.needles, batch_size=args.batch_size, device=args.device,
