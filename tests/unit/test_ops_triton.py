@@ -198,3 +198,37 @@ def test_sparse_mla_shrinks_a_tile_that_does_not_fit(monkeypatch, caplog):
     assert small.refused == [(32, 32)] and small.ran[-1] == (32, 16)
     with pytest.raises(triton.runtime.errors.OutOfResources):
         tri_mla.sparse_mla(ql, qp, kv, slots, scale, block_n=64, block_k=64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_indexer_v32_geometry(dtype):
+    """The indexer's prefill and decode scores kernels at DeepSeek-V3.2's indexer geometry (64 heads × 128) with
+    their default tiles (prefill 64 rows × 128 keys; decode 64 heads × 128 keys), per dtype, and their top-k."""
+    g = torch.Generator().manual_seed(6)
+    H, D, S, T, topk, bs = 64, 128, 200, 70, 32, 64
+    q = torch.randn(T, H, D, generator=g).to(dtype).to(DEV)
+    k = torch.randn(S, D, generator=g).to(dtype).to(DEV)
+    w = (torch.randn(T, H, generator=g) * H ** -0.5).to(DEV)
+    pos = torch.arange(S - T, S, device=DEV)
+    pos[0] = 5
+    ref_scores = indexer_scores_naive(q.cpu().double(), k.cpu().double(), w.cpu().double(), pos.cpu()).float()
+    got_scores = tri_idx.indexer_scores(q, k, w, pos).cpu()
+    fin = torch.isfinite(ref_scores)
+    assert torch.equal(fin, torch.isfinite(got_scores))
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got_scores[fin], ref_scores[fin], rtol=tol, atol=tol)
+    ref = indexer_topk_naive(q.cpu().float(), k.cpu().float(), w.cpu(), pos.cpu(), topk)
+    _check_topk(tri_idx.indexer_topk(q, k, w, pos, topk).cpu(), got_scores, pos.cpu(), topk, ref)
+    # decode: the last 3 rows as one-token requests over the same keys in a paged cache (pages in reverse order)
+    nb = -(-S // bs)
+    cache = torch.zeros(nb, bs, D, dtype=dtype, device=DEV)
+    table = torch.arange(nb - 1, -1, -1, dtype=torch.int32, device=DEV)
+    for p in range(S):
+        cache[table[p // bs], p % bs] = k[p]
+    rows = [T - 3, T - 2, T - 1]
+    sl = pos[rows] + 1
+    got = tri_idx.indexer_scores_decode(q[rows], cache, w[rows], table.expand(3, nb), sl, bs, max_len=nb * bs).cpu()
+    for i, r in enumerate(rows):
+        n = int(sl[i])
+        torch.testing.assert_close(got[i, :n], got_scores[r, :n], rtol=tol, atol=tol)
+        assert torch.isinf(got[i, n:]).all()
