@@ -97,7 +97,7 @@ def worker(model: str, pattern: str, num_spec: int, max_tokens: int, out_json: s
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
     info = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "generate_s": time.perf_counter() - t0,
-            "device": torch.cuda.get_device_name(0)}
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
     try:
         info["indexer_layers"] = llm.collective_rpc(_indexer_layers)
     except Exception as e:  # noqa: BLE001
