@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tritonkit import DEV  # sets TRITON_INTERPRET (no GPU) before vllm_indexcache imports Triton
+from tritonkit import DEV, triton  # sets TRITON_INTERPRET (no GPU) before vllm_indexcache imports Triton
 
 from vllm_indexcache.ops.indexer import triton as tri_idx
 from vllm_indexcache.ops.indexer.naive import indexer_scores_naive, indexer_topk_naive
@@ -102,3 +102,133 @@ def test_sparse_mla_matches_naive(dtype, splits):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
     assert torch.count_nonzero(got[2]) == 0
+
+
+# DeepSeek-V3.2's MLA geometry (latent 512 + rope 64): the tile shapes the fallback gets from vLLM, in every dtype the
+# engine can run (the search scorer runs float32: DEFAULT_CONFIG's 64 × 64 tile needs 312,320 B of shared memory
+# there, over Hopper's 232,448; issue 34).
+V32_L, V32_R = 512, 64
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _v32_inputs(dtype, T, N=5, K=40, slots_total=200, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ql = torch.randn(T, N, V32_L, generator=g).to(dtype).to(DEV)
+    qp = torch.randn(T, N, V32_R, generator=g).to(dtype).to(DEV)
+    kv = torch.randn(slots_total, V32_L + V32_R, generator=g).to(dtype).to(DEV)
+    slots = torch.randint(0, slots_total, (T, K), generator=g).to(DEV)
+    slots[0, ::4] = -1
+    return ql, qp, kv, slots, (V32_L + V32_R) ** -0.5
+
+
+def _check_v32(got, ql, qp, kv, slots, scale):
+    ref = sparse_mla_naive(ql.cpu().double(), qp.cpu().double(), kv.cpu().double(), slots.cpu(), scale)
+    assert got.dtype == ql.dtype and got.shape == ref.shape
+    tol = 1e-4 if ql.dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.cpu().double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("T", [tri_mla.SMALL_BATCH_TOKENS, tri_mla.SMALL_BATCH_TOKENS + 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_mla_v32_geometry_default_tiles(dtype, T, monkeypatch):
+    """The default launch (no options) at V3.2 geometry, per dtype: right result; on a Hopper GPU the tile chosen
+    by :func:`launch_config` compiles as it is (no shrinking recorded)."""
+    monkeypatch.setattr(tri_mla, "_FITTED", {})
+    ql, qp, kv, slots, scale = _v32_inputs(dtype, T)
+    _check_v32(tri_mla.sparse_mla(ql, qp, kv, slots, scale), ql, qp, kv, slots, scale)
+    expected = tri_mla.SMALL_BATCH_CONFIG if T <= tri_mla.SMALL_BATCH_TOKENS else (
+        tri_mla.FP32_CONFIG if dtype == torch.float32 else tri_mla.DEFAULT_CONFIG)
+    assert tri_mla.launch_config(T, ql.element_size()) == expected
+    if DEV == "cuda" and torch.cuda.get_device_capability()[0] == 9:
+        assert tri_mla._FITTED == {}
+
+
+@pytest.mark.parametrize("name", ["DEFAULT_CONFIG", "FP32_CONFIG", "SMALL_BATCH_CONFIG"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_mla_v32_geometry_every_tile(dtype, name):
+    """Each configured tile shape (heads × slots) at each dtype, given explicitly, split-K included (3 splits)."""
+    cfg = getattr(tri_mla, name)
+    if DEV == "cuda" and name == "DEFAULT_CONFIG" and dtype == torch.float32:
+        pytest.skip("the bf16 tile does not fit a GPU's shared memory in fp32 (FP32_CONFIG is used instead)")
+    ql, qp, kv, slots, scale = _v32_inputs(dtype, 6, K=3 * cfg["block_k"], seed=4)
+    for splits in (1, 3):
+        got = tri_mla.sparse_mla(ql, qp, kv, slots, scale, splits=splits, **cfg)
+        _check_v32(got, ql, qp, kv, slots, scale)
+
+
+def test_smaller_config_sequence():
+    seq, cfg = [], dict(tri_mla.DEFAULT_CONFIG)
+    while cfg is not None:
+        seq.append((cfg["block_n"], cfg["block_k"], cfg["num_stages"]))
+        cfg = tri_mla.smaller_config(cfg)
+    assert seq == [(64, 64, 3), (64, 32, 3), (32, 32, 3), (32, 16, 3), (16, 16, 3), (16, 16, 1)]
+
+
+class _SmallGPU:
+    """Stands in for ``_sparse_mla_kernel`` on a GPU with less shared memory: a launch whose
+    ``BLOCK_N + BLOCK_K`` exceeds ``limit`` raises Triton's ``OutOfResources`` (as at compile time, before running);
+    others run the real kernel."""
+
+    def __init__(self, kernel, limit):
+        self.kernel, self.limit, self.refused, self.ran = kernel, limit, [], []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            tile = (kw["BLOCK_N"], kw["BLOCK_K"])
+            if sum(tile) > self.limit:
+                self.refused.append(tile)
+                raise triton.runtime.errors.OutOfResources(sum(tile), self.limit, "shared memory")
+            self.ran.append(tile)
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+def test_sparse_mla_shrinks_a_tile_that_does_not_fit(monkeypatch, caplog):
+    """Default options on a GPU where the tile does not fit: halved until it compiles (logged), the result still
+    right, and the next call starts from the tile that fitted. Explicit options are not changed: the error stands."""
+    small = _SmallGPU(tri_mla._sparse_mla_kernel, limit=48)
+    monkeypatch.setattr(tri_mla, "_sparse_mla_kernel", small)
+    monkeypatch.setattr(tri_mla, "_FITTED", {})
+    ql, qp, kv, slots, scale = _v32_inputs(torch.float32, 6, seed=5)
+    with caplog.at_level("WARNING", logger=tri_mla.__name__):
+        _check_v32(tri_mla.sparse_mla(ql, qp, kv, slots, scale), ql, qp, kv, slots, scale)
+    assert small.refused == [(32, 32)] and small.ran[-1] == (32, 16)
+    assert "does not fit" in caplog.text
+    tri_mla.sparse_mla(ql, qp, kv, slots, scale)
+    assert small.refused == [(32, 32)] and small.ran[-1] == (32, 16)
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        tri_mla.sparse_mla(ql, qp, kv, slots, scale, block_n=64, block_k=64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_indexer_v32_geometry(dtype):
+    """The indexer's prefill and decode scores kernels at DeepSeek-V3.2's indexer geometry (64 heads × 128) with
+    their default tiles (prefill 64 rows × 128 keys; decode 64 heads × 128 keys), per dtype, and their top-k."""
+    g = torch.Generator().manual_seed(6)
+    H, D, S, T, topk, bs = 64, 128, 200, 70, 32, 64
+    q = torch.randn(T, H, D, generator=g).to(dtype).to(DEV)
+    k = torch.randn(S, D, generator=g).to(dtype).to(DEV)
+    w = (torch.randn(T, H, generator=g) * H ** -0.5).to(DEV)
+    pos = torch.arange(S - T, S, device=DEV)
+    pos[0] = 5
+    ref_scores = indexer_scores_naive(q.cpu().double(), k.cpu().double(), w.cpu().double(), pos.cpu()).float()
+    got_scores = tri_idx.indexer_scores(q, k, w, pos).cpu()
+    fin = torch.isfinite(ref_scores)
+    assert torch.equal(fin, torch.isfinite(got_scores))
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got_scores[fin], ref_scores[fin], rtol=tol, atol=tol)
+    ref = indexer_topk_naive(q.cpu().float(), k.cpu().float(), w.cpu(), pos.cpu(), topk)
+    _check_topk(tri_idx.indexer_topk(q, k, w, pos, topk).cpu(), got_scores, pos.cpu(), topk, ref)
+    # decode: the last 3 rows as one-token requests over the same keys in a paged cache (pages in reverse order)
+    nb = -(-S // bs)
+    cache = torch.zeros(nb, bs, D, dtype=dtype, device=DEV)
+    table = torch.arange(nb - 1, -1, -1, dtype=torch.int32, device=DEV)
+    for p in range(S):
+        cache[table[p // bs], p % bs] = k[p]
+    rows = [T - 3, T - 2, T - 1]
+    sl = pos[rows] + 1
+    got = tri_idx.indexer_scores_decode(q[rows], cache, w[rows], table.expand(3, nb), sl, bs, max_len=nb * bs).cpu()
+    for i, r in enumerate(rows):
+        n = int(sl[i])
+        torch.testing.assert_close(got[i, :n], got_scores[r, :n], rtol=tol, atol=tol)
+        assert torch.isinf(got[i, n:]).all()

@@ -14,15 +14,28 @@ the slot list is split across ``splits`` programs (split-K, FlashDecoding style)
 partial output and log2-sum-exp, and a second kernel combines them. A token without valid slots gets zeros, as
 the reference. Tile defaults (:data:`DEFAULT_CONFIG`; :data:`SMALL_BATCH_CONFIG` for at most
 :data:`SMALL_BATCH_TOKENS` tokens) are the fastest of ``scripts/profile_triton_h200.py`` on an H200
-(docs/log/benchmarks-2026-11-to-12.md §8).
+(docs/log/benchmarks-2026-11-to-12.md §8), for bf16/fp16.
+
+**Shared memory.** The program keeps its ``[BLOCK_N, L + R]`` queries and a ``[BLOCK_K, L + R]`` tile of gathered
+cache rows in shared memory (the two operands of the tensor-core product), so it needs about
+``(BLOCK_N + BLOCK_K) · (L + R) · bytes`` — num_stages changes little. At DeepSeek-V3.2's ``L + R = 576`` the bf16
+default needs 147,968 B, but fp32 inputs (the search scorer runs the model in float32) need 312,320 B, over the
+232,448 B a Hopper GPU (H100, H200) gives one program (Triton 3.9 for sm_90; the error seen on an H100 with
+Triton 3.6: ``OutOfResources: shared memory, Required: 312320, Hardware limit: 232448``). 4-byte inputs (queries
+or cache) therefore use :data:`FP32_CONFIG` (151,808 B there). On GPUs with less shared memory per program (e.g.
+Ada's 99 KB) a tile that does not compile is halved (:func:`smaller_config`) until it does, once per shape class,
+with a warning: the kernel runs wherever it fits rather than stopping the engine.
 Used by the CUDA Triton fallback of the INDEXCACHE backend (:mod:`vllm_indexcache.vllm_glue.cuda.sparse_mla`); the CPU
 backend uses :mod:`.cpu`.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..gpu import interpreting, num_sms
 from .naive import check_sparse_mla_inputs
@@ -33,7 +46,10 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-__all__ = ["sparse_mla", "DEFAULT_CONFIG", "SMALL_BATCH_CONFIG", "SMALL_BATCH_TOKENS"]
+__all__ = ["sparse_mla", "launch_config", "smaller_config", "DEFAULT_CONFIG", "FP32_CONFIG", "SMALL_BATCH_CONFIG",
+           "SMALL_BATCH_TOKENS"]
+
+logger = logging.getLogger(__name__)
 
 _LOG2E = 1.4426950408889634
 
@@ -43,6 +59,14 @@ DEFAULT_CONFIG = {"block_n": 64, "block_k": 64, "num_warps": 8, "num_stages": 3}
 #: give more programs to split over; 0.015 against 0.021 ms per layer at one token in the H200 profile).
 SMALL_BATCH_CONFIG = {"block_n": 16, "block_k": 32, "num_warps": 4, "num_stages": 2}
 SMALL_BATCH_TOKENS = 4
+#: The options for more than :data:`SMALL_BATCH_TOKENS` tokens when the queries or the cache hold 4-byte (fp32)
+#: elements: :data:`DEFAULT_CONFIG`'s 64 × 64 tile needs 312,320 B of shared memory there at ``L + R = 576``, this
+#: one 151,808 B (Triton 3.9, sm_90; the limit on Hopper is 232,448 B). The small-batch tile fits in fp32 as it is
+#: (112,832 B).
+FP32_CONFIG = {"block_n": 32, "block_k": 32, "num_warps": 8, "num_stages": 2}
+#: ``(device index, element bytes, base config)`` → the smaller config that compiled on this GPU, after
+#: :class:`~triton.runtime.errors.OutOfResources` for the base one.
+_FITTED: dict[tuple, dict] = {}
 
 
 @triton.jit
@@ -133,6 +157,27 @@ def _num_splits(programs: int, K: int, block_k: int, sms: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
+def launch_config(num_tokens: int, element_bytes: int) -> dict:
+    """The default tile and launch options of :func:`sparse_mla` for ``num_tokens`` query tokens whose queries or
+    cache hold ``element_bytes``-byte elements: :data:`SMALL_BATCH_CONFIG` for at most :data:`SMALL_BATCH_TOKENS`
+    tokens, else :data:`FP32_CONFIG` for 4-byte elements and :data:`DEFAULT_CONFIG` otherwise (a copy)."""
+    if num_tokens <= SMALL_BATCH_TOKENS:
+        return dict(SMALL_BATCH_CONFIG)
+    return dict(FP32_CONFIG if element_bytes >= 4 else DEFAULT_CONFIG)
+
+
+def smaller_config(cfg: dict) -> dict | None:
+    """The next tile to try when ``cfg`` needs more shared memory than the GPU has: the larger of ``block_k`` /
+    ``block_n`` halved (``block_k`` first on a tie; shared memory grows with ``block_n + block_k``), down to 16
+    each, then one pipeline stage; ``None`` when nothing is left to shrink."""
+    bn, bk = cfg["block_n"], cfg["block_k"]
+    if max(bn, bk) > 16:
+        return {**cfg, "block_k": bk // 2} if bk >= bn else {**cfg, "block_n": bn // 2}
+    if cfg["num_stages"] > 1:
+        return {**cfg, "num_stages": 1}
+    return None
+
+
 def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor,
                softmax_scale: float, block_n: int | None = None, block_k: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None,
@@ -147,8 +192,9 @@ def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
         slots: ``[T, K]`` integer global slot ids, ``-1`` = none.
         softmax_scale: multiplies the logits.
         block_n, block_k, num_warps, num_stages: tile of heads × slots per program and Triton launch options;
-            ``None`` = the defaults of :data:`DEFAULT_CONFIG` (:data:`SMALL_BATCH_CONFIG` for
-            ``T <= SMALL_BATCH_TOKENS``).
+            ``None`` = those of :func:`launch_config` (by token count and element size). With all four left
+            ``None``, a tile that needs more shared memory than the GPU has is shrunk (:func:`smaller_config`,
+            logged once per GPU and shape class); an explicit option is used as given.
         splits: programs per (token, head block) along the K slots (split-K, combined by log-sum-exp in a second
             kernel); ``None`` = chosen from the shapes so that small batches (decode) fill the GPU. Depends only
             on shapes, so the call stays capturable in a CUDA graph.
@@ -158,17 +204,11 @@ def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
 
     Raises:
         ValueError: from :func:`~vllm_indexcache.ops.sparse_mla.naive.check_sparse_mla_inputs` on bad shapes.
+        triton.runtime.errors.OutOfResources: an explicitly given tile does not fit the GPU, or not even 16 × 16
+            with one stage does.
     """
     check_sparse_mla_inputs(q_latent, q_pe, kv_cache, slots)
     T, N, L = q_latent.shape
-    R = q_pe.shape[2]
-    K = slots.shape[1]
-    cfg = dict(SMALL_BATCH_CONFIG if T <= SMALL_BATCH_TOKENS else DEFAULT_CONFIG)
-    for key, val in (("block_n", block_n), ("block_k", block_k), ("num_warps", num_warps),
-                     ("num_stages", num_stages)):
-        if val is not None:
-            cfg[key] = val
-    bn, bk = cfg["block_n"], cfg["block_k"]
     ql = q_latent.contiguous()
     qp = q_pe.to(ql.dtype).contiguous()
     kv = kv_cache if kv_cache.stride(1) == 1 else kv_cache.contiguous()
@@ -176,6 +216,34 @@ def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     out = torch.empty((T, N, L), dtype=ql.dtype, device=ql.device)
     if T == 0:
         return out
+    element_bytes = max(ql.element_size(), kv.element_size())
+    base = launch_config(T, element_bytes)
+    given = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps, "num_stages": num_stages}
+    cfg = {**base, **{k: v for k, v in given.items() if v is not None}}
+    if any(v is not None for v in given.values()):
+        _launch(ql, qp, kv, sl, out, softmax_scale, cfg, splits)
+        return out
+    key = (ql.device.index, element_bytes, tuple(sorted(base.items())))
+    cfg = _FITTED.get(key, cfg)
+    while True:
+        try:
+            _launch(ql, qp, kv, sl, out, softmax_scale, cfg, splits)
+            break
+        except OutOfResources as err:
+            smaller = smaller_config(cfg)
+            if smaller is None:
+                raise
+            logger.warning("sparse_mla: tile %s does not fit this GPU (%s); trying %s", cfg, err, smaller)
+            cfg = _FITTED[key] = smaller
+    return out
+
+
+def _launch(ql, qp, kv, sl, out, softmax_scale: float, cfg: dict, splits: int | None) -> None:
+    """One launch of the sparse MLA kernel (and of the split-K combine) with tile/launch options ``cfg``."""
+    T, N, L = ql.shape
+    R = qp.shape[2]
+    K = sl.shape[1]
+    bn, bk = cfg["block_n"], cfg["block_k"]
     n_blocks = triton.cdiv(N, bn)
     if splits is None:
         splits = _num_splits(T * n_blocks, K, bk, num_sms(ql.device))
@@ -197,4 +265,3 @@ def sparse_mla(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     if splits > 1:
         _combine_kernel[(T, N)](part, lse, out, N, out.stride(0), out.stride(1), SPLITS=splits, L=L,
                                 BLOCK_L=block_l, BLOCK_SP=max(2, triton.next_power_of_2(splits)))
-    return out
