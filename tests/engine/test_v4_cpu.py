@@ -109,7 +109,13 @@ def compare(hf_dir, prompt, tokens, vllm_lp, bf16_weights=False):
     return (vllm_lp - ref).abs(), ref, steps
 
 
-def test_v4_all_f_matches_transformers(toy_v4):
+@pytest.mark.parametrize("torch_ops", [False, True], ids=["vllm-C-ops", "torch-ops"])
+def test_v4_all_f_matches_transformers(toy_v4, torch_ops, monkeypatch):
+    """``torch_ops``: the plugin's torch versions of the V4 CPU ops it has (``vllm_glue/cpu/deepseek_v4/ops.py``)
+    replace vLLM's C++ ones, as on a CPU without AVX512-BF16."""
+    from vllm_indexcache.vllm_glue.cpu.deepseek_v4.ops import FORCE_ENV
+
+    monkeypatch.setenv(FORCE_ENV, "1" if torch_ops else "0")
     hf_dir, ds_dir = toy_v4
     prompts = _prompts()
     results = run_vllm(ds_dir, prompts)

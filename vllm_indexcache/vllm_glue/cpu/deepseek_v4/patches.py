@@ -7,6 +7,7 @@
 * ``DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler`` (``models/deepseek_v4/cpu/cpu_mla.py``) returns
   only the swaonly/c4a/c128a keys, while ``DeepseekSparseSWAMetadataBuilder.build`` (``sparse_swa.py``) also reads
   c1a/c2a (V4.1's layer types): ``KeyError: 'c1a'``. It now returns ``None`` for every layer type the base knows.
+* V4 CPU ops that ``vllm/_C`` lacks (every CPU without AVX512-BF16) → torch versions (:mod:`.ops`).
 """
 from __future__ import annotations
 
@@ -43,4 +44,7 @@ def install() -> None:
         return dict.fromkeys(layer_types)
 
     DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler = build_tile_scheduler
+    from vllm_indexcache.vllm_glue.cpu.deepseek_v4 import ops
+
+    ops.select()
     logger.info("IndexCache: DeepSeek-V4 on CPU: torch metadata for vLLM's Triton kernels, all tile-scheduler keys")
