@@ -37,7 +37,8 @@ O_PROJ_OPS = ("inverse_gptj_rope_o_proj_cpu", "bmm_cpu", "convert_weight_packed"
 
 #: V4 CPU ops of vllm/_C with no torch version here yet
 MISSING_TORCH_OPS = ("fused_indexer_q_rope_quant_cpu", "fp8_paged_mqa_logits_cpu", "fused_qnorm_rope_kv_insert_cpu",
-                     "flash_mla_with_kvcache_cpu", "save_partial_states_cpu")
+                     "flash_mla_with_kvcache_cpu", "save_partial_states_cpu", "compress_norm_rope_store_cpu",
+                     "compress_norm_rope_store_indexer_cpu")
 
 
 def forced() -> bool:
