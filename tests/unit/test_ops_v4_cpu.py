@@ -185,6 +185,29 @@ def test_topk_transform_512():
         assert set(c_pages[t].tolist()) == set(out_pages[t].tolist())
 
 
+# ---------------------------------------------------------------- compressor partial states
+
+
+@pytest.mark.parametrize("ratio,head", [(4, 1024), (128, 512), (4, 256)])
+def test_save_partial_states(ratio, head):
+    from vllm_indexcache.ops.compressor_state import cpu as state_cpu
+    from vllm_indexcache.ops.compressor_state import naive as state_naive
+
+    g = torch.Generator().manual_seed(ratio + head)
+    kv, score = torch.randn(37, 2 * head, generator=g).split([head, head], dim=-1)   # strided views, as in vLLM
+    ape = torch.randn(ratio, head, generator=g)
+    positions = torch.randint(0, 5000, (37,), generator=g)
+    slots = torch.randperm(64, generator=g)[:37].long()
+    slots[::5] = -1
+    block_size = 4 if ratio == 4 else 8
+    got, want, c_got = (torch.full((16, block_size, 2 * head), 7.0) for _ in range(3))
+    state_cpu.save_partial_states(kv, score, ape, positions, got, slots)
+    state_naive.save_partial_states_naive(kv, score, ape, positions, want, slots)
+    assert torch.equal(got, want) and (got != 7.0).any() and (got == 7.0).any()
+    _c_op("save_partial_states_cpu")(kv, score, ape, positions, c_got, slots)
+    assert torch.equal(c_got, got)
+
+
 # ---------------------------------------------------------------- selection (vllm_glue/cpu/deepseek_v4/ops.py)
 
 

@@ -29,6 +29,8 @@ TORCH_OPS = {
     "hc_post_fused_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.mhc.cpu:hc_post"),
     "hc_head_fused_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.mhc.cpu:hc_head"),
     "topk_transform_512_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.topk.cpu:topk_transform_512"),
+    "save_partial_states_cpu": ("vllm.models.deepseek_v4.cpu.cpu_compressor",
+                                "vllm_indexcache.ops.compressor_state.cpu:save_partial_states"),
 }
 
 #: The grouped output projection's ops, replaced together (the weight layout ``bmm_cpu`` reads is the one
@@ -37,7 +39,7 @@ O_PROJ_OPS = ("inverse_gptj_rope_o_proj_cpu", "bmm_cpu", "convert_weight_packed"
 
 #: V4 CPU ops of vllm/_C with no torch version here yet
 MISSING_TORCH_OPS = ("fused_indexer_q_rope_quant_cpu", "fp8_paged_mqa_logits_cpu", "fused_qnorm_rope_kv_insert_cpu",
-                     "flash_mla_with_kvcache_cpu", "save_partial_states_cpu", "compress_norm_rope_store_cpu",
+                     "flash_mla_with_kvcache_cpu", "compress_norm_rope_store_cpu",
                      "compress_norm_rope_store_indexer_cpu")
 
 
