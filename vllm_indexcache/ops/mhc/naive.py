@@ -33,7 +33,7 @@ def hc_pre_naive(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: t
         for _ in range(sinkhorn_iters - 1):
             comb = comb / (comb.sum(1, keepdim=True) + hc_eps)
             comb = comb / (comb.sum(0, keepdim=True) + hc_eps)
-        ys.append(sum(pre[i] * x[t, i].double() for i in range(hc)))
+        ys.append(torch.stack([pre[i] * x[t, i].double() for i in range(hc)]).sum(0))
         posts.append(post)
         combs.append(comb)
     return (torch.stack(ys).to(x.dtype), torch.stack(posts).float(), torch.stack(combs).float())
@@ -60,5 +60,5 @@ def hc_head_naive(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: 
     for t in range(num_tokens):
         m = _mixes(x[t], fn, rms_eps)
         pre = torch.sigmoid(m * scale[0] + base.double()) + hc_eps
-        ys.append(sum(pre[i] * x[t, i].double() for i in range(hc)))
+        ys.append(torch.stack([pre[i] * x[t, i].double() for i in range(hc)]).sum(0))
     return torch.stack(ys).to(x.dtype)
