@@ -14,7 +14,8 @@ Both scorers also answer the search's retrieval gate (:meth:`probe`).
 Engines:
 
 * :class:`HFScorer` (``--engine hf``) — the transformers reference (:mod:`vllm_indexcache.tools.reference`) with
-  ``ties="lower"`` (deterministic top-k), patterns switched in place with ``set_pattern``.
+  ``ties="lower"`` (deterministic top-k), patterns switched in place with ``set_pattern``; the search's calibration
+  passes reuse the current pattern's layer outputs (:mod:`.layer_cache`), so a flip at layer j runs layers ≥ j.
 * :class:`VLLMScorer` (``--engine vllm``) — vLLM with the INDEXCACHE plugin, prompt log-probabilities. The engine is
   built once with every layer F; a pattern is applied by setting each DSA layer's ``skip_topk`` (vLLM 0.32's own
   IndexCache switch, read at run time in ``MultiHeadLatentAttentionWrapper.forward``: with ``skip_topk`` the layer
@@ -80,6 +81,8 @@ class HFScorer(_WeightedScorer):
         dtype: parameter dtype name ("float32", "bfloat16").
         model: an already loaded reference model (switched in place) instead of loading ``model_dir``.
         options: :class:`.objectives.ObjectiveOptions` of the objective.
+        layer_cache: keep the layer outputs of the search's current pattern (:mod:`.layer_cache`; exact, costs
+            memory: two copies of every layer's output over the scored sequences).
 
     Raises:
         ObjectiveError: bad objective or options, or targets the calibration data cannot provide.
@@ -88,7 +91,7 @@ class HFScorer(_WeightedScorer):
     engine = "hf"
 
     def __init__(self, model_dir, seqs, objective: str = "lm-loss", device: str = "cpu", dtype: str = "float32",
-                 model=None, options: ObjectiveOptions | None = None):
+                 model=None, options: ObjectiveOptions | None = None, layer_cache: bool = True):
         import torch
 
         from vllm_indexcache.tools.reference import load_reference
@@ -104,25 +107,44 @@ class HFScorer(_WeightedScorer):
         self.num_layers = self.model.config.num_hidden_layers
         self.index_topk = int(self.model.config.index_topk)
         self.seqs = [torch.tensor([s], dtype=torch.long, device=self.device) for s in seqs]
+        self.cache = None
         self.reference = None
         if objective == "kl":
             self.reference = [self._logp("F" * self.num_layers, x) for x in self.seqs]
         self._build_targets(seqs, options)
+        if layer_cache:
+            from vllm_indexcache.tools.search.layer_cache import LayerInputCache
 
-    def _logp(self, pattern: str, x):
+            self.cache = LayerInputCache(self.model, self._logits)
+
+    def _logits(self, pattern: str, x):
         from vllm_indexcache.tools.reference import set_pattern
 
         set_pattern(self.model, pattern)
         with self.torch.no_grad():
-            logits = self.model(input_ids=x, use_cache=False).logits[0, :-1].float()
-        return self.torch.log_softmax(logits, dim=-1)
+            return self.model(input_ids=x, use_cache=False).logits[0]
+
+    def _logp(self, pattern: str, x, key=None):
+        """``[S − 1, vocab]`` float32 log-probs; ``key`` (index in the scored set) routes through the layer cache."""
+        if self.cache is None or key is None:
+            logits = self._logits(pattern, x)
+        else:
+            with self.torch.no_grad():
+                logits = self.cache.logits(pattern, key, x)
+        return self.torch.log_softmax(logits[:-1].float(), dim=-1)
+
+    def set_base(self, pattern: str) -> None:
+        """The search's current pattern (its one-flip neighbours are scored next; :mod:`.layer_cache`)."""
+        if self.cache is not None:
+            self.cache.set_base(pattern)
 
     def logprobs(self, pattern: str, seqs) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per sequence: float64 ``[len − 1]`` token log-probs and bool ``[len − 1]`` is-argmax, under ``pattern``."""
+        scored = self.targets is not None and seqs is self.targets.seqs   # the search's set: layer-cached
         out = []
-        for s in seqs:
+        for i, s in enumerate(seqs):
             x = self.torch.tensor([list(s)], dtype=self.torch.long, device=self.device)
-            logp = self._logp(pattern, x)
+            logp = self._logp(pattern, x, i if scored else None)
             tgt = x[0, 1:, None]
             out.append((logp.gather(1, tgt)[:, 0].double().cpu().numpy(),
                         (logp.argmax(-1) == tgt[:, 0]).cpu().numpy()))
@@ -130,15 +152,19 @@ class HFScorer(_WeightedScorer):
 
     def __call__(self, pattern: str) -> float:
         if self.objective != "kl":
-            return self._weighted(pattern)
-        torch = self.torch
-        total, count = 0.0, 0
-        for i, x in enumerate(self.seqs):
-            logp = self._logp(pattern, x)
-            ref = self.reference[i]
-            total += float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
-            count += x.shape[1] - 1
-        return total / count
+            loss = self._weighted(pattern)
+        else:
+            torch = self.torch
+            total, count = 0.0, 0
+            for i, x in enumerate(self.seqs):
+                logp = self._logp(pattern, x, i)
+                ref = self.reference[i]
+                total += float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
+                count += x.shape[1] - 1
+            loss = total / count
+        if self.cache is not None:
+            self.cache.finish(pattern, loss)
+        return loss
 
     def close(self) -> None:
         pass
