@@ -24,7 +24,7 @@ from pathlib import Path
 
 from vllm_indexcache.tools.search import algorithm as alg
 from vllm_indexcache.tools.search.objectives import OBJECTIVES, ObjectiveOptions
-from vllm_indexcache.tools.search.scorers import ENGINES
+from vllm_indexcache.tools.search.scorers import ENGINES, PatternSwitchError
 from vllm_indexcache.tools.search.state import (
     STATE_VERSION,
     StateError,
@@ -443,7 +443,7 @@ def main(args: argparse.Namespace) -> int:
     ``--resume`` command, every finished evaluation is in the state)."""
     try:
         result = run(args)
-    except (StateError, ValueError) as e:
+    except (StateError, ValueError, PatternSwitchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

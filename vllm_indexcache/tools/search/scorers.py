@@ -41,6 +41,31 @@ from vllm_indexcache.vllm_glue import hooks
 ENGINES = ("hf", "vllm")
 
 
+class PatternSwitchError(RuntimeError):
+    """A pattern the vLLM workers did not apply (one line, naming the layers): every candidate would score alike."""
+
+
+def check_switched(pattern: str, applied: list, pipeline_parallel_size: int = 1) -> None:
+    """Check the local patterns :func:`vllm_indexcache.vllm_glue.hooks.apply_pattern` returned (one per worker,
+    ``"."`` for layers not on that worker) against ``pattern``: every layer must read back its F/S on each of the
+    ``len(applied) / pipeline_parallel_size`` workers that hold it (its tensor-parallel ranks).
+
+    Raises:
+        PatternSwitchError: a layer not switched on every worker that holds it (a vLLM whose attention has no
+            run-time switch, a worker that kept the old value, a layer no worker holds).
+    """
+    want = max(1, len(applied) // max(1, pipeline_parallel_size))
+    bad = []
+    for i, c in enumerate(pattern):
+        got = [(a[i] if isinstance(a, str) and len(a) == len(pattern) else ".") for a in applied]
+        if sum(g == c for g in got) != want or any(g not in (".", c) for g in got):
+            bad.append(i)
+    if bad:
+        raise PatternSwitchError(
+            f"pattern {pattern}: layers {bad} were not switched on every vLLM worker (applied: "
+            f"{', '.join(str(a) for a in applied)}); every candidate would score the same, so the search stops")
+
+
 class _WeightedScorer:
     """What both engines share: the weighted-NLL objectives and the probe, over the engine's :meth:`logprobs`."""
 
@@ -207,6 +232,7 @@ class VLLMScorer(_WeightedScorer):
         self.model_dir = model_dir
         self.objective = objective
         self.seqs = [list(map(int, s)) for s in seqs]
+        self.pipeline_parallel_size = pipeline_parallel_size
         kwargs = dict(attention_backend="indexcache", dtype=dtype, enforce_eager=True,
                       max_model_len=max(len(s) for s in self.seqs) + 8,
                       max_num_batched_tokens=max(2048, max(len(s) for s in self.seqs) + 8),
@@ -228,8 +254,14 @@ class VLLMScorer(_WeightedScorer):
         self._build_targets(self.seqs, options)
 
     def set_pattern(self, pattern: str) -> list[str]:
-        """Apply ``pattern`` on every worker (no reload); returns each worker's local pattern."""
+        """Apply ``pattern`` on every worker (no reload); returns each worker's local pattern.
+
+        Raises:
+            PatternSwitchError: a layer not switched on every worker that holds it (:func:`check_switched`).
+        """
+        self.pattern = None
         out = self.llm.apply_model(functools.partial(hooks.apply_pattern, pattern))
+        check_switched(pattern, out, self.pipeline_parallel_size)
         self.pattern = pattern
         return out
 
