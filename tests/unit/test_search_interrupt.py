@@ -78,12 +78,25 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(toy, tmp_p
     monkeypatch.setattr(cli, "run", lambda a: real_run(a, scorer_factory=_interrupting(3, [])))
     capsys.readouterr()
     assert cli.main(args) == 130
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading weights")]
     # the estimate, the time of one evaluation, then one line for the interruption (no traceback)
     assert len(err) == 3 and err[0].startswith("search: 5 DSA layers to 1 F") and "Traceback" not in "".join(err)
     want = shlex.join(argv + ["--resume"])
     assert err[2] == f"interrupted: finished evaluations are saved in {state_path(out)}; continue with: {want}"
     assert json.loads(state_path(out).read_text())["evaluations"] == 3
+
+
+def test_ctrl_c_before_anything_is_saved_says_so(toy, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "s.json"
+    monkeypatch.setattr("sys.argv", ["vllm-indexcache", "search", "M", "--out", str(out)])
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    assert cli.main(make_args(toy["model"], toy["data"], out)) == 130
+    assert capsys.readouterr().err == ("interrupted before the first evaluation finished (nothing saved); start again "
+                                       f"with: vllm-indexcache search M --out {out} --resume\n")
 
 
 def test_resume_command_keeps_the_typed_words_and_adds_resume_once():

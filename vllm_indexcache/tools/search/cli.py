@@ -447,8 +447,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: finished evaluations are saved in {state_path(args.out)}; continue with: "
-              f"{resume_command(args)}", file=sys.stderr)
+        spath = state_path(args.out)
+        if spath.exists():
+            print(f"interrupted: finished evaluations are saved in {spath}; continue with: {resume_command(args)}",
+                  file=sys.stderr)
+        else:
+            print(f"interrupted before the first evaluation finished (nothing saved); start again with: "
+                  f"{resume_command(args)}", file=sys.stderr)
         return 130
     print(json.dumps({"final_pattern": result["final_pattern"], "levels": {k: v["pattern"] for k, v in
                                                                           result["levels"].items()},
