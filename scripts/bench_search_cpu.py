@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Evaluations and wall time of the search, old against new, in one run on this machine: ``old`` = Algorithm 1 as
-written (``--method full``) with plain full forwards; ``new`` = the default (``--method lazy``, layer-input cache).
+written (``--method full``) with plain full forwards; ``new`` = the default (``--method full`` with the hf scorer's
+layer-input cache); ``lazy`` = ``--method lazy`` with the cache (a heuristic: compare its patterns).
 Prints, per variant, the evaluations done against Algorithm 1's count, decoder-layer forwards run, search wall time,
 the pattern at every retention level, and whether every level's pattern matches the old search's.
 
@@ -26,7 +27,7 @@ from vllm_indexcache.tools.search.cli import DEFAULT_OBJECTIVE, search
 from vllm_indexcache.tools.search.objectives import OBJECTIVES, ObjectiveOptions
 from vllm_indexcache.tools.search.scorers import HFScorer
 
-VARIANTS = {"old": ("full", False), "full+cache": ("full", True), "new": ("lazy", True)}
+VARIANTS = {"old": ("full", False), "new": ("full", True), "lazy": ("lazy", True)}
 
 
 class _Stop(Exception):
@@ -97,7 +98,7 @@ if __name__ == "__main__":
     p.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=OBJECTIVES, help="search objective")
     p.add_argument("--seq-len", type=int, default=2048, help="calibration window length")
     p.add_argument("--num-seqs", type=int, default=8, help="calibration windows")
-    p.add_argument("--variants", default="old,new", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="old,new,lazy", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--budget-s", type=float, default=0, help="stop a variant after the step past this (0: never)")
     a = p.parse_args()
     result = bench(a.model, a.data, retain=a.retain, objective=a.objective, seq_len=a.seq_len,

@@ -141,10 +141,10 @@ def test_the_estimate_names_algorithm_1s_count_and_the_time(toy, tmp_path):
     result = cli.search(toy["model"], toy["data"], tmp_path / "s.json", retain="1/8", objective="lm-loss",
                         seq_len=80, num_seqs=2, probe="none", progress=False, note=notes.append,
                         scorer_factory=lambda seqs: cached_factory(make_args(toy["model"], toy["data"], "x"), seqs))
-    assert notes[0] == ("search: 5 DSA layers to 1 F (1/8), method lazy: Algorithm 1 needs 11 evaluations (all-F "
-                        "included); lazy greedy skips those that cannot win")
+    assert notes[0] == ("search: 5 DSA layers to 1 F (1/8), method full: Algorithm 1 needs 11 evaluations "
+                        "(all-F included)")
     assert notes[1].startswith("search: one evaluation takes ") and notes[1].endswith(" for the 10 evaluations left")
-    assert result["algorithm1_evaluations"] == 11 and result["evaluations"] <= 11
+    assert result["algorithm1_evaluations"] == 11 == result["evaluations"]
 
 
 def test_help_shows_every_default():
@@ -156,7 +156,7 @@ def test_help_shows_every_default():
     for action in flags:
         assert fmt._expand_help(action).endswith(f"(default: {action.default})"), action.option_strings[0]
     text = " ".join(parser.format_help().split())
-    assert "(default: lazy)" in text and "(default: 1/4)" in text and "(default: retrieval)" in text
+    assert "(default: full)" in text and "(default: 1/4)" in text and "(default: retrieval)" in text
 
 
 def test_plot_names_its_quantity_and_uses_integer_steps(full_run, monkeypatch):

@@ -32,8 +32,9 @@ Methods (``method=``, the CLI's ``--method``):
   layer better than the top-k it reused before). The method checks it on every candidate it re-scores: a fresh
   increase below that candidate's earlier one is an observed failure, and the step then falls back to scoring all
   its remaining candidates (that step is exact). A failure on a candidate that is never re-scored cannot be seen;
-  there the two methods may differ (``tests/unit/test_search_fast.py`` builds such a case). Each step records the
-  layers it skipped and the observed failures (:class:`Step`).
+  there the two methods may differ (``tests/unit/test_search_fast.py`` builds such a case, and on the shipped
+  tiny-dsa with the LM loss they differ from step 5 on: ``docs/search.md``). Each step records the layers it skipped
+  and the observed failures (:class:`Step`). Hence ``"full"`` is the default.
 """
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ from fractions import Fraction
 
 #: Retention levels reported along the trajectory (those ≥ the requested retention are recorded).
 LEVELS = tuple(Fraction(1, 2 ** i) for i in range(1, 8))
-#: Search methods (see the module docstring): lazy greedy with a checked bound, or Algorithm 1 as written.
-METHODS = ("lazy", "full")
+#: Search methods (see the module docstring): Algorithm 1 as written (the CLI's default), or lazy greedy with a
+#: checked heuristic bound.
+METHODS = ("full", "lazy")
 #: Relative size of float rounding in a loss difference: a fresh increase below its earlier one by less than this
 #: (× max(1, |loss|)) is rounding, not an observed failure of the lazy bound.
 _ROUNDING = 1e-9

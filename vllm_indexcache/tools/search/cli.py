@@ -56,9 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what a flip costs (docs/search.md compares them)")
     parser.add_argument("--pp-blocks", type=int, default=1, help="pipeline blocks: first layer of each stays F, "
                         "one flip per block per step")
-    parser.add_argument("--method", choices=alg.METHODS, default="lazy",
-                        help="lazy: lazy greedy, re-scores only candidates that can still win under a checked "
-                        "bound (see the algorithm module); full: Algorithm 1 as written, N(N-1)/2 evaluations")
+    parser.add_argument("--method", choices=alg.METHODS, default="full",
+                        help="full: Algorithm 1 as written, N(N-1)/2 evaluations; lazy: lazy greedy, re-scores only "
+                        "candidates that can still win if a flip never gets cheaper as more layers are S (a heuristic "
+                        "that fails on tiny-dsa: docs/search.md)")
     parser.add_argument("--resume", action="store_true", help="continue from PATH.state.json")
     parser.add_argument("--seq-len", type=int, default=2048, help="calibration window length (tokens)")
     parser.add_argument("--num-seqs", type=int, default=8, help="calibration windows")
@@ -211,7 +212,7 @@ def search(model, data, out, *, retain: str = "1/4", engine: str = "hf", objecti
            options: ObjectiveOptions | None = None, pp_blocks: int = 1, resume: bool = False, seq_len: int = 2048,
            num_seqs: int = 8, start: int = 0, scorer_factory=None, probe: str = "retrieval", probe_docs: int = 20,
            probe_seed: int = 7, gate_margin: float = 0.05, progress: bool = True, on_step=None,
-           engine_options: dict | None = None, method: str = "lazy", note=None) -> dict:
+           engine_options: dict | None = None, method: str = "full", note=None) -> dict:
     """Greedy IndexCache layer search (Algorithm 1) of ``model`` on calibration ``data``; writes ``out`` (JSON),
     its PNG and ``out.state.json``, and returns the result dict.
 
@@ -229,7 +230,7 @@ def search(model, data, out, *, retain: str = "1/4", engine: str = "hf", objecti
             keys of :data:`ENGINE_OPTIONS`).
         probe, probe_docs, probe_seed, gate_margin: the retrieval gate (:func:`run_gate`; ``probe="none"`` skips).
         on_step: called with each committed :class:`.algorithm.Step` after its state is written.
-        method: ``"lazy"`` or ``"full"`` (:mod:`.algorithm`).
+        method: ``"full"`` (Algorithm 1 as written) or ``"lazy"`` (heuristic; :mod:`.algorithm`).
         note: one-line messages (evaluation count and time estimate); default: stderr.
 
     Every fresh evaluation is written to the state's ``pending`` scores at once (atomically); a resumed search takes
@@ -381,7 +382,7 @@ def run(args, scorer_factory=None, on_step=None) -> dict:
                   scorer_factory=factory, probe=getattr(args, "probe", "none"),
                   probe_docs=getattr(args, "probe_docs", 20), probe_seed=getattr(args, "probe_seed", 7),
                   gate_margin=getattr(args, "gate_margin", 0.05), progress=not args.no_progress, on_step=on_step,
-                  engine_options=engine_options, method=getattr(args, "method", "lazy"))
+                  engine_options=engine_options, method=getattr(args, "method", "full"))
 
 
 def scorer_seq_short(result: dict, seqs) -> bool:
