@@ -1,5 +1,6 @@
 """Shared by tests/unit/test_search.py and tests/engine/test_search_vllm.py: the 5-layer toy models, calibration
-files, the HF scorer factory, the search arguments and the reference (uninterrupted) search."""
+files, the HF scorer factory, the search arguments (Algorithm 1 as written unless ``method="lazy"``) and the reference
+(uninterrupted) search."""
 import argparse
 
 import numpy as np
@@ -53,7 +54,7 @@ def make_args(model, data, out, **kw):
     ns = dict(model=str(model), data=str(data), retain="1/8", out=str(out), engine="hf", objective="lm-loss",
               pp_blocks=1, resume=False, seq_len=SEQ_LEN, num_seqs=NUM_SEQS, start=0, device="cpu",
               dtype="float32", tensor_parallel_size=1, pipeline_parallel_size=1, kv_cache_memory_bytes=None,
-              no_progress=True)
+              no_progress=True, method="full")
     ns.update(kw)
     return argparse.Namespace(**ns)
 

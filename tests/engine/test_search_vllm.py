@@ -18,6 +18,7 @@ def test_vllm_engine_matches_hf_engine_on_toy(full_run, toy):
     cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
            "--retain", "1/8", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
            "--engine", "vllm", "--kv-cache-memory-bytes", str(256 << 20), "--objective", "lm-loss", "--probe", "none",
+           "--method", "full",
            "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -41,6 +42,7 @@ def test_vllm_kl_objective_matches_hf(toy):
     cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
            "--retain", "3/5", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
            "--engine", "vllm", "--objective", "kl", "--kv-cache-memory-bytes", str(256 << 20), "--probe", "none",
+           "--method", "full",
            "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -63,7 +65,8 @@ def test_vllm_pipeline_parallel_matches_hf_pp_blocks(toy):
     cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
            "--retain", "1/4", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
            "--engine", "vllm", "--pipeline-parallel-size", "2", "--pp-blocks", "2",
-           "--kv-cache-memory-bytes", str(256 << 20), "--objective", "lm-loss", "--probe", "none", "--no-progress"]
+           "--kv-cache-memory-bytes", str(256 << 20), "--objective", "lm-loss", "--probe", "none",
+           "--method", "full", "--no-progress"]
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1")   # vLLM CPU: one core per stage worker
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

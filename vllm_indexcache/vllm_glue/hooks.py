@@ -21,7 +21,8 @@ def apply_pattern(pattern: str, model) -> str:
     """Worker side of the search's vLLM scorer (``LLM.apply_model``): set ``skip_topk`` of every DSA layer of this
     worker's stage.
 
-    Returns the applied local pattern (``"."`` for layers not on this worker). Raises on a layer without an
+    Returns the applied local pattern, read back from the layers (``"."`` for layers not on this worker; the search
+    checks it, :func:`vllm_indexcache.tools.search.scorers.check_switched`). Raises on a layer without an
     indexer made F (engine not built all-F) or a stage whose first layer would be S.
     """
     local = ["."] * len(pattern)
@@ -40,7 +41,7 @@ def apply_pattern(pattern: str, model) -> str:
         if module.indexer is None and not skip:
             raise RuntimeError(f"layer {i} has no indexer in this engine; build it all-F to search")
         module.skip_topk = skip
-        local[i] = pattern[i]
+        local[i] = "S" if module.skip_topk else "F"  # read back: what the layer will do, not what was asked
     first = next((c for c in local if c != "."), "F")
     if first == "S":
         raise RuntimeError("the first layer of a pipeline stage cannot be S; use --pp-blocks equal to the "

@@ -14,7 +14,8 @@ Both scorers also answer the search's retrieval gate (:meth:`probe`).
 Engines:
 
 * :class:`HFScorer` (``--engine hf``) — the transformers reference (:mod:`vllm_indexcache.tools.reference`) with
-  ``ties="lower"`` (deterministic top-k), patterns switched in place with ``set_pattern``.
+  ``ties="lower"`` (deterministic top-k), patterns switched in place with ``set_pattern``; the search's calibration
+  passes reuse the current pattern's layer outputs (:mod:`.layer_cache`), so a flip at layer j runs layers ≥ j.
 * :class:`VLLMScorer` (``--engine vllm``) — vLLM with the INDEXCACHE plugin, prompt log-probabilities. The engine is
   built once with every layer F; a pattern is applied by setting each DSA layer's ``skip_topk`` (vLLM 0.32's own
   IndexCache switch, read at run time in ``MultiHeadLatentAttentionWrapper.forward``: with ``skip_topk`` the layer
@@ -38,6 +39,31 @@ from vllm_indexcache.tools.search.objectives import OBJECTIVES, ObjectiveOptions
 from vllm_indexcache.vllm_glue import hooks
 
 ENGINES = ("hf", "vllm")
+
+
+class PatternSwitchError(RuntimeError):
+    """A pattern the vLLM workers did not apply (one line, naming the layers): every candidate would score alike."""
+
+
+def check_switched(pattern: str, applied: list, pipeline_parallel_size: int = 1) -> None:
+    """Check the local patterns :func:`vllm_indexcache.vllm_glue.hooks.apply_pattern` returned (one per worker,
+    ``"."`` for layers not on that worker) against ``pattern``: every layer must read back its F/S on each of the
+    ``len(applied) / pipeline_parallel_size`` workers that hold it (its tensor-parallel ranks).
+
+    Raises:
+        PatternSwitchError: a layer not switched on every worker that holds it (a vLLM whose attention has no
+            run-time switch, a worker that kept the old value, a layer no worker holds).
+    """
+    want = max(1, len(applied) // max(1, pipeline_parallel_size))
+    bad = []
+    for i, c in enumerate(pattern):
+        got = [(a[i] if isinstance(a, str) and len(a) == len(pattern) else ".") for a in applied]
+        if sum(g == c for g in got) != want or any(g not in (".", c) for g in got):
+            bad.append(i)
+    if bad:
+        raise PatternSwitchError(
+            f"pattern {pattern}: layers {bad} were not switched on every vLLM worker (applied: "
+            f"{', '.join(str(a) for a in applied)}); every candidate would score the same, so the search stops")
 
 
 class _WeightedScorer:
@@ -80,6 +106,8 @@ class HFScorer(_WeightedScorer):
         dtype: parameter dtype name ("float32", "bfloat16").
         model: an already loaded reference model (switched in place) instead of loading ``model_dir``.
         options: :class:`.objectives.ObjectiveOptions` of the objective.
+        layer_cache: keep the layer outputs of the search's current pattern (:mod:`.layer_cache`; exact, costs
+            memory: two copies of every layer's output over the scored sequences).
 
     Raises:
         ObjectiveError: bad objective or options, or targets the calibration data cannot provide.
@@ -88,7 +116,7 @@ class HFScorer(_WeightedScorer):
     engine = "hf"
 
     def __init__(self, model_dir, seqs, objective: str = "lm-loss", device: str = "cpu", dtype: str = "float32",
-                 model=None, options: ObjectiveOptions | None = None):
+                 model=None, options: ObjectiveOptions | None = None, layer_cache: bool = True):
         import torch
 
         from vllm_indexcache.tools.reference import load_reference
@@ -106,25 +134,44 @@ class HFScorer(_WeightedScorer):
         self.num_layers = family_for(type(self.model).__name__).num_indexer_layers(self.model.config)
         self.index_topk = int(self.model.config.index_topk)
         self.seqs = [torch.tensor([s], dtype=torch.long, device=self.device) for s in seqs]
+        self.cache = None
         self.reference = None
         if objective == "kl":
             self.reference = [self._logp("F" * self.num_layers, x) for x in self.seqs]
         self._build_targets(seqs, options)
+        if layer_cache:
+            from vllm_indexcache.tools.search.layer_cache import LayerInputCache
 
-    def _logp(self, pattern: str, x):
+            self.cache = LayerInputCache(self.model, self._logits)
+
+    def _logits(self, pattern: str, x):
         from vllm_indexcache.tools.reference import set_pattern
 
         set_pattern(self.model, pattern)
         with self.torch.no_grad():
-            logits = self.model(input_ids=x, use_cache=False).logits[0, :-1].float()
-        return self.torch.log_softmax(logits, dim=-1)
+            return self.model(input_ids=x, use_cache=False).logits[0]
+
+    def _logp(self, pattern: str, x, key=None):
+        """``[S − 1, vocab]`` float32 log-probs; ``key`` (index in the scored set) routes through the layer cache."""
+        if self.cache is None or key is None:
+            logits = self._logits(pattern, x)
+        else:
+            with self.torch.no_grad():
+                logits = self.cache.logits(pattern, key, x)
+        return self.torch.log_softmax(logits[:-1].float(), dim=-1)
+
+    def set_base(self, pattern: str) -> None:
+        """The search's current pattern (its one-flip neighbours are scored next; :mod:`.layer_cache`)."""
+        if self.cache is not None:
+            self.cache.set_base(pattern)
 
     def logprobs(self, pattern: str, seqs) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per sequence: float64 ``[len − 1]`` token log-probs and bool ``[len − 1]`` is-argmax, under ``pattern``."""
+        scored = self.targets is not None and seqs is self.targets.seqs   # the search's set: layer-cached
         out = []
-        for s in seqs:
+        for i, s in enumerate(seqs):
             x = self.torch.tensor([list(s)], dtype=self.torch.long, device=self.device)
-            logp = self._logp(pattern, x)
+            logp = self._logp(pattern, x, i if scored else None)
             tgt = x[0, 1:, None]
             out.append((logp.gather(1, tgt)[:, 0].double().cpu().numpy(),
                         (logp.argmax(-1) == tgt[:, 0]).cpu().numpy()))
@@ -132,15 +179,19 @@ class HFScorer(_WeightedScorer):
 
     def __call__(self, pattern: str) -> float:
         if self.objective != "kl":
-            return self._weighted(pattern)
-        torch = self.torch
-        total, count = 0.0, 0
-        for i, x in enumerate(self.seqs):
-            logp = self._logp(pattern, x)
-            ref = self.reference[i]
-            total += float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
-            count += x.shape[1] - 1
-        return total / count
+            loss = self._weighted(pattern)
+        else:
+            torch = self.torch
+            total, count = 0.0, 0
+            for i, x in enumerate(self.seqs):
+                logp = self._logp(pattern, x, i)
+                ref = self.reference[i]
+                total += float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
+                count += x.shape[1] - 1
+            loss = total / count
+        if self.cache is not None:
+            self.cache.finish(pattern, loss)
+        return loss
 
     def close(self) -> None:
         pass
@@ -185,6 +236,7 @@ class VLLMScorer(_WeightedScorer):
         self.model_dir = model_dir
         self.objective = objective
         self.seqs = [list(map(int, s)) for s in seqs]
+        self.pipeline_parallel_size = pipeline_parallel_size
         kwargs = dict(attention_backend="indexcache", dtype=dtype, enforce_eager=True,
                       max_model_len=max(len(s) for s in self.seqs) + 8,
                       max_num_batched_tokens=max(2048, max(len(s) for s in self.seqs) + 8),
@@ -206,8 +258,14 @@ class VLLMScorer(_WeightedScorer):
         self._build_targets(self.seqs, options)
 
     def set_pattern(self, pattern: str) -> list[str]:
-        """Apply ``pattern`` on every worker (no reload); returns each worker's local pattern."""
+        """Apply ``pattern`` on every worker (no reload); returns each worker's local pattern.
+
+        Raises:
+            PatternSwitchError: a layer not switched on every worker that holds it (:func:`check_switched`).
+        """
+        self.pattern = None
         out = self.llm.apply_model(functools.partial(hooks.apply_pattern, pattern))
+        check_switched(pattern, out, self.pipeline_parallel_size)
         self.pattern = pattern
         return out
 

@@ -20,7 +20,9 @@ identity differs or that cannot be parsed, with a one-line :class:`StateError`, 
 file.
 
 The state is rewritten atomically (temporary file in the same directory, fsync, ``os.replace``) after every
-committed step.
+committed step and after every evaluation: ``pending`` holds the scores of the step under way (``{"base": pattern
+of the last committed step, "scores": {pattern: loss}}``), so a killed search loses at most the evaluation that was
+running; a resume takes those scores instead of recomputing them.
 """
 from __future__ import annotations
 
@@ -195,8 +197,8 @@ def load_state(path, expected: dict) -> dict:
     """Read a state file and check it against ``expected`` (a fresh state's header: same keys as the file).
 
     Raises:
-        StateError: (one line) unreadable or corrupt file, unknown version, or a different model, calibration set,
-            objective, engine, block count or layer count.
+        StateError: (one line) unreadable or corrupt file (including its ``pending`` scores), unknown version, or a
+            different model, calibration set, objective, engine, block count or layer count.
     """
     path = Path(path)
     try:
@@ -206,6 +208,8 @@ def load_state(path, expected: dict) -> dict:
         have = identity_key(state)
         _ = [(s["pattern"], s["loss"], s["flipped"], s["candidates"]) for s in state["steps"]]
         float(state["baseline_loss"])
+        pending = state.get("pending") or {"base": "", "scores": {}}
+        _ = (str(pending["base"]), {str(k): float(v) for k, v in pending["scores"].items()})
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise StateError(f"state {path}: corrupt or unreadable ({type(e).__name__}: {e}); left unchanged — delete it "
                          "to start over") from None
