@@ -65,7 +65,8 @@ def complete_dsa_config(hf_config: Any) -> list[tuple[str, str]]:
         elif have != value:
             out.append(("warning", f"IndexCache: {key}={have!r} contradicts transformers' {name} ({value!r}); vLLM "
                                    "will compute another model than transformers does"))
-    out += _check_moe_layers(hf_config)
+    if family.model_type != "deepseek_v4":   # V4: every layer MoE, hash-routed first (num_hash_layers), no such rule
+        out += _check_moe_layers(hf_config)
     return out
 
 

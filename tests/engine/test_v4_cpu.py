@@ -25,6 +25,15 @@ between near-ties under bfloat16 (exact: 5/8 at 3,000, 6/8 at 700). Each of vLLM
 by transformers on vLLM's own continuation: each must be within ``GREEDY_GAP`` of transformers' best log-prob at
 that step (measured max 0.06 and 0.38 nats; even the first token is a near-tie at 3,000: 447 vs transformers' 355).
 A gap is the error of two log-probs at most, so ``GREEDY_GAP`` is 0.8 ≈ twice the measured max per-token error.
+
+IndexCache over the CSA layers (``test_v4_csa_pattern_*``): the toy served with ``--hf-overrides
+'{"index_topk_pattern": "FSFSF"}'`` (S CSA layers 2 and 5 build no indexer, ``vllm_glue/cpu/deepseek_v4/indexcache.py``)
+against transformers with the same reuse (:func:`vllm_indexcache.tools.reference.load_reference`) and against the
+all-F engine. Measured with ``python tests/engine/test_v4_cpu.py pattern FSFSF 3000`` (AVX512-BF16 CPU): greedy 6/8
+exact, max gap 0.096 nats; mean |Δ prompt log-prob| 0.0645 (max 0.457) to the FSFSF reference; past 2,048 tokens
+0.0662 to it and 0.0865 to the all-F reference; the pattern moves vLLM's prompt log-probs by 0 before 2,048 and
+0.070 nats past it (the reference: 0.071; correlation of the two changes 0.515); KV-cache capacity in 1 GiB 11,166 →
+12,056 tokens (4,591 → 4,957 blocks).
 """
 from __future__ import annotations
 
@@ -67,13 +76,18 @@ def toy_v4(tmp_path_factory):
     return str(hf), str(to_deepseek_layout(hf, root / "ds"))
 
 
-def run_vllm(model_dir, prompts, max_tokens=MAX_TOKENS):
-    """``[(greedy tokens, prompt log-probs [n-1] float32)]`` from vLLM's CPU engine (bfloat16)."""
+def run_vllm(model_dir, prompts, max_tokens=MAX_TOKENS, hf_overrides=None, stats=None):
+    """``[(greedy tokens, prompt log-probs [n-1] float32)]`` from vLLM's CPU engine (bfloat16); ``hf_overrides``
+    e.g. an IndexCache pattern; ``stats`` (a dict) receives the KV cache's ``num_gpu_blocks`` and
+    ``kv_cache_size_tokens`` (vLLM's capacity in tokens of this memory, ``kv_cache_utils.get_kv_cache_capacity``)."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=4096, kv_cache_memory_bytes=1 << 30, seed=0,
-              max_num_seqs=4, skip_tokenizer_init=True, enforce_eager=True)
+              max_num_seqs=4, skip_tokenizer_init=True, enforce_eager=True, hf_overrides=hf_overrides)
     try:
+        if stats is not None:
+            cache = llm.llm_engine.vllm_config.cache_config
+            stats.update(num_gpu_blocks=cache.num_gpu_blocks, kv_cache_size_tokens=cache.kv_cache_size_tokens)
         params = SamplingParams(temperature=0, max_tokens=max_tokens, detokenize=False, ignore_eos=True,
                                 prompt_logprobs=0)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -84,12 +98,19 @@ def run_vllm(model_dir, prompts, max_tokens=MAX_TOKENS):
         gc.collect()
 
 
-def transformers_logprobs(model_dir, token_ids, bf16_weights=False):
+def transformers_logprobs(model_dir, token_ids, bf16_weights=False, pattern=None):
     """Log-softmax of transformers' float32 ``DeepseekV4ForCausalLM`` at every position of ``token_ids``
-    (``[n, vocab]``); ``bf16_weights`` rounds the weights to bfloat16 first (kept float32)."""
+    (``[n, vocab]``); ``bf16_weights`` rounds the weights to bfloat16 first (kept float32); ``pattern``: one F/S per
+    CSA layer, S layers reusing the last F CSA layer's top-k (:func:`vllm_indexcache.tools.reference.load_reference`).
+    """
     from transformers import DeepseekV4ForCausalLM
 
-    model = DeepseekV4ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if pattern is not None:
+        from vllm_indexcache.tools.reference import load_reference
+
+        model = load_reference(model_dir, pattern)
+    else:
+        model = DeepseekV4ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         if bf16_weights:
             for p in model.parameters():
@@ -98,10 +119,11 @@ def transformers_logprobs(model_dir, token_ids, bf16_weights=False):
     return torch.log_softmax(logits, -1)
 
 
-def compare(hf_dir, prompt, tokens, vllm_lp, bf16_weights=False):
-    """``(prompt log-prob |Δ| [n-1], per generated token: (vLLM's token, transformers' best, gap in nats))``."""
+def compare(hf_dir, prompt, tokens, vllm_lp, bf16_weights=False, pattern=None):
+    """``(prompt log-prob |Δ| [n-1], transformers' prompt log-probs [n-1], per generated token: (vLLM's token,
+    transformers' best, gap in nats))``; ``pattern`` as in :func:`transformers_logprobs`."""
     full = prompt + tokens
-    lp = transformers_logprobs(hf_dir, full, bf16_weights)
+    lp = transformers_logprobs(hf_dir, full, bf16_weights, pattern)
     n = len(prompt)
     ref = lp[: n - 1].gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0]
     steps = [(t, int(lp[n - 1 + i].argmax()), float(lp[n - 1 + i].max() - lp[n - 1 + i, t]))
@@ -131,6 +153,128 @@ def test_v4_all_f_matches_transformers(toy_v4, torch_ops, monkeypatch):
             assert err[2048:].mean() <= 2 * err[:2048].mean() + 0.02
 
 
+# --- IndexCache over the CSA layers: S CSA layers build no indexer and reuse the preceding F layer's top-k ---------
+#: one F/S per CSA layer of the toy (layers 1, 2, 4, 5, 7): S at layers 2 and 5
+PATTERN = "FSFSF"
+PATTERN_PROMPT_LENS = (3000,)
+#: past 4 * index_topk = 2,048 tokens the indexer selects, so only there can reuse change anything
+SELECTING = 2048
+#: past SELECTING, vLLM with PATTERN must be closer to the PATTERN reference than to the all-F reference: mean
+#: |Δ log-prob| to the former at most this fraction of the latter (measured 0.0662 / 0.0865 = 0.77 at 3,000 tokens;
+#: the reuse changes the reference by 0.071 nats there, about vLLM's own bf16/FP8 error, hence no tighter bound)
+CLOSER = 0.9
+#: past SELECTING, the correlation between vLLM's and the reference's change by the pattern (measured 0.515): the
+#: same positions move the same way, though bf16/FP8 scores pick a few different entries near the top-k boundary
+MIN_CORRELATION = 0.3
+
+
+def _pattern_case(hf_dir, ds_dir, prompts, pattern=PATTERN):
+    """vLLM all-F and ``pattern`` (two engine starts) and transformers all-F and ``pattern`` on each prompt followed
+    by the pattern engine's greedy tokens: ``{"vllm": {name: (results, KV stats)}, "ref": [{name: log-softmax}]}``."""
+    runs = {}
+    for name, overrides in (("all-F", None), (pattern, {"index_topk_pattern": pattern})):
+        stats = {}
+        runs[name] = (run_vllm(ds_dir, prompts, hf_overrides=overrides, stats=stats), stats)
+    refs = [{name: transformers_logprobs(hf_dir, prompt + tokens, pattern=None if name == "all-F" else pattern)
+             for name in runs} for prompt, (tokens, _) in zip(prompts, runs[pattern][0])]
+    return {"vllm": runs, "ref": refs}
+
+
+def _prompt_lp(lp, prompt):
+    """``[n-1]`` log-probs of the prompt's tokens from a ``[>= n, vocab]`` log-softmax."""
+    return lp[: len(prompt) - 1].gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0]
+
+
+@pytest.fixture(scope="module")
+def pattern_case(toy_v4):
+    prompts = _prompts(PATTERN_PROMPT_LENS)
+    return prompts, _pattern_case(*toy_v4, prompts)
+
+
+def test_v4_csa_pattern_matches_the_reference_with_the_same_pattern(pattern_case):
+    """vLLM with :data:`PATTERN` (``--hf-overrides``) against transformers with the same reuse, with the tolerances
+    of the all-F test: reuse copies int32 entry ids and adds no numerical error of its own (measured: mean 0.065,
+    max 0.46 nats at 3,000 tokens; greedy 6/8 exact, max gap 0.10 nats)."""
+    prompts, case = pattern_case
+    for prompt, (tokens, vllm_lp), ref in zip(prompts, case["vllm"][PATTERN][0], case["ref"]):
+        n, lp = len(prompt), ref[PATTERN]
+        err = (vllm_lp - _prompt_lp(lp, prompt)).abs()
+        steps = [(t, int(lp[n - 1 + i].argmax()), float(lp[n - 1 + i].max() - lp[n - 1 + i, t]))
+                 for i, t in enumerate(tokens)]
+        assert len(tokens) == MAX_TOKENS and err.numel() == n - 1
+        assert max(g for _, _, g in steps) <= GREEDY_GAP, f"{n} tokens: greedy steps (vLLM, reference, gap) {steps}"
+        assert err.mean() <= MEAN_ATOL, f"{n} tokens: mean |Δ log-prob| {err.mean():.3f}"
+        assert err.max() <= MAX_ATOL, f"{n} tokens: max |Δ log-prob| {err.max():.3f}"
+
+
+def test_v4_csa_pattern_reuses_as_the_reference_does(pattern_case):
+    """Reuse really happens, and as in the reference: the pattern changes nothing where every entry is kept
+    (before :data:`SELECTING`; exactly 0 measured), changes vLLM's prompt log-probs past it as much as the
+    reference's (measured 0.070 and 0.071 nats), at the same positions (:data:`MIN_CORRELATION`), and brings vLLM
+    closer to the pattern reference than to all-F's (:data:`CLOSER`)."""
+    prompts, case = pattern_case
+    (all_f, _), (pat, _) = case["vllm"]["all-F"], case["vllm"][PATTERN]
+    for prompt, (_, lp_all_f), (_, lp_pat), ref in zip(prompts, all_f, pat, case["ref"]):
+        ref_pat, ref_all_f = _prompt_lp(ref[PATTERN], prompt), _prompt_lp(ref["all-F"], prompt)
+        d_vllm, d_ref = lp_pat - lp_all_f, ref_pat - ref_all_f
+        assert d_vllm[:SELECTING].abs().max() <= 1e-3, f"before {SELECTING}: {d_vllm[:SELECTING].abs().max():.4f}"
+        change = d_ref[SELECTING:].abs().mean()
+        assert change >= 0.02, f"the reference's change past {SELECTING} is only {change:.4f}"
+        assert d_vllm[SELECTING:].abs().mean() >= 0.5 * change, f"{d_vllm[SELECTING:].abs().mean():.4f}"
+        to_pat = (lp_pat - ref_pat)[SELECTING:].abs().mean()
+        to_all_f = (lp_pat - ref_all_f)[SELECTING:].abs().mean()
+        corr = torch.corrcoef(torch.stack([d_vllm[SELECTING:], d_ref[SELECTING:]]))[0, 1]
+        print(f"{len(prompt)} tokens past {SELECTING}: to the {PATTERN} reference {to_pat:.4f}, to all-F's "
+              f"{to_all_f:.4f}; change vLLM {d_vllm[SELECTING:].abs().mean():.4f} reference {change:.4f}, "
+              f"correlation {corr:.3f}")
+        assert to_pat <= CLOSER * to_all_f, f"to the {PATTERN} reference {to_pat:.4f}, to all-F's {to_all_f:.4f}"
+        assert corr >= MIN_CORRELATION, f"correlation of the changes {corr:.3f}"
+
+
+def test_v4_csa_pattern_saves_kv_cache(pattern_case):
+    """With the same KV-cache memory (1 GiB) the pattern engine holds more blocks and more tokens: fewer bytes per
+    token (S CSA layers hold no indexer K-cache and no indexer compressor state; measured 4,591 → 4,957 blocks,
+    11,166 → 12,056 tokens)."""
+    _, case = pattern_case
+    stats = {name: st for name, (_, st) in case["vllm"].items()}
+    per_token = {name: (1 << 30) / st["kv_cache_size_tokens"] for name, st in stats.items()}
+    assert stats[PATTERN]["num_gpu_blocks"] > stats["all-F"]["num_gpu_blocks"], stats
+    assert per_token[PATTERN] < per_token["all-F"], per_token
+
+
+def measure_pattern(pattern=PATTERN, lens=PATTERN_PROMPT_LENS):
+    """The numbers quoted in the pattern tests: ``python tests/engine/test_v4_cpu.py pattern [PATTERN [LEN ...]]``."""
+    import tempfile
+
+    from vllm_indexcache.tools.toy_v4 import build_toy_v4, to_deepseek_layout
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = build_toy_v4(f"{tmp}/hf", seed=0)
+        ds = str(to_deepseek_layout(hf, f"{tmp}/ds"))
+        prompts = _prompts(lens)
+        case = _pattern_case(str(hf), ds, prompts, pattern)
+        (all_f, st_f), (pat, st_p) = case["vllm"]["all-F"], case["vllm"][pattern]
+        for prompt, (tok_f, lp_f), (tok_p, lp_p), ref in zip(prompts, all_f, pat, case["ref"]):
+            n, lp = len(prompt), ref[pattern]
+            ref_p, ref_f = _prompt_lp(lp, prompt), _prompt_lp(ref["all-F"], prompt)
+            err, err_f = (lp_p - ref_p).abs(), (lp_p - ref_f).abs()
+            steps = [(t, int(lp[n - 1 + i].argmax()), float(lp[n - 1 + i].max() - lp[n - 1 + i, t]))
+                     for i, t in enumerate(tok_p)]
+            d_vllm, d_ref = lp_p - lp_f, ref_p - ref_f
+            print(f"prompt {n} {pattern}: greedy exact {sum(a == b for a, b, _ in steps)}/{len(steps)}, max gap "
+                  f"{max(g for _, _, g in steps):.3f}; |vLLM - reference {pattern}| mean {err.mean():.4f} max "
+                  f"{err.max():.4f} (>= {SELECTING}: {err[SELECTING:].mean():.4f}; to the all-F reference "
+                  f"{err_f[SELECTING:].mean():.4f}); change by the pattern before {SELECTING}: vLLM max "
+                  f"{d_vllm[:SELECTING].abs().max():.5f}; past it: vLLM {d_vllm[SELECTING:].abs().mean():.4f}, "
+                  f"reference {d_ref[SELECTING:].abs().mean():.4f}, residual "
+                  f"{(d_vllm - d_ref)[SELECTING:].abs().mean():.4f}, correlation "
+                  f"{torch.corrcoef(torch.stack([d_vllm[SELECTING:], d_ref[SELECTING:]]))[0, 1]:.3f}; "
+                  f"greedy all-F {tok_f}, {pattern} {tok_p}")
+        for name, st in (("all-F", st_f), (pattern, st_p)):
+            print(f"{name}: {st['num_gpu_blocks']} blocks, {st['kv_cache_size_tokens']} tokens in 1 GiB: "
+                  f"{(1 << 30) / st['kv_cache_size_tokens']:.0f} B/token")
+
+
 if __name__ == "__main__":   # the measurement quoted above: python tests/engine/test_v4_cpu.py [PROMPT_LEN ...]
     import sys
     import tempfile
@@ -138,6 +282,9 @@ if __name__ == "__main__":   # the measurement quoted above: python tests/engine
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     from vllm_indexcache.tools.toy_v4 import build_toy_v4, to_deepseek_layout
 
+    if sys.argv[1:2] == ["pattern"]:
+        measure_pattern(*(sys.argv[2:3] or [PATTERN]), tuple(int(a) for a in sys.argv[3:]) or PATTERN_PROMPT_LENS)
+        sys.exit(0)
     lens = tuple(int(a) for a in sys.argv[1:]) or (2600,)
     with tempfile.TemporaryDirectory() as tmp:
         hf = build_toy_v4(f"{tmp}/hf", seed=0)

@@ -30,9 +30,9 @@ def test_mtp_draft_architecture_follows_its_backbone_rule():
 
 def test_unknown_architecture_is_one_line_naming_it_and_the_supported_ones():
     with pytest.raises(FamilyError) as e:
-        family_for({"architectures": ["DeepseekV4ForCausalLM"], "num_hidden_layers": 4})
+        family_for({"architectures": ["DeepseekV41ForCausalLM"], "num_hidden_layers": 4})
     msg = str(e.value)
-    assert "\n" not in msg and "'DeepseekV4ForCausalLM'" in msg and V32 in msg and GLM in msg
+    assert "\n" not in msg and "'DeepseekV41ForCausalLM'" in msg and V32 in msg and GLM in msg
     with pytest.raises(FamilyError, match="architectures=None"):
         family_for({})
 
@@ -81,11 +81,11 @@ def test_plan_stage_maps_pattern_characters_to_the_familys_layers(fake_family):
 
 
 def test_unknown_dsa_architecture_is_left_to_vllm_but_a_preset_is_refused():
-    v4 = {"architectures": ["DeepseekV4ForCausalLM"], "num_hidden_layers": 4, "index_topk": 512}
+    v4 = {"architectures": ["DeepseekV41ForCausalLM"], "num_hidden_layers": 4, "index_topk": 512}
     assert apply_to_hf_config(dict(v4)) is None
     cfg = dict(v4, index_topk_freq=2)
     assert apply_to_hf_config(cfg) is None and "index_topk_pattern" not in cfg
-    with pytest.raises(IndexCacheError, match=r"^index_cache_preset='x': architectures='DeepseekV4ForCausalLM'"):
+    with pytest.raises(IndexCacheError, match=r"^index_cache_preset='x': architectures='DeepseekV41ForCausalLM'"):
         apply_to_hf_config(dict(v4, index_cache_preset="x"))
     with pytest.raises(IndexCacheError, match="no IndexCache DSA family"):
         resolve_hf_config(v4)

@@ -2,32 +2,24 @@
 
 Each module defines ``FAMILY`` (a :class:`~vllm_indexcache.families.base.Family`): which decoder layers own a
 lightning indexer (a pattern has one character per such layer), the transformers and vLLM module paths, the reuse
-switches, and the config keys transformers drops. A new family (DeepSeek-V4: only its CSA layers,
-``compress_ratios[i] == 4``, own an indexer) is one more module whose ``indexer_layers`` returns those layer ids,
-listed in :data:`FAMILIES`, e.g. (not implemented here)::
-
-    def indexer_layers(config):          # deepseek_v4.py: the CSA layers, MTP excluded
-        n = backbone_layers(config)
-        return [i for i, r in enumerate(config_value(config, "compress_ratios")[:n]) if r == 4]
-
-    FAMILY = Family(architecture="DeepseekV4ForCausalLM", name="DeepseekV4", model_type="deepseek_v4",
-                    indexer_layers=indexer_layers, hf_reuse="override", vllm_reuse_key=None, ...)
-
-and everything that asks the family (config resolution, reference, search, bench, distill, the glue's stage plan)
-then works with patterns of that length. DeepSeek-V4.1 (``index_source_layer_ids``) slots in the same way.
+switches, and the config keys transformers drops. DeepSeek-V3.2 and GLM-5 index every backbone layer; DeepSeek-V4
+(:mod:`.deepseek_v4`) only its CSA layers (``compress_ratios[i] == 4``), so its patterns have one character per CSA
+layer, and everything that asks the family (config resolution, reference, search, bench, distill, the glue's stage
+plan) works with patterns of that length. DeepSeek-V4.1 (``index_source_layer_ids``) would slot in the same way.
 Serving side: no toolkit, torch or vLLM import.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from . import deepseek_v32, glm_moe_dsa
+from . import deepseek_v4, deepseek_v32, glm_moe_dsa
 from .base import Family, FamilyError, backbone_layers, config_value
 
 __all__ = ["FAMILIES", "Family", "FamilyError", "architecture_of", "backbone_layers", "family_for", "find_family"]
 
 #: HF architecture → family.
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (deepseek_v32.FAMILY, glm_moe_dsa.FAMILY)}
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (deepseek_v32.FAMILY, glm_moe_dsa.FAMILY,
+                                                            deepseek_v4.FAMILY)}
 #: vLLM MTP draft architecture → the family whose rule its config follows (first family listing it).
 _DRAFTS: dict[str, Family] = {}
 for _f in FAMILIES.values():

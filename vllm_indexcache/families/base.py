@@ -5,8 +5,8 @@ Attention: which decoder layers own a lightning indexer, how transformers and vL
 switched in each, and which vLLM-only config keys transformers does not save. An IndexCache pattern has one ``F``/``S``
 character per *indexer layer* of the family, in layer order: character ``i`` belongs to decoder layer
 ``family.indexer_layers(config)[i]``. In DeepSeek-V3.2 and GLM-5 every backbone layer owns an indexer (the two
-numberings coincide); in DeepSeek-V4 only the CSA layers (``compress_ratios[i] == 4``) do, so a V4 module would return
-those layer ids and everything that asks the family gets patterns of that length.
+numberings coincide); in DeepSeek-V4 only the CSA layers (``compress_ratios[i] == 4``) do, so its module
+(:mod:`.deepseek_v4`) returns those layer ids and everything that asks the family gets patterns of that length.
 
 Pure: no torch, no vLLM, no transformers import.
 """

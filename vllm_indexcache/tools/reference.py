@@ -1,8 +1,8 @@
 """Transformers reference of a DSA model with IndexCache index reuse: the oracle for engine tests, search, distillation.
 
 IndexCache (arXiv 2603.12201): each DSA layer is ``F`` (runs its lightning indexer) or ``S`` (reuses the top-k of
-the nearest preceding F layer, in the same forward pass). This module loads a DeepSeek-V3.2 or GLM-5 checkpoint with
-transformers (eager attention, no edits to transformers' files) and applies a pattern:
+the nearest preceding F layer, in the same forward pass). This module loads a DeepSeek-V3.2, GLM-5 or DeepSeek-V4
+checkpoint with transformers (eager attention, no edits to transformers' files) and applies a pattern:
 
 * ``GlmMoeDsaForCausalLM`` (transformers ``models/glm_moe_dsa/modeling_glm_moe_dsa.py``) natively supports reuse:
   an attention whose ``indexer`` is ``None`` takes ``prev_topk_indices`` handed up by the previous layer. We build
@@ -12,6 +12,13 @@ transformers (eager attention, no edits to transformers' files) and applies a pa
   S layers skip the indexer and return the published top-k. A forward pre-hook on the decoder stack clears the
   published top-k at the start of every forward. Parameters and state-dict keys are untouched. (GLM indexers get
   the same override, used only for ``ties="lower"``.)
+* ``DeepseekV4ForCausalLM`` (``models/deepseek_v4/modeling_deepseek_v4.py``): only the CSA layers own an indexer
+  (``self_attn.compressor.indexer``, ``DeepseekV4Indexer``; the pattern has one F/S per CSA layer, the family's
+  ``indexer_layers``), no reuse in transformers. The same override: F CSA layers run
+  ``DeepseekV4Indexer.forward(hidden_states, q_residual, position_ids, past_key_values, layer_idx)`` and publish its
+  ``[B, S, min(index_topk, entries)]`` compressed-entry ids (-1 for future entries); S CSA layers return the published
+  ids, which index their own compressed KV (every CSA layer compresses the same 4-token spans), and skip their
+  indexer's compressor. Only transformers' tie rule (``ties="transformers"``).
 
 Transformers behaviour worth knowing (5.19):
 
@@ -50,6 +57,8 @@ __all__ = [
 
 _ARCH_DEEPSEEK = "DeepseekV32ForCausalLM"
 _ARCH_GLM = "GlmMoeDsaForCausalLM"
+_ARCH_V4 = "DeepseekV4ForCausalLM"
+_ARCHS = (_ARCH_DEEPSEEK, _ARCH_GLM, _ARCH_V4)
 _STATE = "_indexcache_state"
 #: Tie rules for the F layers' top-k: transformers' own ``torch.topk`` (order among equal scores unspecified), or
 #: this package's rule (descending score, ties towards the lower key position).
@@ -71,13 +80,28 @@ class _ReuseState:
 
 
 def _arch(model) -> str:
-    from transformers import DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM
+    from transformers import DeepseekV4ForCausalLM, DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM
 
     if isinstance(model, GlmMoeDsaForCausalLM):
         return _ARCH_GLM
     if isinstance(model, DeepseekV32ForCausalLM):
         return _ARCH_DEEPSEEK
-    raise TypeError(f"{type(model).__name__}: expected {_ARCH_DEEPSEEK} or {_ARCH_GLM}")
+    if isinstance(model, DeepseekV4ForCausalLM):
+        return _ARCH_V4
+    raise TypeError(f"{type(model).__name__}: expected one of {', '.join(_ARCHS)}")
+
+
+def _indexer(layer, arch: str):
+    """The indexer module of a decoder layer (the family's ``hf_attention``.``hf_indexer`` path), or None."""
+    from operator import attrgetter
+
+    from vllm_indexcache.families import family_for
+
+    family = family_for(arch)
+    try:
+        return attrgetter(f"{family.hf_attention}.{family.hf_indexer}")(layer)
+    except AttributeError:
+        return None
 
 
 def _layers(model):
@@ -121,6 +145,8 @@ def _indexer_forward(indexer, state: _ReuseState, layer_idx: int):
     S (DeepSeek only; GLM S layers have no indexer attached): the top-k published by the last F layer.
     """
     original = type(indexer).forward
+    if state.arch == _ARCH_V4:
+        return _v4_indexer_forward(indexer, original, state, layer_idx)
 
     def forward(hidden_states, q_resid, position_embeddings, attention_mask, position_ids=None,
                 past_key_values=None):
@@ -140,6 +166,27 @@ def _indexer_forward(indexer, state: _ReuseState, layer_idx: int):
     return forward
 
 
+def _v4_indexer_forward(indexer, original, state: _ReuseState, layer_idx: int):
+    """Instance-level ``forward`` for a ``DeepseekV4Indexer`` (transformers 5.19 signature ``(hidden_states,
+    q_residual, position_ids, past_key_values, layer_idx)``, returns ``[B, S, min(index_topk, entries)]``
+    compressed-entry ids, -1 for entries after the query).
+
+    F: transformers' forward, published in the state. S: the ids the last F CSA layer published (entry ``i`` is the
+    same 4-token span in every CSA layer); the S layer's own indexer, compressor included, does not run.
+    """
+
+    def forward(hidden_states, q_residual, position_ids, past_key_values, layer_idx_arg):
+        if state.pattern[layer_idx] == "S":
+            if state.last_topk is None:
+                raise RuntimeError(f"CSA layer {layer_idx} is S but no F CSA layer ran before it in this forward")
+            return state.last_topk
+        topk = original(indexer, hidden_states, q_residual, position_ids, past_key_values, layer_idx_arg)
+        state.last_topk = topk
+        return topk
+
+    return forward
+
+
 def _install(model) -> _ReuseState:
     """Attach the IndexCache state and the indexer ``forward`` overrides once; return the state."""
     state = model.__dict__.get(_STATE)
@@ -147,7 +194,7 @@ def _install(model) -> _ReuseState:
         return state
     arch = _arch(model)
     layers = _layers(model)
-    indexers = [layer.self_attn.indexer for layer in layers]
+    indexers = [_indexer(layer, arch) for layer in layers]
     if arch == _ARCH_GLM:
         state = _ReuseState(arch, "".join("F" if m is not None else "S" for m in indexers), indexers=indexers)
     else:
@@ -172,7 +219,10 @@ def set_ties(model, ties: str) -> None:
     """
     if ties not in TIES:
         raise ValueError(f"ties={ties!r}: expected one of {TIES}")
-    _install(model).ties = ties
+    state = _install(model)
+    if state.arch == _ARCH_V4 and ties != "transformers":
+        raise ValueError(f"ties={ties!r}: {_ARCH_V4} supports only ties='transformers'")
+    state.ties = ties
 
 
 def default_pattern(model) -> str:
@@ -197,7 +247,8 @@ def set_pattern(model, pattern: str | None) -> None:
     """Switch ``model`` to ``pattern`` in place, without reloading (cheap: no tensor is touched).
 
     Args:
-        model: a ``DeepseekV32ForCausalLM`` or ``GlmMoeDsaForCausalLM`` (from :func:`load_reference` or not).
+        model: a ``DeepseekV32ForCausalLM``, ``GlmMoeDsaForCausalLM`` or ``DeepseekV4ForCausalLM`` (from
+            :func:`load_reference` or not).
         pattern: one ``F``/``S`` per indexer layer of the model's family, or None for :func:`default_pattern`.
 
     Raises:
@@ -235,12 +286,14 @@ def load_reference(model_dir, pattern: str | None = None, dtype: torch.dtype = t
     """Load a DSA checkpoint with transformers (eager attention, eval mode) and apply an IndexCache pattern.
 
     Args:
-        model_dir: Hugging Face model directory (``DeepseekV32ForCausalLM`` or ``GlmMoeDsaForCausalLM``).
+        model_dir: Hugging Face model directory (``DeepseekV32ForCausalLM``, ``GlmMoeDsaForCausalLM`` or
+            ``DeepseekV4ForCausalLM`` in transformers' layout).
         pattern: ``F``/``S`` per indexer layer of the family; None = all ``F`` (see :func:`default_pattern` for GLM
             checkpoints without indexer weights on some layers).
         dtype: parameter dtype (``indexer.weights_proj`` stays float32, as transformers keeps it).
         ties: tie rule of the F layers' top-k, one of :data:`TIES`. The default reproduces unpatched transformers
-            bit for bit; ``"lower"`` matches this package's backend (use it as the engine's oracle).
+            bit for bit; ``"lower"`` matches this package's backend (use it as the engine's oracle); DeepSeek-V4
+            takes ``"transformers"`` only.
 
     Returns:
         The model; switch patterns later with :func:`set_pattern`.
@@ -289,8 +342,8 @@ def model_class(model_dir):
     import transformers
 
     arch = (json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or [None])[0]
-    if arch not in (_ARCH_DEEPSEEK, _ARCH_GLM):
-        raise TypeError(f"architectures={arch!r}: expected {_ARCH_DEEPSEEK} or {_ARCH_GLM}")
+    if arch not in _ARCHS:
+        raise TypeError(f"architectures={arch!r}: expected one of {', '.join(_ARCHS)}")
     return getattr(transformers, arch)
 
 
@@ -368,7 +421,9 @@ def record_topk(model, token_ids: list[int]) -> dict[int, torch.Tensor]:
         reused. Rows are in descending score order (among equal scores: unspecified with ``ties="transformers"``,
         lower position first with ``ties="lower"``). Entries
         that are not visible keys — transformers' padding for queries with fewer than ``index_topk`` visible keys,
-        and the columns beyond ``S`` when ``S < index_topk`` — are ``-1``.
+        and the columns beyond ``S`` when ``S < index_topk`` — are ``-1``. DeepSeek-V4: keyed by CSA-layer ordinal,
+        entries are compressed-entry ids (entry ``e`` covers tokens ``4e .. 4e+3``; -1 where transformers marks an
+        entry after the query or the row has fewer entries than ``index_topk``).
     """
     state = _install(model)
     ids = _input_ids(model, token_ids)
@@ -382,7 +437,7 @@ def record_topk(model, token_ids: list[int]) -> dict[int, torch.Tensor]:
         else:
             def hook(module, args, output, i=i):
                 recorded[i] = output
-            handles.append(layer.self_attn.indexer.register_forward_hook(hook))
+            handles.append(_indexer(layer, state.arch).register_forward_hook(hook))
     try:
         _logits(model, ids)
     finally:

@@ -52,6 +52,13 @@ PATCHES = (
     ("ModelRegistry: DeepseekV4ForCausalLM (CPU)", "cpu.deepseek_v4.model",
      "vLLM's own CPU V4 model, built after the V4 CPU patches below are installed, so that they apply only in a "
      "process that builds a V4 model", "cpu 0.32.0", "-", "when the patches below can go"),
+    ("vllm.models.deepseek_v4.attention.DeepseekV4Indexer (only while the V4 CPU model is built); "
+     "DeepseekV4ForCausalLM.load_weights (subclass)", "cpu.deepseek_v4.indexcache",
+     "IndexCache over CSA layers: vLLM builds an indexer (weights, indexer K-cache, indexer compressor state) on every "
+     "compress_ratio == 4 layer and has no reuse key for V4; S CSA layers get indexer=None (still CSA: "
+     "cpu_sparse.forward_mqa keys on compress_ratio and reads the shared topk_indices_buffer the preceding F layer "
+     "wrote) and their checkpoint indexer tensors are skipped", "cpu 0.32.0", "-",
+     "when vLLM reads index_topk_pattern for DeepSeek-V4"),
     ("DeepSeek-V4 metadata Triton kernels (ops.metadata.compute_token_to_req_indices; sparse_swa "
      "_COMPUTE_SWA_INDICES_AND_LENS_KERNEL, _COMPUTE_PREFILL_METADATA_KERNEL; indexer "
      "_BUILD_PREFILL_CHUNK_METADATA_KERNEL; compressor_utils _COMPRESSED_SLOT_MAPPING_KERNEL)",
