@@ -9,6 +9,19 @@ from searchkit import NUM_SEQS, SEQ_LEN, cached_factory, make_args
 
 from vllm_indexcache.tools.search.cli import run
 
+#: A candidate's loss may differ from the reference's by one changed top-k selection: the plugin's blockwise CPU
+#: indexer and the reference's sum the score products in another order, so a near-tie at the k-th place can fall the
+#: other way. Seen on an AVX-512 CPU (2026-12-06): 2 of 10 candidates 4.2e-4 / 5.1e-4 apart, the other 8 within 1e-7
+#: (baseline 1e-8); on AVX2 machines all within 1e-5. Decisions must still be identical.
+FLIP_TOL = 1e-3
+
+
+def assert_scores_match(steps, ref_steps, key="candidates"):
+    """Every score within :data:`FLIP_TOL` of the reference's, and at least 3/4 of them within 1e-5."""
+    pairs = [(a[key][k], b[key][k]) for a, b in zip(steps, ref_steps) for k in a[key]]
+    assert pairs and all(abs(x - y) <= FLIP_TOL for x, y in pairs), pairs
+    assert sum(abs(x - y) <= 1e-5 for x, y in pairs) >= 0.75 * len(pairs), pairs
+
 
 def test_vllm_engine_matches_hf_engine_on_toy(full_run, toy):
     """``--engine vllm`` (INDEXCACHE plugin on CPU, pattern switched through ``skip_topk`` without reloading) scores
@@ -28,8 +41,7 @@ def test_vllm_engine_matches_hf_engine_on_toy(full_run, toy):
     assert res["baseline_loss"] == pytest.approx(full_run["baseline_loss"], abs=1e-5)
     for a, b in zip(res["steps"], full_run["steps"]):
         assert a["candidates"].keys() == b["candidates"].keys()
-        for k in a["candidates"]:
-            assert a["candidates"][k] == pytest.approx(b["candidates"][k], abs=1e-5)
+    assert_scores_match(res["steps"], full_run["steps"])
 
 
 
@@ -74,8 +86,8 @@ def test_vllm_pipeline_parallel_matches_hf_pp_blocks(toy):
     assert res["blocks"] == [[0, 3], [3, 5]]
     assert [s["flipped"] for s in res["steps"]] == [s["flipped"] for s in ref["steps"]]
     for a, b in zip(res["steps"], ref["steps"]):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        for k in a["candidates"]:
-            assert a["candidates"][k] == pytest.approx(b["candidates"][k], abs=1e-5)
+        assert abs(a["loss"] - b["loss"]) <= FLIP_TOL
+        assert a["candidates"].keys() == b["candidates"].keys()
+    assert_scores_match(res["steps"], ref["steps"])
 
 
