@@ -58,3 +58,20 @@ def test_batch_1_report_has_no_duplicated_columns_and_draws_the_bound(tmp_path):
     finally:
         plt.subplots = real
     assert made == [(1, 2)]                       # TTFT and batch-1 TPOT panels, no repeated batch-1 panel
+
+
+def test_bench_model_has_the_tokenizer_its_engines_load(tmp_path):
+    """``bench toy:N`` engines load the tokenizer (no ``skip_tokenizer_init``), so the toy it builds carries one, and
+    an older build without one is not reused."""
+    from transformers import AutoTokenizer
+
+    from vllm_indexcache.tools.bench.measure import bench_engine_kwargs, build_bench_model
+
+    assert "skip_tokenizer_init" not in bench_engine_kwargs(1024)
+    out = tmp_path / "toy"
+    (out).mkdir()
+    (out / "config.json").write_text('{"num_hidden_layers": 2, "max_position_embeddings": 4096, "index_topk": 128}')
+    model = build_bench_model(out, 2, 1024)
+    tok = AutoTokenizer.from_pretrained(str(model))
+    assert tok.decode(tok("The sea, 123456.")["input_ids"]) == "The sea, 123456."
+    assert build_bench_model(out, 2, 1024) == model and (model / "tokenizer.json").is_file()

@@ -46,17 +46,19 @@ def build_bench_model(out_dir: str | Path, num_layers: int, max_context: int, in
                       seed: int = 0) -> Path:
     """The benchmark toy: :func:`vllm_indexcache.tools.toy.build_toy_model` geometry (hidden 128, 4 MLA heads,
     kv_lora_rank 64 + rope 32, indexer 4 heads × 128), ``num_layers`` DSA layers all with a dense MLP
-    (``first_k_dense_replace = num_layers``), ``index_topk`` 128, random float32 weights, no tokenizer."""
+    (``first_k_dense_replace = num_layers``), ``index_topk`` 128, random float32 weights, the toy's byte-level
+    tokenizer (the engines load it: :func:`bench_engine_kwargs`). A model already in ``out_dir`` is reused when it
+    has these layers, context, top-k and a tokenizer."""
     from vllm_indexcache.tools.toy import build_toy_model
 
     out = Path(out_dir)
     if (out / "config.json").is_file():
         cfg = json.loads((out / "config.json").read_text())
         if (cfg["num_hidden_layers"] == num_layers and cfg["max_position_embeddings"] >= max_context
-                and cfg["index_topk"] == index_topk):
+                and cfg["index_topk"] == index_topk and (out / "tokenizer.json").is_file()):
             return out
     return build_toy_model(out, num_layers=num_layers, first_k_dense_replace=num_layers, seed=seed,
-                           tokenizer=False, index_topk=index_topk,
+                           tokenizer=True, index_topk=index_topk,
                            max_position_embeddings=max(4096, 1 << (max_context - 1).bit_length()))
 
 
