@@ -6,7 +6,10 @@ all the keys of this vocabulary — the IndexCache keys plus the DSA keys vLLM 0
 (:data:`DSA_KEYS`) — its nearest by ``difflib`` similarity (cutoff :data:`CUTOFF`) is an IndexCache key. So
 ``index_topk_fre`` is refused (nearest ``index_topk_freq``) while ``index_topk``, ``index_head_dim``,
 ``index_n_heads`` or ``indexer_rope_interleave`` are real keys and ``index_topks`` is nearest to the DSA key
-``index_topk``, which is not this plugin's to judge.
+``index_topk``, which is not this plugin's to judge. (c) It names an indexer (``index``/``topk``) together with a
+word only IndexCache keys use here (:data:`INDEXCACHE_WORDS`: ``index_pattern``, ``index_cache_pattern``,
+``index_freq``); such a key is refused with its nearest IndexCache key. Keys of other models that merely contain one
+of those words (``sliding_window_pattern``) are left alone.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ DSA_KEYS = ("index_topk", "index_head_dim", "index_n_heads", "indexer_n_heads", 
 #: difflib ratio from which a key counts as a misspelling (``index_topk_patern`` vs ``index_topk_pattern``: 0.97).
 CUTOFF = 0.85
 _KNOWN = frozenset((*KEYS, *DSA_KEYS, SOURCE_KEY))
+#: Words of the IndexCache keys that no DSA key of :data:`DSA_KEYS` (nor V4.1's ``index_source_layer_ids``) has.
+INDEXCACHE_WORDS = ("pattern", "preset", "freq", "offset", "skip")
 
 
 def nearest_indexcache_key(key: str) -> str | None:
@@ -33,7 +38,11 @@ def nearest_indexcache_key(key: str) -> str | None:
         if candidate in KEYS:
             return candidate
     match = difflib.get_close_matches(norm, sorted(_KNOWN), n=1, cutoff=CUTOFF)
-    return match[0] if match and match[0] in KEYS else None
+    if match:
+        return match[0] if match[0] in KEYS else None
+    if ("index" in norm or "topk" in norm) and any(w in norm for w in INDEXCACHE_WORDS):
+        return difflib.get_close_matches(norm, KEYS, n=1, cutoff=0.0)[0]
+    return None
 
 
 def check_keys(keys: Iterable[str], where: str) -> None:

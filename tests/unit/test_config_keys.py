@@ -72,3 +72,21 @@ def test_vllm_model_config_refuses_a_misspelled_override_before_load():
     assert out.returncode != 0
     assert "--hf-overrides key 'index_topk_patern' is not an IndexCache key; did you mean 'index_topk_pattern'" \
         in out.stderr
+
+
+@pytest.mark.parametrize("key,nearest", [("index_pattern", "index_topk_pattern"), ("index_freq", "index_topk_freq"),
+                                         ("index_cache_pattern", "index_topk_pattern"),
+                                         ("index_offset", "index_skip_topk_offset")])
+def test_keys_naming_an_indexer_and_an_indexcache_word_are_refused(key, nearest):
+    """Too far from any key for difflib, but an indexer key with a word only IndexCache keys have."""
+    from vllm_indexcache.config_keys import nearest_indexcache_key
+
+    assert nearest_indexcache_key(key) == nearest
+
+
+@pytest.mark.parametrize("key", ["sliding_window_pattern", "moe_layer_freq", "index_source_layer_ids",
+                                 "candidate_topk_blocks", "index_top_k"])
+def test_other_models_keys_with_those_words_pass(key):
+    from vllm_indexcache.config_keys import nearest_indexcache_key
+
+    assert nearest_indexcache_key(key) is None
