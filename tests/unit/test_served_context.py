@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from vllm_indexcache.vllm_glue.served_context import beyond_trained_context
+from vllm_indexcache.vllm_glue.served_context import beyond_positions, beyond_trained_context
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "models" / "tiny-dsa"
@@ -31,6 +31,17 @@ def test_beyond_trained_context():
     assert beyond_trained_context(plain, 4096) is None          # not a DSA model: not this plugin's business
 
 
+def test_beyond_positions_is_one_line(monkeypatch):
+    dsa = SimpleNamespace(index_topk=128, max_seq_len=2048, max_position_embeddings=8192)
+    monkeypatch.delenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", raising=False)
+    assert beyond_positions(dsa, 8192) is None and beyond_positions(dsa, None) is None
+    err = str(beyond_positions(dsa, 9000))
+    assert err.startswith("--max-model-len=9000:") and "max_position_embeddings=8192" in err and "\n" not in err
+    assert beyond_positions(SimpleNamespace(max_seq_len=2048, max_position_embeddings=8192), 9000) is None
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")      # the user asked vLLM to allow it
+    assert beyond_positions(dsa, 9000) is None
+
+
 def test_vllm_serves_2048_tokens_and_256_new_tokens_by_default_and_more_when_asked():
     code = f"""
 import json, vllm_indexcache
@@ -42,7 +53,7 @@ try:
     ModelConfig(model={str(TINY)!r}, max_model_len=9000)
     refused = False
 except Exception as e:
-    refused = "9000" in str(e)
+    refused = "--max-model-len=9000: beyond the model's max_position_embeddings=8192" in str(e)
 print(json.dumps([m.max_model_len, m.get_diff_sampling_param().get("max_tokens"), asked.max_model_len, refused]))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -7,11 +7,16 @@ vLLM source (0.32): ``vllm/config/model.py`` — ``ModelConfig.get_and_verify_ma
 ``examples/models/tiny-dsa``: trained at 2048, ``max_position_embeddings`` 8192) declares the trained length as
 ``max_seq_len``, so every entry point serves 2048 tokens by default; :func:`beyond_trained_context` lets an explicit
 ``--max-model-len`` up to ``max_position_embeddings`` through with one warning line (the positions exist; the model
-was not trained there), and vLLM's own check still refuses anything beyond ``max_position_embeddings``.
+was not trained there); beyond ``max_position_embeddings`` :func:`beyond_positions` refuses it in one line (exit 2
+in ``vllm serve``) instead of vLLM's pydantic dump, which names ``max_seq_len`` as the limit and suggests
+``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1`` (with that variable set, vLLM decides as before).
 """
 from __future__ import annotations
 
 import logging
+import os
+
+from vllm_indexcache.config import IndexCacheError
 
 logger = logging.getLogger("vllm.indexcache")
 _ORIGINAL = None
@@ -31,6 +36,20 @@ def beyond_trained_context(hf_config, max_model_len: int | None) -> str | None:
             "there is what the model card says")
 
 
+def beyond_positions(hf_config, max_model_len: int | None) -> IndexCacheError | None:
+    """The one-line error for an explicit ``max_model_len`` above ``max_position_embeddings`` of a DSA checkpoint that
+    declares ``max_seq_len`` (the case :func:`beyond_trained_context` extends), else None; None too when
+    ``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1`` asks vLLM to allow it."""
+    trained = getattr(hf_config, "max_seq_len", None)
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if (max_model_len is None or max_model_len == -1 or getattr(hf_config, "index_topk", None) is None
+            or not isinstance(trained, int) or not isinstance(positions, int) or max_model_len <= positions
+            or os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").lower() in ("1", "true")):
+        return None
+    return IndexCacheError(f"--max-model-len={max_model_len}: beyond the model's max_position_embeddings={positions} "
+                           f"(its default is max_seq_len={trained}); at most {positions}")
+
+
 def install() -> None:
     """Wrap ``ModelConfig.get_and_verify_max_len`` (idempotent)."""
     global _ORIGINAL
@@ -41,6 +60,11 @@ def install() -> None:
     _ORIGINAL = ModelConfig.get_and_verify_max_len
 
     def get_and_verify_max_len(self, max_model_len):
+        if (err := beyond_positions(self.hf_text_config, max_model_len)) is not None:
+            from vllm_indexcache.vllm_glue.config_hook import _exit_on_error
+
+            _exit_on_error(err)
+            raise err
         if (warning := beyond_trained_context(self.hf_text_config, max_model_len)) is not None:
             logger.warning(warning)
             return int(max_model_len)
