@@ -22,15 +22,24 @@ logger = logging.getLogger("vllm.indexcache")
 _ORIGINAL = None
 
 
-def beyond_trained_context(hf_config, max_model_len: int | None) -> str | None:
-    """The warning for an explicit ``max_model_len`` with ``max_seq_len < max_model_len <= max_position_embeddings``
-    on a DSA model (one with ``index_topk``), else None (vLLM decides: default, within ``max_seq_len``, or refused)."""
+def _declared(hf_config, max_model_len: int | None) -> tuple[int, int] | None:
+    """``(max_seq_len, max_position_embeddings)`` of a DSA checkpoint (one with ``index_topk``) that declares both,
+    when ``max_model_len`` was given explicitly; else None (vLLM decides)."""
     trained = getattr(hf_config, "max_seq_len", None)
     positions = getattr(hf_config, "max_position_embeddings", None)
     if (max_model_len is None or max_model_len == -1 or getattr(hf_config, "index_topk", None) is None
-            or not isinstance(trained, int) or not isinstance(positions, int)
-            or not trained < max_model_len <= positions):
+            or not isinstance(trained, int) or not isinstance(positions, int)):
         return None
+    return trained, positions
+
+
+def beyond_trained_context(hf_config, max_model_len: int | None) -> str | None:
+    """The warning for an explicit ``max_model_len`` with ``max_seq_len < max_model_len <= max_position_embeddings``
+    on a DSA model (one with ``index_topk``), else None (vLLM decides: default, within ``max_seq_len``, or refused)."""
+    declared = _declared(hf_config, max_model_len)
+    if declared is None or not declared[0] < max_model_len <= declared[1]:
+        return None
+    trained, positions = declared
     return (f"IndexCache: --max-model-len {max_model_len} is beyond the context the model declares as trained "
             f"(max_seq_len={trained}, the default); allowed up to max_position_embeddings={positions}, but quality "
             "there is what the model card says")
@@ -40,12 +49,11 @@ def beyond_positions(hf_config, max_model_len: int | None) -> IndexCacheError | 
     """The one-line error for an explicit ``max_model_len`` above ``max_position_embeddings`` of a DSA checkpoint that
     declares ``max_seq_len`` (the case :func:`beyond_trained_context` extends), else None; None too when
     ``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1`` asks vLLM to allow it."""
-    trained = getattr(hf_config, "max_seq_len", None)
-    positions = getattr(hf_config, "max_position_embeddings", None)
-    if (max_model_len is None or max_model_len == -1 or getattr(hf_config, "index_topk", None) is None
-            or not isinstance(trained, int) or not isinstance(positions, int) or max_model_len <= positions
+    declared = _declared(hf_config, max_model_len)
+    if (declared is None or max_model_len <= declared[1]
             or os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").lower() in ("1", "true")):
         return None
+    trained, positions = declared
     return IndexCacheError(f"--max-model-len={max_model_len}: beyond the model's max_position_embeddings={positions} "
                            f"(its default is max_seq_len={trained}); at most {positions}")
 
