@@ -7,7 +7,10 @@ as written; the plugin derives DeepSeek's config keys and maps the names at load
 (``vllm_glue/deepseek_v4_layout.py``). Oracle and tolerances are those of ``test_v4_cpu.py`` (bf16 + FP8 KV and
 indexer keys in vLLM vs float32 transformers), with all CSA layers F and with the CSA pattern ``FSFSF`` (S at layers 2
 and 5, reusing the preceding F layer's top-k; the reference applies the same reuse).
-Measured with ``python tests/engine/test_v4_hf_layout.py`` (AVX512-BF16 CPU): see the module's ``__main__``.
+Measured with ``python tests/engine/test_v4_hf_layout.py`` (AVX512-BF16 CPU, the 2,600-token prompt): all-F greedy
+6/8 exact, max gap 0.035 nats, mean |Δ prompt log-prob| 0.0641 (max 0.436); FSFSF 7/8, max gap 0.006, mean 0.0635
+(max 0.457); the pattern moves vLLM's prompt log-probs by 0 before 2,048 tokens and 0.058 nats past it. The same
+numbers as the DeepSeek-layout copy in ``test_v4_cpu.py`` (mean 0.066 at 3,000 tokens), so the tolerances are its own.
 """
 from __future__ import annotations
 
