@@ -119,7 +119,7 @@ def test_load_time_mapper_equals_the_converter(small):
     assert t.dtype == torch.int32 and t.tolist() == [[3, 1]]
 
 
-def test_vllm_parses_the_transformers_layout_as_deepseeks(small, caplog):
+def test_vllm_parses_the_transformers_layout_as_deepseeks(small, caplog, monkeypatch):
     """vLLM's config parser (with the plugin's config class in its registry) reads both layouts of one toy into the
     same DeepSeek fields, one log line per filled key."""
     from vllm.transformers_utils.config import get_config
@@ -128,9 +128,10 @@ def test_vllm_parses_the_transformers_layout_as_deepseeks(small, caplog):
 
     deepseek_v4_layout.install()
     hf, ds = small
-    deepseek_v4_layout._LOGGED.clear()
+    monkeypatch.delenv(deepseek_v4_layout.LOGGED_ENV, raising=False)
     with caplog.at_level(logging.INFO, logger="vllm.indexcache"):
         cfg_hf = get_config(str(hf), trust_remote_code=False)
+        get_config(str(hf), trust_remote_code=False)   # built again (as in the spawned EngineCore): no new lines
     cfg_ds = get_config(str(ds), trust_remote_code=False)
     for key in ("compress_ratios", "num_hash_layers", "qk_rope_head_dim", "topk_method", "rope_theta",
                 "compress_rope_theta", "num_hidden_layers", "index_topk"):

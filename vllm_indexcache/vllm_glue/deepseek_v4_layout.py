@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -36,7 +37,8 @@ from vllm_indexcache.families.deepseek_v4 import (
 logger = logging.getLogger("vllm.indexcache")
 
 MODEL_TYPE = "deepseek_v4"
-_LOGGED: set[tuple[str, str]] = set()
+#: environment variable holding the fill lines already logged (:func:`_log_filled`)
+LOGGED_ENV = "VLLM_INDEXCACHE_V4_CONFIG_LOGGED"
 _ORIGINAL_CLASS = None
 
 
@@ -48,11 +50,16 @@ def _fields(data: dict) -> tuple[dict, list]:
 
 
 def _log_filled(filled) -> None:
-    """One INFO line per filled key, once per process (vLLM may build the config more than once)."""
+    """One INFO line per filled key per server start: vLLM builds the config again in the process that started it
+    and in the EngineCore it spawns (after engine start-up), so lines already logged are remembered in
+    :data:`LOGGED_ENV`, which spawned processes inherit."""
+    logged = set(filter(None, os.environ.get(LOGGED_ENV, "").split("\n")))
     for key, value, source in filled:
-        if (key, repr(value)) not in _LOGGED:
-            _LOGGED.add((key, repr(value)))
-            logger.info("IndexCache: DeepSeek-V4 config: %s filled from %s = %s", key, source, value)
+        line = f"IndexCache: DeepSeek-V4 config: {key} filled from {source} = {value}"
+        if line not in logged:
+            logged.add(line)
+            logger.info(line)
+    os.environ[LOGGED_ENV] = "\n".join(sorted(logged))
 
 
 def check_checkpoint(model) -> None:
