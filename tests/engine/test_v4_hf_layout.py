@@ -11,6 +11,9 @@ Measured with ``python tests/engine/test_v4_hf_layout.py`` (AVX512-BF16 CPU, the
 6/8 exact, max gap 0.035 nats, mean |Δ prompt log-prob| 0.0641 (max 0.436); FSFSF 7/8, max gap 0.006, mean 0.0635
 (max 0.457); the pattern moves vLLM's prompt log-probs by 0 before 2,048 tokens and 0.058 nats past it. The same
 numbers as the DeepSeek-layout copy in ``test_v4_cpu.py`` (mean 0.066 at 3,000 tokens), so the tolerances are its own.
+Served from the transformers layout and from its DeepSeek-layout conversion, vLLM computes the same thing: with FSFSF
+on the 2,600-token prompt, equal greedy tokens and max |Δ prompt log-prob| 0.0 (``python
+tests/engine/test_v4_hf_layout.py same``).
 """
 from __future__ import annotations
 
@@ -84,13 +87,33 @@ def test_the_pattern_applies_to_the_transformers_layout(served):
     assert d[SELECTING:].abs().mean() >= 0.02, f"past {SELECTING}: {d[SELECTING:].abs().mean():.4f}"
 
 
-if __name__ == "__main__":   # the numbers: python tests/engine/test_v4_hf_layout.py [PROMPT_LEN]
+def same_as_deepseek_layout(prompt_len=PROMPT_LEN, pattern=PATTERN):
+    """vLLM on the transformers-layout toy and on its DeepSeek-layout conversion (two engine starts): greedy tokens
+    and prompt log-probs; ``python tests/engine/test_v4_hf_layout.py same``."""
+    import tempfile
+
+    from vllm_indexcache.tools.toy_v4 import build_toy_v4, to_deepseek_layout
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = str(build_toy_v4(f"{tmp}/hf", seed=0))
+        ds = str(to_deepseek_layout(hf, f"{tmp}/ds"))
+        prompts = _prompts((prompt_len,))
+        [(ta, la)] = run_vllm(hf, prompts, hf_overrides={"index_topk_pattern": pattern})
+        [(tb, lb)] = run_vllm(ds, prompts, hf_overrides={"index_topk_pattern": pattern})
+        print(f"{pattern}, {prompt_len} tokens: greedy tokens equal {ta == tb} ({ta}), max |Δ prompt log-prob| "
+              f"transformers vs DeepSeek layout {float((la - lb).abs().max())}")
+
+
+if __name__ == "__main__":   # the numbers: python tests/engine/test_v4_hf_layout.py [PROMPT_LEN | same]
     import sys
     import tempfile
 
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     from vllm_indexcache.tools.toy_v4 import build_toy_v4
 
+    if sys.argv[1:2] == ["same"]:
+        same_as_deepseek_layout()
+        sys.exit(0)
     with tempfile.TemporaryDirectory() as tmp:
         hf = str(build_toy_v4(f"{tmp}/hf", seed=0))
         lps = {}

@@ -2,7 +2,7 @@
 
 * **transformers layout** — what ``DeepseekV4ForCausalLM.save_pretrained`` writes with transformers 5.19
   (``model.``-prefixed names, ``layer_types`` / ``mlp_layer_types`` / ``compress_rates`` in ``config.json``).
-  vLLM 0.32 does not load it as is.
+  vLLM 0.32 alone does not load it; with the plugin it serves directly (``vllm_glue/deepseek_v4_layout.py``).
 * **DeepSeek layout** — DeepSeek's original names and config fields, the layout vLLM's V4 loader reads
   (``vllm/models/deepseek_v4/cpu/model.py`` ``_make_deepseek_v4_weights_mapper`` and
   ``vllm/transformers_utils/configs/deepseek_v4.py``): :func:`to_deepseek_layout` converts a transformers-layout
