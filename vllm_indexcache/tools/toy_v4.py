@@ -2,7 +2,7 @@
 
 * **transformers layout** — what ``DeepseekV4ForCausalLM.save_pretrained`` writes with transformers 5.19
   (``model.``-prefixed names, ``layer_types`` / ``mlp_layer_types`` / ``compress_rates`` in ``config.json``).
-  vLLM 0.32 does not load it as is.
+  vLLM 0.32 alone does not load it; with the plugin it serves directly (``vllm_glue/deepseek_v4_layout.py``).
 * **DeepSeek layout** — DeepSeek's original names and config fields, the layout vLLM's V4 loader reads
   (``vllm/models/deepseek_v4/cpu/model.py`` ``_make_deepseek_v4_weights_mapper`` and
   ``vllm/transformers_utils/configs/deepseek_v4.py``): :func:`to_deepseek_layout` converts a transformers-layout
@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
-#: transformers' layer type → DeepSeek's ``compress_ratios`` entry (transformers ``configuration_deepseek_v4.py``).
-LAYER_TYPE_RATIO = {"sliding_attention": 0, "compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+# the one name/config map between the two layouts, shared with the serving glue (vllm_glue/deepseek_v4_layout.py)
+from vllm_indexcache.families.deepseek_v4 import INT32_WEIGHTS, LAYER_TYPE_RATIO, deepseek_config
+from vllm_indexcache.families.deepseek_v4 import deepseek_weight_name as deepseek_name
+
+__all__ = ["DEFAULT_COMPRESS_RATIOS", "LAYER_TYPE_RATIO", "TOY_V4_GEOMETRY", "build_toy_v4", "deepseek_config",
+           "deepseek_name", "to_deepseek_layout", "toy_v4_config"]
 
 #: Default layout: 8 layers, CSA (ratio 4) at 1, 2, 4, 5, 7; HCA (128) at 3, 6; sliding-window only at 0.
 DEFAULT_COMPRESS_RATIOS = (0, 4, 4, 128, 4, 4, 128, 4)
@@ -58,20 +61,6 @@ TOY_V4_GEOMETRY = dict(
     pad_token_id=0,
     tie_word_embeddings=False,
 )
-
-#: Weight names: transformers 5.19 ``save_pretrained`` → DeepSeek's layout (applied in order, after the
-#: ``model.`` prefix is stripped). ``attn.norm`` is the main attention's KV norm only (not the compressors').
-NAME_RULES = (
-    (re.compile(r"^embed_tokens\.weight$"), "embed.weight"),
-    (re.compile(r"^hc_head\.hc_(fn|base|scale)$"), r"hc_head_\1"),
-    (re.compile(r"^(layers\.\d+\.attn)\.norm\.weight$"), r"\1.kv_norm.weight"),
-)
-
-#: transformers-only config fields that DeepSeek's layout replaces (vLLM refuses ``mlp_layer_types`` with
-#: ``hash_moe`` entries and does not read the others).
-TRANSFORMERS_ONLY_KEYS = ("layer_types", "mlp_layer_types", "compress_rates", "partial_rotary_factor",
-                          "rope_parameters")
-
 
 def toy_v4_config(compress_ratios=DEFAULT_COMPRESS_RATIOS, num_hash_layers: int = 2, init_std: float = 0.05,
                   **overrides):
@@ -151,64 +140,15 @@ def build_toy_v4(out_dir: str | Path, compress_ratios=DEFAULT_COMPRESS_RATIOS, n
     return out
 
 
-def deepseek_name(name: str) -> str:
-    """DeepSeek's / vLLM's name of a weight that transformers 5.19 ``save_pretrained`` wrote as ``name``.
-
-    >>> deepseek_name("model.layers.3.attn.norm.weight")
-    'layers.3.attn.kv_norm.weight'
-    """
-    name = name.removeprefix("model.")
-    for pattern, repl in NAME_RULES:
-        name = pattern.sub(repl, name)
-    return name
-
-
-def deepseek_config(data: dict) -> dict:
-    """DeepSeek's ``config.json`` fields from a transformers 5.19 ``DeepseekV4Config`` dict (``config.json``).
-
-    Adds ``compress_ratios`` (from ``layer_types`` and ``compress_rates``), ``num_hash_layers`` (the leading
-    ``hash_moe`` entries of ``mlp_layer_types``), ``qk_rope_head_dim``, ``topk_method: noaux_tc`` (vLLM loads
-    ``e_score_correction_bias`` only then) and a flat ``rope_scaling``/``rope_theta`` pair; drops
-    :data:`TRANSFORMERS_ONLY_KEYS`.
-
-    Raises:
-        ValueError: ``hash_moe`` layers that are not a prefix of ``mlp_layer_types`` (DeepSeek's layout cannot
-            express them); a layer type without a ratio; rope types of the two rope sets that differ.
-    """
-    out = {k: v for k, v in data.items() if k not in TRANSFORMERS_ONLY_KEYS}
-    rates = {**{t: r for t, r in LAYER_TYPE_RATIO.items() if r}, **(data.get("compress_rates") or {})}
-    rates["sliding_attention"] = 0
-    try:
-        out["compress_ratios"] = [rates[t] for t in data["layer_types"]]
-    except KeyError as e:
-        raise ValueError(f"layer_types: {e.args[0]!r} has no compress ratio") from None
-    mlp = data.get("mlp_layer_types") or []
-    n_hash = next((i for i, t in enumerate(mlp) if t != "hash_moe"), len(mlp))
-    if "hash_moe" in mlp[n_hash:]:
-        raise ValueError(f"mlp_layer_types: hash_moe layers must come first for DeepSeek's num_hash_layers, got {mlp}")
-    out["num_hash_layers"] = n_hash
-    rotary = data.get("partial_rotary_factor") or 64 / 512
-    out["qk_rope_head_dim"] = data.get("qk_rope_head_dim") or int(data["head_dim"] * rotary)
-    out["topk_method"] = "noaux_tc"
-    rope = data.get("rope_parameters") or {}
-    compress = dict(rope.get("compress") or {})
-    if compress.get("rope_type", "default") != "default":
-        # YaRN is applied to CSA/HCA layers only; DeepSeek's flat rope_scaling carries it.
-        out["rope_scaling"] = {k: v for k, v in compress.items() if k not in ("rope_theta", "partial_rotary_factor")}
-        out["rope_scaling"]["type"] = out["rope_scaling"]["rope_type"]
-    if (rope.get("main") or {}).get("rope_type", "default") != "default":
-        raise ValueError("rope_parameters.main: only the default rope is used on sliding-window layers")
-    out["rope_theta"] = (rope.get("main") or {}).get("rope_theta", data.get("rope_theta", 10000.0))
-    out["compress_rope_theta"] = compress.get("rope_theta", data.get("compress_rope_theta", 160000.0))
-    return out
-
-
 def to_deepseek_layout(src: str | Path, dst: str | Path) -> Path:
     """Convert a transformers-layout V4 checkpoint directory ``src`` into DeepSeek's layout in ``dst``.
 
-    Renames every tensor by :func:`deepseek_name`, stores ``tid2eid`` as int32 (vLLM's parameter dtype,
-    ``cpu/model.py`` ``DeepseekV4MoE``), rewrites ``config.json`` by :func:`deepseek_config` and copies the other
-    files (tokenizer). Returns ``dst``.
+    The map is the one vLLM's loader applies to a transformers-layout directory served directly
+    (:mod:`vllm_indexcache.families.deepseek_v4`): renames every tensor by
+    :func:`~vllm_indexcache.families.deepseek_v4.deepseek_weight_name`, stores ``tid2eid`` as int32 (vLLM's
+    parameter dtype, ``cpu/model.py`` ``DeepseekV4MoE``), rewrites ``config.json`` by
+    :func:`~vllm_indexcache.families.deepseek_v4.deepseek_config` and copies the other files (tokenizer).
+    Returns ``dst``.
 
     Raises:
         FileNotFoundError: ``src`` has no ``config.json`` or no ``*.safetensors``.
@@ -231,7 +171,7 @@ def to_deepseek_layout(src: str | Path, dst: str | Path) -> Path:
             new = deepseek_name(name)
             if new in tensors:
                 raise ValueError(f"{name}: maps to {new}, which another tensor already has")
-            tensors[new] = t.to(torch.int32) if new.endswith("tid2eid") else t.contiguous()
+            tensors[new] = t.to(torch.int32) if new.endswith(INT32_WEIGHTS) else t.contiguous()
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy(f, dst / f.name)

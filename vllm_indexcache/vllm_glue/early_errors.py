@@ -8,6 +8,7 @@ spawned. Two settings used to fail late or as a traceback:
 * ``--hf-overrides`` that is not a JSON object (e.g. a missing ``}``): vLLM's parser keeps it as a string and
   ``ModelConfig``'s pydantic validation prints a traceback. :func:`parse_hf_overrides` refuses it in
   ``EngineArgs.create_model_config``.
+* a DeepSeek-V4 ``config.json`` whose transformers and DeepSeek keys contradict (:func:`check_v4_layout`).
 * ``--attention-backend X`` (X not ``indexcache``) for a DSA model on CPU: the refusal came from the worker's
   backend selection, after ~240 log lines and two tracebacks. :func:`check_cpu_backend` runs it from
   ``CpuPlatform.check_and_update_config`` (:mod:`.cpu.platform`).
@@ -57,6 +58,15 @@ def check_cpu_backend(backend_name: str | None, is_dsa: bool) -> None:
                               f"--attention-backend {BACKEND_NAME.lower()}")
 
 
+def check_v4_layout(model) -> None:
+    """A DeepSeek-V4 ``config.json`` in transformers' layout whose DeepSeek keys contradict it, refused in one line
+    (:func:`vllm_indexcache.vllm_glue.deepseek_v4_layout.check_checkpoint`; vLLM's config parser would retry and log
+    it twice as "Error parsing config")."""
+    from vllm_indexcache.vllm_glue.deepseek_v4_layout import check_checkpoint
+
+    check_checkpoint(model)
+
+
 def install() -> None:
     """Wrap ``EngineArgs.create_model_config`` (idempotent)."""
     global _ORIGINAL
@@ -71,6 +81,7 @@ def install() -> None:
     def create_model_config(self):
         try:
             self.hf_overrides = parse_hf_overrides(self.hf_overrides)
+            check_v4_layout(self.model)
         except IndexCacheError as err:
             _exit_on_error(err)
             raise

