@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import site
 import statistics
@@ -91,7 +92,9 @@ def preflight() -> tuple[list[str], list[str]]:
         try:
             import tilelang
 
-            facts.append(f"tilelang {getattr(tilelang, '__version__', '?')}")
+            nvcc = shutil.which("nvcc") or os.environ.get("CUDA_HOME")
+            facts.append(f"tilelang {getattr(tilelang, '__version__', '?')}; nvcc/CUDA_HOME for its JIT: "
+                         f"{nvcc or 'NONE FOUND (tilelang/env.py _find_cuda_home: its kernels compile with nvcc)'}")
         except Exception as e:   # noqa: BLE001 — any import failure is the reason
             problems.append(f"tilelang fails to import: {type(e).__name__}: {e}")
     if not has_cutedsl():
