@@ -10,8 +10,7 @@ import torch
 from vllm_indexcache.families.deepseek_v4 import csa_layers
 from vllm_indexcache.pattern import resolve_spec
 from vllm_indexcache.tools.toy_v4_deepseek import deepseek_v4_config, flash_layout
-from vllm_indexcache.vllm_glue.cpu.deepseek_v4.indexcache import CsaPlan
-from vllm_indexcache.vllm_glue.cuda.deepseek_v4.kv_groups import split_by_page_size
+from vllm_indexcache.vllm_glue.cuda.deepseek_v4.kv_groups import split_by_page_size  # imports no vLLM
 
 
 @pytest.mark.parametrize("spec,s_layers", [
@@ -20,6 +19,9 @@ from vllm_indexcache.vllm_glue.cuda.deepseek_v4.kv_groups import split_by_page_s
     ("1/4", {5, 7, 9, 13, 15, 17}),
 ])
 def test_bench_toy_patterns_pick_s_csa_layers(spec, s_layers):
+    # imported here: the module imports vLLM, hence Triton, which test_ops_*.py need imported after TRITON_INTERPRET
+    from vllm_indexcache.vllm_glue.cpu.deepseek_v4.indexcache import CsaPlan
+
     config = deepseek_v4_config(flash_layout(18), quantize=False)
     layers = csa_layers(config)
     pattern = resolve_spec(spec, len(layers))
