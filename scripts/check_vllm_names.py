@@ -60,7 +60,8 @@ GLUE_PACKAGE = "vllm_indexcache.vllm_glue"
 #: The glue imported and checked (CUDA path, shared modules, DeepSeek-V4 CPU path).
 GLUE_MODULES = ("registration", "config_hook", "model", "cuda.platform", "cuda.indexer", "cuda.sparse_mla",
                 "indexer_projection", "hooks", "cpu.deepseek_v4", "cpu.deepseek_v4.patches", "cpu.deepseek_v4.model",
-                "cpu.deepseek_v4.indexcache", "cpu.deepseek_v4.metadata", "cpu.deepseek_v4.ops")
+                "cpu.deepseek_v4.indexcache", "cpu.deepseek_v4.metadata", "cpu.deepseek_v4.ops",
+                "cuda.deepseek_v4.kv_groups", "cuda.deepseek_v4.model")
 #: vLLM modules on DeepSeek-V4's CPU path: a caller there that the glue's rebinding misses is a failure (elsewhere a
 #: note: e.g. a CUDA backend importing the same helper).
 V4_CPU_PATH = ("vllm.models.deepseek_v4.", "vllm.v1.attention.backends.mla.sparse_swa",
@@ -118,6 +119,25 @@ DYNAMIC = (
     ("cuda/sparse_mla.py", "self.topk_indices_buffer is None",
      "vllm.v1.attention.backends.mla.flashmla_sparse:FlashMLASparseImpl",
      ("members", ["kv_cache_dtype", "topk_indices_buffer", "kv_lora_rank", "softmax_scale"])),
+    ("cpu/deepseek_v4/indexcache.py", "attention.DeepseekV4Indexer = build",
+     "vllm.models.deepseek_v4.attention:DeepseekV4Indexer", ("members", ["k_cache", "compressor"])),
+    ("cpu/deepseek_v4/indexcache.py", "original(*args, prefix=prefix, **kwargs)",
+     "vllm.models.deepseek_v4.attention:DeepseekV4Indexer.__init__",
+     ("call", 2, ["config", "hidden_size", "q_lora_rank", "quant_config", "cache_config", "topk_indices_buffer",
+                  "compress_ratio", "prefix", "aux_stream"])),
+    ("cpu/deepseek_v4/indexcache.py", "indexers[0].k_cache.get_kv_cache_spec(vllm_config)",
+     "vllm.models.deepseek_v4.attention:DeepseekV4IndexerCache.get_kv_cache_spec", ("call", 2, [])),
+    ("cpu/deepseek_v4/indexcache.py", "state.get_kv_cache_spec(vllm_config)",
+     "vllm.models.deepseek_v4.compressor:CompressorStateCache", ("members", ["sliding_window", "get_kv_cache_spec"])),
+    ("cpu/deepseek_v4/indexcache.py", 'name.endswith("attn.indexer")',
+     "vllm.models.deepseek_v4.attention:DeepseekV4Attention",
+     ("members", ["indexer", "compressor", "compress_ratio", "topk_indices_buffer"])),
+    ("cuda/deepseek_v4/kv_groups.py", "original(kv_cache_spec)",
+     "vllm.v1.core.kv_cache_utils:group_and_unify_kv_cache_specs", ("call", 1, [])),
+    ("cuda/deepseek_v4/kv_groups.py", "_get_kv_cache_groups_uniform_groups",
+     "vllm.v1.core.kv_cache_utils:_get_kv_cache_groups_uniform_groups", None),
+    ("cuda/deepseek_v4/kv_groups.py", "group.kv_cache_specs.items()",
+     "vllm.v1.kv_cache_interface:UniformTypeKVCacheSpecs", ("members", ["kv_cache_specs", "from_specs"])),
     ("cuda/sparse_mla.py", "attn_metadata.req_id_per_token",
      "vllm.v1.attention.backends.mla.flashmla_sparse:FlashMLASparseMetadata",
      ("members", ["req_id_per_token", "block_table", "block_size"])),

@@ -87,6 +87,18 @@ PATCHES = (
      "ops/mhc, ops/topk, ops/o_proj, ops/compressor_state; wo_a kept unpacked for the torch bmm) where _C lacks "
      "them, or everywhere with VLLM_INDEXCACHE_V4_TORCH_OPS=1", "cpu 0.32.0", "-",
      "when _C_AVX2/_C_AVX512 ship the V4 ops"),
+    ("ModelRegistry: DeepseekV4ForCausalLM (CUDA); vllm.models.deepseek_v4.attention.DeepseekV4Indexer (only while "
+     "the V4 model is built); DeepseekV4ForCausalLM.load_weights (subclass)", "cuda.deepseek_v4.model",
+     "IndexCache over CSA layers on vLLM's NVIDIA V4 model: S CSA layers get indexer=None (no indexer weights, "
+     "indexer K-cache or indexer compressor state; attention_impl takes its compressor-only branch and FlashMLA reads "
+     "the shared topk_indices_buffer the preceding F CSA layer wrote) and their checkpoint indexer tensors are "
+     "skipped; same mechanism as cpu.deepseek_v4.indexcache", "cuda 0.26.0 (not run on a GPU yet)", "-",
+     "when vLLM reads index_topk_pattern for DeepSeek-V4"),
+    ("kv_cache_utils.group_and_unify_kv_cache_specs", "cuda.deepseek_v4.kv_groups",
+     "V4 grouping pairs each CSA layer's main and indexer compressor states by page size and asserts equal counts "
+     "(_get_kv_cache_groups_uniform_groups); with S CSA layers the counts differ: such a group is split by page size "
+     "(no-op when they pair up)", "cuda 0.26.0 (not run on a GPU yet)", "-",
+     "when vLLM groups V4 layers without equal counts per page size (0.32 packs them differently)"),
     ("CUDA attention selector for INDEXCACHE", "cuda.platform",
      "--attention-backend indexcache: vLLM's native sparse kernels where the geometry allows, else Triton",
      "cuda 0.26.0", "-", "-"),
@@ -167,4 +179,7 @@ def install() -> None:
         from vllm_indexcache.vllm_glue.cuda import platform as cuda_platform
 
         cuda_platform.install()
+        from vllm_indexcache.vllm_glue.cuda import deepseek_v4 as cuda_deepseek_v4
+
+        cuda_deepseek_v4.register()
     model.register_models()

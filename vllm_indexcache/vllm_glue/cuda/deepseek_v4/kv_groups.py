@@ -1,0 +1,57 @@
+"""vLLM 0.26's DeepSeek-V4 KV-cache grouping with CSA layers that have no lightning indexer.
+
+vLLM source: ``vllm/v1/core/kv_cache_utils.py``. ``group_and_unify_kv_cache_specs`` puts every ``SlidingWindowMLASpec``
+with the same ``(block_size, sliding_window)`` into one group, so a CSA layer's two compressor states — the main
+compressor's (``2 * 2 * head_dim`` fp32 per slot) and its indexer compressor's (``2 * 2 * index_head_dim``) — share a
+group. ``_get_kv_cache_groups_uniform_groups`` then pairs that group's layers by page size with ``zip`` and asserts
+``len(set(len(layers) for layers in layers_per_size.values())) == 1`` ("inside a UniformKV group, each page_size
+should have the same number of layers"): with S CSA layers (no indexer, so no indexer compressor state) there are
+more main states than indexer states and vLLM stops at that assert.
+
+:func:`split_by_page_size` runs after vLLM's grouping and splits only such a group — page sizes with unequal layer
+counts — into one group per page size; vLLM then pads and packs each as it does its other sliding-window groups
+(the indexer compressor states take as many 8640-byte slots per block as there are F layers, not CSA layers). A
+model whose groups pair up (all F, or any model without S layers) is grouped exactly as by vLLM.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+_PATCHED = False
+
+
+def split_by_page_size(groups):
+    """``groups`` (vLLM's ``group_and_unify_kv_cache_specs`` result: a full-MLA ``UniformTypeKVCacheSpecs`` first, then
+    sliding-window ones, or None) with every sliding-window group whose page sizes hold unequal numbers of layers
+    split into one ``UniformTypeKVCacheSpecs`` per page size (layer order kept); others unchanged."""
+    if not groups:
+        return groups
+    from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
+
+    out = [groups[0]]
+    for group in groups[1:]:
+        by_size = defaultdict(dict)
+        for name, spec in group.kv_cache_specs.items():
+            by_size[spec.page_size_bytes][name] = spec
+        if len({len(specs) for specs in by_size.values()}) > 1:
+            out.extend(UniformTypeKVCacheSpecs.from_specs(specs) for specs in by_size.values())
+        else:
+            out.append(group)
+    return out
+
+
+def install() -> None:
+    """Wrap ``kv_cache_utils.group_and_unify_kv_cache_specs`` (read by ``get_kv_cache_groups`` as a module global)
+    with :func:`split_by_page_size` (idempotent)."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    _PATCHED = True
+    from vllm.v1.core import kv_cache_utils
+
+    original = kv_cache_utils.group_and_unify_kv_cache_specs
+
+    def group_and_unify_kv_cache_specs(kv_cache_spec):
+        return split_by_page_size(original(kv_cache_spec))
+
+    kv_cache_utils.group_and_unify_kv_cache_specs = group_and_unify_kv_cache_specs
