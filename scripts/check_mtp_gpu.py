@@ -21,7 +21,7 @@ output is zeroed there, so the rate checks the target side of a pattern, not the
 selection (a random model cannot tell a right selection from a wrong one).
 
 Usage (vLLM 0.26 importable, this repo installed as a plugin):
-``python scripts/check_mtp_h200.py --out /tmp/out/check_mtp_h200.json``. Prints one JSON object and writes it to
+``python scripts/check_mtp_gpu.py --out /tmp/out/check_mtp_gpu.json``. Prints one JSON object and writes it to
 ``--out``. A failing engine is recorded with its log tail instead of aborting the run.
 """
 from __future__ import annotations
@@ -133,7 +133,7 @@ def _first_difference(a: list[list[int]], b: list[list[int]]):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="check_mtp_h200.json", help="JSON result file")
+    ap.add_argument("--out", default="check_mtp_gpu.json", help="JSON result file")
     ap.add_argument("--num-spec", type=int, default=2, help="num_speculative_tokens")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--index-topk", type=int, default=2048)
