@@ -29,7 +29,7 @@ tokens, compared with the single-GPU runs of the same pattern (with 4 layers and
 an S layer in ``FSSS``; the plugin makes it F there, so PP ``FSSS`` is also compared with one GPU ``FSFS``).
 Each process's log goes to ``$BENCH_LOG_DIR`` (default /tmp/bench-vllm-logs), not ``--out``.
 
-    python scripts/bench_vllm_gpu.py --out $OUT                       # the table (GPU: H100 or H200, vLLM 0.26 importable)
+    python scripts/bench_vllm_gpu.py --out $OUT                       # the table (H100 or H200, vLLM 0.26)
     python scripts/bench_vllm_gpu.py --out $OUT --configs plugin-1/4@pp2,plugin-1/4@tp2,native-1/4@pp2
     python scripts/bench_vllm_gpu.py --render dirA,dirB --out docs/benchmarks/h200-vllm   # merge, no GPU
 """

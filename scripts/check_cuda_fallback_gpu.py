@@ -1,4 +1,4 @@
-"""Check the INDEXCACHE Triton fallback (CUDA vLLM 0.26) against transformers and native vLLM DSA on one GPU (H100 or H200).
+"""Check the INDEXCACHE Triton fallback (CUDA vLLM 0.26) against transformers and native DSA on one GPU (H100, H200).
 
 Default: builds a random-weight 4-layer DeepseekV32ForCausalLM (DeepSeek-V3.2 MLA/indexer dims, hidden 1024, dense
 MLP, bf16, index_topk 2048) with transformers, then runs three processes (each a fresh CUDA context):
