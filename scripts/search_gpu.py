@@ -26,7 +26,7 @@ Triton fallback, bf16).
 Time budget: no evaluation starts after ``--budget`` seconds from the script's start; the run then stops and
 reports. Printed (flushed) as it goes: engine start, each evaluation (F count, loss, seconds, switch checked), each
 committed step; last: evaluations done, seconds per evaluation (median, mean, first), Algorithm 1's evaluation count
-to ``--retain`` (1,711 for 61 layers to 1/4: 61·60/2 − 15·14/2 + 1 for the all-F baseline) and the projected total
+to ``--retain`` (1,711 for 61 layers to 1/4: 61·60/2 − 16·15/2 + 1 for the all-F baseline) and the projected total
 (engine start + count × median). ``$OUT/search_gpu-<kernels>.json`` is rewritten after every evaluation.
 
     python scripts/search_gpu.py --out $OUT                        # native kernels (auto), 61 layers, 1/4
@@ -153,6 +153,8 @@ def main() -> int:
     ap.add_argument("--objective", default="lm-loss")
     ap.add_argument("--kernels", choices=("auto", "native", "triton"), default="auto",
                     help="VLLM_INDEXCACHE_KERNELS of the engine")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="engine dtype (float32: Triton fallback only, 61 layers need ~58 GB; native kernels: bf16)")
     ap.add_argument("--weights", choices=("random", "dummy"), default="random",
                     help="random: N(0, 0.02) redrawn in the worker; dummy: vLLM's dummy loader alone")
     ap.add_argument("--budget", type=float, default=420, help="seconds from the script's start after which no "
@@ -165,13 +167,14 @@ def main() -> int:
     os.environ["VLLM_INDEXCACHE_KERNELS"] = a.kernels
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    out_json = out_dir / f"search_gpu-{a.kernels}{'-cpu' if a.dry_run_cpu else ''}.json"
+    tag = a.kernels + ("" if a.dtype == "bfloat16" else f"-{a.dtype}") + ("-cpu" if a.dry_run_cpu else "")
+    out_json = out_dir / f"search_gpu-{tag}.json"
     if a.dry_run_cpu:
         geometry, layers, seq_len = dict(intermediate_size=64, index_topk=16), min(a.layers, 4), min(a.seq_len, 64)
         dtype, llm_kwargs = "float32", {"kv_cache_memory_bytes": 1 << 28}
     else:
         geometry = dict(V32_GEOMETRY, intermediate_size=a.intermediate_size)
-        layers, seq_len, dtype = a.layers, a.seq_len, "bfloat16"
+        layers, seq_len, dtype = a.layers, a.seq_len, a.dtype
         llm_kwargs = {"gpu_memory_utilization": a.gpu_util}
     llm_kwargs["load_format"] = "dummy"
     res = {"script": "scripts/search_gpu.py", "args": vars(a), "layers": layers, "seq_len": seq_len,
@@ -280,7 +283,7 @@ def main() -> int:
                                               "seconds_per_evaluation", "switch_check_seconds_median",
                                               "projected_total_s", "weights")}, indent=1), flush=True)
     if res["evaluations"]:
-        print(f"SEARCH {layers} layers -> {a.retain} ({a.kernels}): {res['evaluations']} evaluations in "
+        print(f"SEARCH {layers} layers -> {a.retain} ({a.kernels}, {dtype}): {res['evaluations']} evaluations in "
               f"{sum(secs):.0f} s, {res['seconds_per_evaluation']['median_after_first']:.2f} s per evaluation; "
               f"Algorithm 1 needs {res['algorithm1_evaluations']}: projected total "
               f"{res['projected_total_s'] / 60:.1f} min (engine start {res.get('engine_start_s')} s included)",
