@@ -7,7 +7,7 @@ lightning indexer) or ``S`` (Shared: the layer reuses the top-k of the nearest p
 ``F``/``S`` are accepted: vLLM 0.32 tests ``pattern[i] == "S"``, so a lower-case ``s`` would silently run as F there.
 
 Pattern specs (:func:`resolve_spec`, accepted by ``vllm-indexcache pattern/bench/distill``, the reliability run and
-``scripts/bench_vllm_h200.py``):
+``scripts/bench_vllm_gpu.py``):
 
 * ``FSFS...`` — an explicit pattern, one character per indexer layer;
 * ``all-F`` — every indexer layer F (IndexCache off);
@@ -15,7 +15,7 @@ Pattern specs (:func:`resolve_spec`, accepted by ``vllm-indexcache pattern/bench
   indexer layer ``i`` is S iff ``max(i - OFFSET + 1, 0) % K != 0`` (:func:`uniform_pattern`); ``uniform:K[:OFFSET]``
   is accepted as an alias;
 * ``every:K`` — F at indexer layers 0, K, 2K, … (``freq:K:1``); ``1/K`` is an alias of ``every:K`` (what the bench
-  and the H200 script have always meant by it; it is *not* ``freq:K``: on 12 layers ``every:4`` = F at 0, 4, 8,
+  and the GPU benchmark script have always meant by it; it is *not* ``freq:K``: on 12 layers ``every:4`` = F at 0, 4, 8,
   ``freq:4`` = F at 0, 1, 5, 9);
 * ``preset:NAME`` — a preset of ``configs/`` (or ``preset:PATH``; a bare preset name or ``.json`` path also works).
 

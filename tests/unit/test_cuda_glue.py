@@ -1,6 +1,6 @@
 """The CUDA platform hook's backend choice (vllm_glue/cuda/platform.py), with vLLM's selector replaced by fakes.
 
-The hook itself only runs inside CUDA vLLM (checked on the H200 by scripts/bench_vllm_h200.py); what it decides is
+The hook itself only runs inside CUDA vLLM (checked on the H200 by scripts/bench_vllm_gpu.py); what it decides is
 plain logic and is checked here on CPU.
 """
 from types import SimpleNamespace

@@ -102,6 +102,10 @@ PATCHES = (
     ("CUDA attention selector for INDEXCACHE", "cuda.platform",
      "--attention-backend indexcache: vLLM's native sparse kernels where the geometry allows, else Triton",
      "cuda 0.26.0", "-", "-"),
+    ("deepseek_v2.Indexer.forward, per instance, only in engines the search switches (apply_model)", "cuda.switch",
+     "the search's run-time F/S switch owned by the plugin: a gate skips an S layer's indexer (the layer reads the "
+     "preceding F layer's top-k) and counts F layers' calls, whatever vLLM's own skip_topk does", "cuda 0.26.0",
+     "-", "-"),
     ("SparseAttnIndexer.__init__/forward_cuda (DeepGEMM guard)", "cuda.indexer",
      "construct Indexer without DeepGEMM so that the Triton fallback can adopt it; the error is deferred to a "
      "native forward", "cuda 0.26.0", "-", "when the indexer checks DeepGEMM lazily"),

@@ -24,7 +24,15 @@ def apply_pattern(pattern: str, model) -> str:
     Returns the applied local pattern, read back from the layers (``"."`` for layers not on this worker; the search
     checks it, :func:`vllm_indexcache.tools.search.scorers.check_switched`). Raises on a layer without an
     indexer made F (engine not built all-F) or a stage whose first layer would be S.
+
+    On CUDA the plugin's own gate on each indexer switches instead (:mod:`vllm_indexcache.vllm_glue.cuda.switch`).
     """
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        from vllm_indexcache.vllm_glue.cuda.switch import apply_pattern_cuda
+
+        return apply_pattern_cuda(pattern, model)
     local = ["."] * len(pattern)
     for name, module in model.named_modules():
         # vLLM 0.32's MultiHeadLatentAttentionWrapper has is_sparse; 0.33's NVIDIA DeepseekV32Attention has

@@ -9,7 +9,7 @@ The CPU backend runs :mod:`.cpu_blockwise` (via :mod:`.paged_cpu`) instead. This
 that is fast enough where the naive loop is not, and plain enough to trust: the transformers reference's
 ``ties="lower"`` selection (:mod:`vllm_indexcache.tools.reference`, hence analyze and the engine tests),
 ``tests/unit/test_ops_indexer.py`` (against the naive reference, and as the reference of the blockwise indexer),
-the Triton benchmark's reference on GPU (``scripts/bench_triton_h200.py``) and the baseline of
+the Triton benchmark's reference on GPU (``scripts/bench_triton_gpu.py``) and the baseline of
 ``scripts/bench_cpu_indexer.py``.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ kernel — every query token carries its own slot list. When the tokens × head 
 the slot list is split across ``splits`` programs (split-K, FlashDecoding style): each writes its normalised
 partial output and log2-sum-exp, and a second kernel combines them. A token without valid slots gets zeros, as
 the reference. Tile defaults (:data:`DEFAULT_CONFIG`; :data:`SMALL_BATCH_CONFIG` for at most
-:data:`SMALL_BATCH_TOKENS` tokens) are the fastest of ``scripts/profile_triton_h200.py`` on an H200
+:data:`SMALL_BATCH_TOKENS` tokens) are the fastest of ``scripts/profile_triton_gpu.py`` on an H200
 (docs/log/benchmarks-2026-11-to-12.md §8), for bf16/fp16.
 
 **Shared memory.** The program keeps its ``[BLOCK_N, L + R]`` queries and a ``[BLOCK_K, L + R]`` tile of gathered

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Check the Triton kernels against the naive references on a CUDA GPU, then time them at DeepSeek-V3.2 geometry.
 
-    PYTHONUNBUFFERED=1 python3 scripts/bench_triton_h200.py --contexts 8192,32768,65536,131072 --out $OUT
+    PYTHONUNBUFFERED=1 python3 scripts/bench_triton_gpu.py --contexts 8192,32768,65536,131072 --out $OUT
 
 Geometry (DeepSeek-V3.2, ``docs/../shared/notes/dsa-facts.md``): indexer 64 heads × 128, top-k 2048; sparse MLA 128
 heads, latent 512 + rope 64; bf16 inputs, fp32 accumulation.
@@ -19,7 +19,7 @@ heads, latent 512 + rope 64; bf16 inputs, fp32 accumulation.
    likewise, for all-F (61 F), 1/2 (31 F) and 1/4 (16 F). This composes the measured per-layer kernel times; the
    rest of the model (projections, MoE, norms) is not run, so the ratios are those of the attention path only.
 
-Writes ``bench_triton_h200.json`` to ``--out`` and prints the table last.
+Writes ``bench_triton_gpu.json`` to ``--out`` and prints the table last.
 """
 import argparse
 import json
@@ -214,7 +214,7 @@ def main() -> int:
     result = {"info": info, "checks": chk, "matmul_bf16_tflops": rate, "rows": rows,
               "wall_s": time.perf_counter() - t0, "command": " ".join(sys.argv)}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench_triton_h200.json").write_text(json.dumps(result, indent=1))
+    (Path(args.out) / "bench_triton_gpu.json").write_text(json.dumps(result, indent=1))
     print(f"\nchecks all pass: {all(v['pass'] for v in chk.values())}; bf16 matmul {rate:.0f} TFLOP/s; "
           f"stack {LAYERS} layers, attention path only (MLA + indexer)")
     print("| ctx | idx prefill s/layer | idx causal TFLOP/s | scores kernel TFLOP/s (% matmul) | MLA prefill s/layer "

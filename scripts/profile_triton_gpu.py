@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Where the Triton fallback's time goes on a CUDA GPU, kernel by kernel, at DeepSeek-V3.2 geometry (issue 18).
 
-    PYTHONUNBUFFERED=1 python3 scripts/profile_triton_h200.py --out $OUT            # sweep + breakdown
-    PYTHONUNBUFFERED=1 python3 scripts/profile_triton_h200.py --out $OUT --quick    # defaults only
+    PYTHONUNBUFFERED=1 python3 scripts/profile_triton_gpu.py --out $OUT            # sweep + breakdown
+    PYTHONUNBUFFERED=1 python3 scripts/profile_triton_gpu.py --out $OUT --quick    # defaults only
 
-Shapes are those vLLM hands the fallback in ``scripts/bench_vllm_h200.py`` (indexer 64 heads × 128, top-k 2048;
+Shapes are those vLLM hands the fallback in ``scripts/bench_vllm_gpu.py`` (indexer 64 heads × 128, top-k 2048;
 sparse MLA 128 heads, latent 512 + rope 64; bf16; chunked prefill of 16384 tokens):
 
 1. **Sparse MLA** (``ops/sparse_mla/triton.py``): prefill on 4096 tokens × 2048 slots, decode at batch 1 and 32, for

@@ -1,4 +1,4 @@
-"""Check the INDEXCACHE Triton fallback (CUDA vLLM 0.26) against transformers and native vLLM DSA on one GPU (H200).
+"""Check the INDEXCACHE Triton fallback (CUDA vLLM 0.26) against transformers and native DSA on one GPU (H100, H200).
 
 Default: builds a random-weight 4-layer DeepseekV32ForCausalLM (DeepSeek-V3.2 MLA/indexer dims, hidden 1024, dense
 MLP, bf16, index_topk 2048) with transformers, then runs three processes (each a fresh CUDA context):
@@ -23,8 +23,8 @@ correctness criterion on a random model: near-tie selections legitimately differ
 context, chunked prefill at 2048 tokens, the plugin on ``VLLM_INDEXCACHE_KERNELS=auto``.
 
 Usage (vLLM 0.26 importable, this repo installed as a plugin):
-``OUT=/tmp/out python scripts/check_cuda_fallback_h200.py``.
-Writes ``$OUT/check_cuda_fallback_h200.json`` and prints the tables last. Results: ``docs/benchmarks.md`` (Triton
+``OUT=/tmp/out python scripts/check_cuda_fallback_gpu.py``.
+Writes ``$OUT/check_cuda_fallback_gpu.json`` and prints the tables last. Results: ``docs/benchmarks.md`` (Triton
 fallback; the first runs: ``docs/log/benchmarks-2026-11-to-12.md`` §4).
 """
 from __future__ import annotations
@@ -248,7 +248,7 @@ def main() -> int:
                                   if "error" not in info}
     result["raw"]["reference"] = reference
     result["total_s"] = time.perf_counter() - t_all
-    path = os.path.join(out_dir, "check_cuda_fallback_h200.json")
+    path = os.path.join(out_dir, "check_cuda_fallback_gpu.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}")

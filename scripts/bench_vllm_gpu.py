@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""IndexCache inside CUDA vLLM on the H200: the plugin side by side with vLLM's native keys (issue 8).
+"""IndexCache inside CUDA vLLM on one GPU (H100 or H200): the plugin side by side with vLLM's native keys (issue 8).
 
 Model: DeepSeek-V3.2 attention geometry (hidden 7168, 128 MLA heads, q_lora_rank 1536, kv_lora_rank 512 + rope 64,
 qk_nope 128, v_head 128; lightning indexer 64 heads × 128, top-k 2048), ``--layers`` layers, each with a dense
@@ -29,9 +29,9 @@ tokens, compared with the single-GPU runs of the same pattern (with 4 layers and
 an S layer in ``FSSS``; the plugin makes it F there, so PP ``FSSS`` is also compared with one GPU ``FSFS``).
 Each process's log goes to ``$BENCH_LOG_DIR`` (default /tmp/bench-vllm-logs), not ``--out``.
 
-    python scripts/bench_vllm_h200.py --out $OUT                       # the table (H200, vLLM 0.26 importable)
-    python scripts/bench_vllm_h200.py --out $OUT --configs plugin-1/4@pp2,plugin-1/4@tp2,native-1/4@pp2
-    python scripts/bench_vllm_h200.py --render dirA,dirB --out docs/benchmarks/h200-vllm   # merge, no GPU
+    python scripts/bench_vllm_gpu.py --out $OUT                       # the table (H100 or H200, vLLM 0.26)
+    python scripts/bench_vllm_gpu.py --out $OUT --configs plugin-1/4@pp2,plugin-1/4@tp2,native-1/4@pp2
+    python scripts/bench_vllm_gpu.py --render dirA,dirB --out docs/benchmarks/h200-vllm   # merge, no GPU
 """
 from __future__ import annotations
 
@@ -411,7 +411,7 @@ def main() -> int:
     Path(a.out).mkdir(parents=True, exist_ok=True)
     if not (a.model / "config.json").is_file():   # in a child: this process must not hold GPU memory the engines need
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); "
-                        f"import bench_vllm_h200 as b; from pathlib import Path; "
+                        f"import bench_vllm_gpu as b; from pathlib import Path; "
                         f"b.build_model(Path({str(a.model)!r}), {a.layers}, {max(a.max_model_len, 4096) + 1024})"],
                        check=True)
     failed = [name for name in a.configs if run_config(a, name) is None]

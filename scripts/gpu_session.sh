@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# One device command per step of the GPU session (lent H100 or H200, CUDA vLLM 0.26.0; issues 34 and 35).
+#
+#   bash scripts/gpu_session.sh STEP [STEP ...]        run from the repository root on the device machine
+#
+# Steps (each ends in < 9 min: a `timeout` around every script, and each script has its own time budget and
+# rewrites its JSON as it goes; logs and results go to $OUT, at most 8 files):
+#   parts          copy the carried vLLM pieces (.device/vllm/part*) to /root/vparts (one piece per call: the
+#                  working tree plus a piece must stay under 64 MiB; ../shared/tools/device-vllm/README.md)
+#   setup          parts, then unpack vLLM into /root/site (once per machine), install this repo's entry point
+#                  into /root/plug (pip --no-deps --target, no network), print versions and the GPU  (< 1 min)
+#   smem           Triton fallback kernels: shared memory per program compiled for this GPU's arch
+#                  (scripts/check_triton_smem.py) and live checks against the naive references at fp32 and
+#                  bf16 (scripts/bench_triton_gpu.py --checks-only)                                    (1-3 min)
+#   mtp            scripts/check_mtp_gpu.py: greedy tokens with == without MTP speculation, acceptance rate,
+#                  all-F then FSFS (4 engines, budget 440 s)                                            (5-8 min)
+#   search         scripts/search_gpu.py: 61 layers of V3.2 geometry to 1/4 through vLLM's native kernels,
+#                  budget 440 s from the script's start; seconds per evaluation, projected total      (7.5-8.5 min)
+#   search-triton  the same on the plugin's Triton fallback (VLLM_INDEXCACHE_KERNELS=triton), budget 360 s
+#
+# Environment: OUT (default ./out), PYTHON (default python3), SEARCH_BUDGET / MTP_BUDGET (seconds) override the
+# budgets. Code runs from this working tree (PYTHONPATH=$PWD first); /root/plug only supplies the plugin's entry
+# point (vllm.general_plugins) to vLLM's processes.
+set -uo pipefail
+
+OUT=${OUT:-$PWD/out}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD:/root/site:/root/plug${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export VLLM_ALLOW_INSECURE_SERIALIZATION=1   # LLM.apply_model / collective_rpc with functions (search, MTP)
+
+log() { echo "[gpu_session $(date -u +%H:%M:%S)] $*"; }
+
+parts() {
+  mkdir -p /root/vparts
+  local n=0
+  for p in .device/vllm/part*; do
+    [ -f "$p" ] || continue
+    cp "$p" /root/vparts/ && n=$((n + 1))
+  done
+  log "carried pieces copied: $n; /root/vparts now holds: $(ls /root/vparts 2>/dev/null | tr '\n' ' ')"
+}
+
+setup() {
+  parts
+  if [ ! -f /root/site/vllm/__init__.py ]; then
+    if ! ls /root/vparts/part* >/dev/null 2>&1; then
+      log "no vLLM: carry .device/vllm/part0, part1, part2 in three calls of 'parts' (and 'setup' in the last)"
+      return 2
+    fi
+    log "unpacking vLLM into /root/site"
+    mkdir -p /root/site && cat /root/vparts/part* | xz -d -T0 | tar -x -C /root/site || return 2
+  fi
+  if ! ls -d /root/plug/vllm_indexcache*.dist-info >/dev/null 2>&1; then
+    log "installing the plugin's entry point into /root/plug"
+    $PY -m pip install -q --no-deps --no-build-isolation --no-index --target /root/plug . || return 2
+  fi
+  $PY - <<'EOF'
+import importlib.metadata as md, torch, triton, transformers, vllm
+eps = [e.value for e in md.entry_points(group="vllm.general_plugins")]
+print(f"vllm {vllm.__version__} ({vllm.__file__}), torch {torch.__version__}, triton {triton.__version__}, "
+      f"transformers {transformers.__version__}; plugins {eps}")
+print("GPU:", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0),
+      f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+import vllm_indexcache
+print("vllm_indexcache from", vllm_indexcache.__file__)
+EOF
+}
+
+smem() {
+  local arch limit
+  arch=$($PY -c "import torch; c = torch.cuda.get_device_capability(0); print(c[0] * 10 + c[1])")
+  limit=$($PY -c "
+import triton
+try:
+    print(triton.runtime.driver.active.utils.get_device_properties(0)['max_shared_mem'])
+except Exception:
+    print(232448)")
+  log "check_triton_smem: sm_$arch, limit $limit B (from the driver)"
+  timeout -k 10 300 $PY scripts/check_triton_smem.py --arch "$arch" --limit "$limit" --also-bf16-tile
+  log "check_triton_smem rc=$?"
+  timeout -k 10 200 $PY scripts/bench_triton_gpu.py --checks-only --out "$OUT"
+  log "bench_triton_gpu --checks-only rc=$?"
+}
+
+mtp() {
+  timeout -k 15 520 $PY scripts/check_mtp_gpu.py --out "$OUT/check_mtp_gpu.json" --budget "${MTP_BUDGET:-440}" \
+    --timeout 300
+  log "check_mtp_gpu rc=$?"
+}
+
+search() {
+  timeout -k 20 520 $PY scripts/search_gpu.py --out "$OUT" --kernels "${1:-auto}" --budget "${SEARCH_BUDGET:-${2:-440}}"
+  log "search_gpu (${1:-auto}) rc=$?"
+}
+
+[ $# -ge 1 ] || { sed -n '2,25p' "$0"; exit 2; }
+for step in "$@"; do
+  log "step $step (OUT=$OUT)"
+  case "$step" in
+    parts) parts ;;
+    setup) setup || exit $? ;;
+    smem) smem 2>&1 | tee "$OUT/smem.log" ;;
+    mtp) mtp 2>&1 | tee "$OUT/mtp.log" ;;
+    search) search auto 2>&1 | tee "$OUT/search.log" ;;
+    search-triton) search triton 360 2>&1 | tee "$OUT/search-triton.log" ;;
+    *) echo "unknown step '$step' (parts, setup, smem, mtp, search, search-triton)"; exit 2 ;;
+  esac
+done
