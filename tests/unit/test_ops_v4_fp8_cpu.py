@@ -146,7 +146,9 @@ def _compressor_case(ratio, head, seed, length):
     overlap = ratio == 4
     window, state_bs = (1 + overlap) * ratio, (4 if ratio == 4 else 8)
     num_state_blocks = -(-length // state_bs)
-    state = torch.randn(num_state_blocks, state_bs, 2 * head * (1 + overlap), generator=g)
+    width = 2 * head * (1 + overlap)
+    # blocks padded apart, as a layer's view into vLLM's shared KV allocation
+    state = torch.randn(num_state_blocks, state_bs + 1, width, generator=g)[:, :state_bs]
     state[..., head * (1 + overlap):] *= 3                # scores
     table = torch.randperm(num_state_blocks, generator=g)
     positions = torch.arange(length)

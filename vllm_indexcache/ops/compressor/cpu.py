@@ -29,10 +29,10 @@ def compress_norm(state_cache: torch.Tensor, gather_slots: torch.Tensor, positio
     pos = positions[:num_tokens].long()
     kv_slots = kv_slot_mapping[:num_tokens]
     rows = torch.nonzero(((pos + 1) % compress_ratio == 0) & (kv_slots >= 0)).flatten()
-    states = state_cache.view(-1, state_cache.shape[-1])
     slots = gather_slots[rows].long()                                         # [M, window]
     ok = slots >= 0
-    gathered = states[slots.clamp(min=0)]                                     # [M, window, 2 * width]
+    state_bs = state_cache.shape[1]                       # blocks may be padded apart: index (block, row), no view
+    gathered = state_cache[slots.clamp(min=0) // state_bs, slots.clamp(min=0) % state_bs]   # [M, window, 2 * width]
     overlap = window > compress_ratio
     col = (torch.arange(window) >= compress_ratio).long() * head if overlap else torch.zeros(window, dtype=torch.long)
     idx = col[:, None] + torch.arange(head)                                   # [window, head]
@@ -54,7 +54,7 @@ def compress_norm_rope_store(state_cache: torch.Tensor, gather_slots: torch.Tens
 
     Args:
         state_cache: ``[num_blocks, state_block, 2 * width]`` float32 partial states ``[kv | score]``
-            (``save_partial_states``), ``width >= (1 + overlap) * D``.
+            (``save_partial_states``), ``width >= (1 + overlap) * D``; blocks may be strided apart.
         gather_slots: ``[T, (1 + overlap) * ratio]`` int64 global state slots of each token's window (positions
             ``p - window + 1 .. p``), ``-1`` = before the sequence start.
         positions: ``[T]`` int64.

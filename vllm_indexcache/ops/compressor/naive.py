@@ -19,7 +19,7 @@ def compressed_entry_naive(state_cache, window_slots, rms_norm_weight, eps, rati
     ``D..2D-1``; scores ``width`` columns after their values)."""
     head = rms_norm_weight.shape[0]
     width = state_cache.shape[-1] // 2
-    rows = state_cache.view(-1, state_cache.shape[-1])
+    state_bs = state_cache.shape[1]
     overlap = len(window_slots) > ratio
     pooled = torch.zeros(head, dtype=torch.float64)
     for d in range(head):
@@ -28,7 +28,8 @@ def compressed_entry_naive(state_cache, window_slots, rms_norm_weight, eps, rati
             if slot < 0:
                 continue
             col = d + (head if overlap and j >= ratio else 0)
-            terms.append((float(rows[slot, width + col]), float(rows[slot, col])))
+            row = state_cache[slot // state_bs, slot % state_bs]
+            terms.append((float(row[width + col]), float(row[col])))
         m = max(s for s, _ in terms)
         den = sum(math.exp(s - m) for s, _ in terms)
         pooled[d] = sum(math.exp(s - m) / den * v for s, v in terms)
