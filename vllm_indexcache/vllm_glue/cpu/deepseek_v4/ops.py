@@ -66,22 +66,23 @@ def select() -> list[str]:
     :func:`forced`) into the module its callers read; return the ops bound."""
     import importlib
 
+    native = {op for op in (*TORCH_OPS, *O_PROJ_OPS) if hasattr(torch.ops._C, op)}   # before binding any
     bound = []
     for op, (module_name, impl) in TORCH_OPS.items():
-        if hasattr(torch.ops._C, op) and not forced():
+        if op in native and not forced():
             continue
         impl_module, impl_name = impl.split(":")
         fn = getattr(importlib.import_module(impl_module), impl_name)
         for name in {module_name, "vllm._custom_ops"}:
             setattr(torch.ops._C if name == C_NAMESPACE else importlib.import_module(name), op, fn)
         bound.append(op)
-    if forced() or not all(hasattr(torch.ops._C, op) for op in O_PROJ_OPS):
+    if forced() or not all(op in native for op in O_PROJ_OPS):
         _select_o_proj()
         bound.extend(O_PROJ_OPS)
     missing = [op for op in MISSING_TORCH_OPS if not hasattr(torch.ops._C, op)]
     if bound:
-        logger.info("IndexCache: DeepSeek-V4 CPU ops in torch (%s): %s", "forced by " + FORCE_ENV if forced()
-                    else "vllm/_C lacks them", ", ".join(bound))
+        logger.info("IndexCache: DeepSeek-V4 CPU ops in torch (%s): %s", "forced by " + FORCE_ENV
+                    if native.issuperset(bound) else "vllm/_C lacks them", ", ".join(bound))
     if missing:
         logger.warning("IndexCache: DeepSeek-V4 on this CPU: vllm/_C lacks %s and the plugin has no torch version "
                        "yet; the first forward will fail", ", ".join(missing))
