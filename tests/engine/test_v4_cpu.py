@@ -26,6 +26,15 @@ by transformers on vLLM's own continuation: each must be within ``GREEDY_GAP`` o
 that step (measured max 0.06 and 0.38 nats; even the first token is a near-tie at 3,000: 447 vs transformers' 355).
 A gap is the error of two log-probs at most, so ``GREEDY_GAP`` is 0.8 ≈ twice the measured max per-token error.
 
+On a CPU without AVX512-BF16 vLLM loads ``vllm/_C_AVX2`` / ``_C_AVX512``, which lack the V4 ops, and every V4 op runs
+through the plugin's torch versions (``vllm_glue/cpu/deepseek_v4/ops.py``; the FP8 ones write vLLM's cache bytes
+exactly, ``tests/unit/test_ops_v4_fp8_cpu.py``). The ``torch-ops-avx2`` case runs that path on any CPU: vLLM's engine
+processes see an AVX2-only CPU (``tests/engine/avx2_cpu/sitecustomize.py``: ``_C_AVX2``, vLLM's non-AMX MoE experts).
+Measured with ``python tests/engine/test_v4_cpu.py --avx2 3000 700`` on the AVX512-BF16 CPU, ``_C`` ops rerun there
+beside it: 3,000 tokens mean 0.0667, max 0.397 (``_C``: 0.0661, 0.432), greedy exact 4/8, max gap 0.345 (``_C``: 5/8,
+0.057); 700 tokens mean 0.0576, max 0.343 (``_C``: 0.0586, 0.357), greedy 8/8 (``_C``: 6/8, max gap 0.384). The same
+tolerances hold for both.
+
 IndexCache over the CSA layers (``test_v4_csa_pattern_*``): the toy served with ``--hf-overrides
 '{"index_topk_pattern": "FSFSF"}'`` (S CSA layers 2 and 5 build no indexer, ``vllm_glue/cpu/deepseek_v4/indexcache.py``)
 against transformers with the same reuse (:func:`vllm_indexcache.tools.reference.load_reference`) and against the
