@@ -225,7 +225,8 @@ def machine() -> dict:
     try:
         import torch
         import vllm
-        info.update(torch=torch.__version__, vllm=vllm.__version__, torch_threads=torch.get_num_threads())
+        info.update(torch=torch.__version__, vllm=vllm.__version__, torch_threads=torch.get_num_threads(),
+                    avx512_bf16=bool(torch.cpu._is_avx512_bf16_supported()))
     except Exception:  # noqa: BLE001
         pass
     try:
