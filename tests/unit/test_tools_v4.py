@@ -121,3 +121,33 @@ def test_v4_hf_search_layer_cache_is_exact(toy):
     first = list(cached_steps[0].candidates.values())
     assert max(first) - min(first) > 1e-6
     assert 0 < scorer.cache.layers_run < 5 * 2 * 3   # full forwards: 5 layers x 2 windows x 3 evaluations
+
+
+# --------------------------------------------------------------------------------------------------------- bench
+def test_v4_kv_bytes_from_cache_specs():
+    """The memory table's bytes from the KV-cache specs vLLM 0.32 gives a V4 CSA layer, an HCA layer and their
+    sliding-window / compressor-state caches (values as printed by a toy engine): CSA KV 584 B per 4-token entry
+    = 146 B/token, indexer K 132 B per entry = 33 B/token, HCA 584 B per 128 tokens = 4.5625 B/token; per request:
+    128 sliding-window tokens × 584 B, compressor states 8 tokens × 2048 fp32 (main) and × 512 fp32 (indexer)."""
+    from types import SimpleNamespace as NS
+
+    from vllm_indexcache.vllm_glue.cpu.deepseek_v4.observe import kv_bytes_per_token
+
+    def spec(head_size, dtype, tokens_per_state, content=None, window=None):
+        return NS(num_kv_heads=1, head_size=head_size, dtype=dtype, tokens_per_state=tokens_per_state,
+                  state_content_bytes=content, sliding_window=window)
+
+    layers = {
+        "model.layers.1.attn": spec(512, torch.uint8, 4, content=584),
+        "model.layers.1.attn.indexer.k_cache": spec(132, torch.uint8, 4),
+        "model.layers.1.attn.swa_cache": spec(512, torch.uint8, 1, content=584, window=128),
+        "model.layers.1.attn.compressor.state_cache": spec(2048, torch.float32, 1, window=8),
+        "model.layers.1.attn.indexer.compressor.state_cache": spec(512, torch.float32, 1, window=8),
+        "model.layers.2.attn": spec(512, torch.uint8, 128, content=584),
+    }
+    cfg = NS(compilation_config=NS(static_forward_context={
+        name: NS(get_kv_cache_spec=lambda vc, s=s: s) for name, s in layers.items()} | {"model.layers.1.ffn": NS()}))
+    out = kv_bytes_per_token(cfg)
+    assert out["per_token"] == 146 + 33 + 584 / 128 and out["indexer_per_token"] == 33
+    assert out["per_request"] == 128 * 584 + 8 * 2048 * 4 + 8 * 512 * 4
+    assert out["indexer_state_per_request"] == 8 * 512 * 4
