@@ -109,8 +109,14 @@ def _tpot(out) -> float:
 
 def kv_capacity(llm) -> dict:
     cc = llm.llm_engine.vllm_config.cache_config
-    return {"num_blocks": int(cc.num_gpu_blocks), "block_size": int(cc.block_size),
-            "tokens": int(cc.num_gpu_blocks) * int(cc.block_size)}
+    out = {"num_blocks": int(cc.num_gpu_blocks), "block_size": int(cc.block_size),
+           "tokens": int(cc.num_gpu_blocks) * int(cc.block_size)}
+    # vLLM's group-aware capacity (max concurrency × max_model_len, kv_cache_utils.get_kv_cache_capacity): the
+    # "CPU KV cache size: N tokens" of its log; with DeepSeek-V4's mixed caches num_blocks × block_size is not tokens
+    size = getattr(cc, "kv_cache_size_tokens", None)
+    if size is not None:
+        out["size_tokens"] = int(size)
+    return out
 
 
 def bytes_per_token(hf_config, pattern: str, dtype_bytes: int) -> dict:

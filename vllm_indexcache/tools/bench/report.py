@@ -142,18 +142,26 @@ def kv_bytes_md(results: dict, analysis: dict) -> list[str]:
     and indexer K-cache) and per request (sliding-window KV and compressor states), all-F vs each pattern, with
     vLLM's KV capacity in tokens at the same ``kv_cache_memory_bytes``
     (:func:`vllm_indexcache.vllm_glue.cpu.deepseek_v4.observe.kv_bytes_per_token`)."""
-    base = results["patterns"]["all-F"]["kv_bytes"]
+    base = results["patterns"]["all-F"]
+    budget = results.get("engine_kwargs", {}).get("kv_cache_memory_bytes")
     lines = ["KV cache (DeepSeek-V4): content bytes per context token (compressed KV of CSA/HCA layers + indexer "
              "K-cache, FP8 as vLLM stores them) and per request (sliding-window KV and compressor states, fixed "
-             "size); vLLM's capacity in tokens at the same kv_cache_memory_bytes:", "",
+             "size); vLLM's capacity at the same kv_cache_memory_bytes (its 'KV cache size: N tokens', group-aware; "
+             "runs before it was recorded: num_blocks × block_size) and the budget per token of that capacity:", "",
              "| pattern | F/CSA | B/token | of which indexer K | vs all-F | B/request (fixed) | of which indexer "
-             "state | vLLM capacity tokens | capacity vs all-F |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, a in analysis.items():
+             "state | vLLM capacity tokens | capacity vs all-F | budget B/token |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def capacity(res):
+        return res["kv_capacity"].get("size_tokens", res["kv_capacity"]["tokens"])
+
+    for name in analysis:
         res = results["patterns"][name]
-        kb, p = res["kv_bytes"], res["pattern"]
+        kb, p, cap = res["kv_bytes"], res["pattern"], capacity(res)
+        per = f"{budget / cap:.0f}" if budget else "–"
         lines.append(f"| {name} | {p.count('F')}/{len(p)} | {kb['per_token']:.2f} | {kb['indexer_per_token']:.2f} | "
-                     f"{kb['per_token'] / base['per_token']:.3f} | {kb['per_request']:.0f} | "
-                     f"{kb['indexer_state_per_request']:.0f} | {a['kv_tokens_reclaimed']} | {a['kv_gain']:.3f} |")
+                     f"{kb['per_token'] / base['kv_bytes']['per_token']:.3f} | {kb['per_request']:.0f} | "
+                     f"{kb['indexer_state_per_request']:.0f} | {cap} | {cap / capacity(base):.3f} | {per} |")
     return lines
 
 
