@@ -151,3 +151,27 @@ def test_v4_kv_bytes_from_cache_specs():
     assert out["per_token"] == 146 + 33 + 584 / 128 and out["indexer_per_token"] == 33
     assert out["per_request"] == 128 * 584 + 8 * 2048 * 4 + 8 * 512 * 4
     assert out["indexer_state_per_request"] == 8 * 512 * 4
+
+
+def test_v4_memory_table_uses_vllm_capacity():
+    """The V4 memory table of ``bench``: bytes per token against all-F, vLLM's group-aware capacity (``size_tokens``,
+    else num_blocks × block_size for runs before it was recorded) and the budget per token of that capacity."""
+    from vllm_indexcache.tools.bench.report import kv_bytes_md
+
+    def pattern(p, per_token, size):
+        cap = {"num_blocks": 100, "block_size": 4, "tokens": 400}
+        if size is not None:
+            cap["size_tokens"] = size
+        return {"pattern": p, "kv_capacity": cap,
+                "kv_bytes": {"per_token": per_token, "indexer_per_token": 33.0 * p.count("F"),
+                             "per_request": 1000.0, "indexer_state_per_request": 100.0}}
+
+    results = {"engine_kwargs": {"kv_cache_memory_bytes": 1 << 20},
+               "patterns": {"all-F": pattern("FF", 200.0, 1024), "1/2": pattern("FS", 167.0, 2048)}}
+    rows = [r for r in kv_bytes_md(results, {"all-F": {}, "1/2": {}}) if r.startswith("| all-F") or
+            r.startswith("| 1/2")]
+    assert rows[0] == "| all-F | 2/2 | 200.00 | 66.00 | 1.000 | 1000 | 100 | 1024 | 1.000 | 1024 |"
+    assert rows[1] == "| 1/2 | 1/2 | 167.00 | 33.00 | 0.835 | 1000 | 100 | 2048 | 2.000 | 512 |"
+    del results["patterns"]["1/2"]["kv_capacity"]["size_tokens"]
+    old = [r for r in kv_bytes_md(results, {"all-F": {}, "1/2": {}}) if r.startswith("| 1/2")]
+    assert old == ["| 1/2 | 1/2 | 167.00 | 33.00 | 0.835 | 1000 | 100 | 400 | 0.391 | 2621 |"]
