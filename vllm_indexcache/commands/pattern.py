@@ -80,6 +80,9 @@ def main(args: argparse.Namespace) -> int:
         print(spec_line)
     print(summary(pattern, source))
     print("F layers: " + " ".join(map(str, f_layers(pattern))))
+    line = _decoder_layers_line(config, pattern)
+    if line:
+        print(line)
     family = find_family(config)
     layers = family.indexer_layers(config) if family is not None else None
     if layers is not None and layers != list(range(family.num_backbone_layers(config))):
@@ -121,6 +124,23 @@ def _main_v41(args: argparse.Namespace, config: dict) -> int:
     print("F layers: " + " ".join(map(str, f_layers(pattern))))
     print(f"{v41.INDEX_KEY}: {sources}")
     return 0
+
+
+def _decoder_layers_line(config: dict, pattern: str) -> str | None:
+    """For a family whose indexer layers are not every decoder layer (DeepSeek-V4: its CSA layers), the decoder
+    layer ids of the pattern's F and S entries (the pattern and ``F layers`` count indexer layers); else None."""
+    from vllm_indexcache.families import FamilyError, family_for
+
+    try:
+        family = family_for(config)
+        chars = family.layer_chars(config, pattern)
+    except (FamilyError, ValueError):
+        return None
+    if list(chars) == list(range(family.num_backbone_layers(config))):
+        return None
+    ids = {c: " ".join(str(i) for i, x in chars.items() if x == c) or "-" for c in "FS"}
+    return (f"{family.name} indexer layers (decoder layer ids): {' '.join(map(str, chars))}; "
+            f"F: {ids['F']}; S: {ids['S']}")
 
 
 def _resolve_spec(spec: str, config: dict) -> str:

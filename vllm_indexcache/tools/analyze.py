@@ -6,12 +6,18 @@
    query tokens that see *more* than ``k`` keys (position ``t ≥ k``): for earlier tokens every visible key is
    selected by every layer and the overlap says nothing. The matrix is symmetric with 1 on the diagonal.
    Written as ``overlap.json`` (matrix, adjacent-layer overlaps, identities) and ``overlap.png`` (heatmap).
+   DeepSeek-V4: the layers are its CSA layers (ordinals, ``layers`` names their decoder ids), ``T_l(t)`` a set of
+   compressed-entry ids (entry ``e`` covers tokens ``4e..4e+3``), and the query tokens averaged over are those with
+   more than ``k`` complete entries, ``(t + 1) // 4 > k`` (transformers' ``causal_threshold``,
+   ``modeling_deepseek_v4.py`` ``DeepseekV4Indexer.forward``).
 2. **Indexer share of prefill time**, per layer: wall time of the layer's indexer forward divided by the wall time
    of the whole decoder layer, measured with forward hooks on the transformers reference
    (:mod:`vllm_indexcache.tools.reference`, ``ties="lower"``: the indexer scores with
    :func:`vllm_indexcache.ops.indexer.cpu.indexer_topk`) on the calibration sequences, median over ``--repeats``
    runs after one warm-up. A proxy on this device and implementation (eager attention, no fused kernels), not a
    vLLM serving measurement. Written to ``overlap.json`` under ``"timing"`` and as ``indexer_time.png``.
+   DeepSeek-V4: the reference keeps transformers' own top-k, and a CSA layer's indexer time includes its own
+   compressor (``self_attn.compressor.indexer``); ``vllm-indexcache bench`` measures the share inside vLLM.
 """
 from __future__ import annotations
 
@@ -25,17 +31,19 @@ from pathlib import Path
 import torch
 
 
-def overlap_matrix(topks: list[dict[int, torch.Tensor]], index_topk: int) -> tuple[torch.Tensor, int]:
+def overlap_matrix(topks: list[dict[int, torch.Tensor]], index_topk: int, visible=None) -> tuple[torch.Tensor, int]:
     """Mean pairwise top-k overlap over sparse query tokens.
 
     Args:
         topks: per sequence, ``{layer: [S, index_topk] int}`` as :func:`vllm_indexcache.tools.reference.record_topk`
-            returns (key positions, ``-1`` = none).
+            returns (key positions or, DeepSeek-V4, compressed-entry ids; ``-1`` = none).
         index_topk: ``k``.
+        visible: ``S → [S] long``, the keys (entries) query ``t`` can select; default ``t + 1`` (DeepSeek-V3.2,
+            GLM-5), DeepSeek-V4 :func:`v4_visible_entries`. Only queries with more than ``k`` are averaged.
 
     Returns:
         ``(O [L, L] float64, number of query tokens averaged over)``; ``O[i, j]`` is the mean over query tokens
-        ``t ≥ k`` of ``|T_i(t) ∩ T_j(t)| / k``.
+        with more than ``k`` visible keys (``t ≥ k`` by default) of ``|T_i(t) ∩ T_j(t)| / k``.
 
     Raises:
         ValueError: no sequence is longer than ``index_topk`` (no query token has a sparse selection).
@@ -46,15 +54,17 @@ def overlap_matrix(topks: list[dict[int, torch.Tensor]], index_topk: int) -> tup
     queries = 0
     for rec in topks:
         S = rec[layers[0]].shape[0]
-        if S <= index_topk:
+        seen = torch.arange(1, S + 1) if visible is None else visible(S)
+        rows = torch.nonzero(seen > index_topk)[:, 0]
+        n = int(rows.numel())
+        if n == 0:
             continue
-        rows = slice(index_topk, S)
-        n = S - index_topk
         masks = torch.zeros(L, n, S, dtype=torch.bool)
         for a, layer in enumerate(layers):
             idx = rec[layer][rows].long()
             if (idx < 0).any():
-                raise ValueError(f"layer {layer}: query rows t >= index_topk have unselected (-1) entries")
+                raise ValueError(f"layer {layer}: query rows with more than index_topk visible keys have unselected "
+                             "(-1) entries")
             masks[a].scatter_(1, idx, True)
         for a in range(L):
             inter[a] += (masks[a][None] & masks).sum(dim=(1, 2)).double()
@@ -65,16 +75,29 @@ def overlap_matrix(topks: list[dict[int, torch.Tensor]], index_topk: int) -> tup
     return inter / (queries * index_topk), queries
 
 
+def v4_visible_entries(S: int) -> torch.Tensor:
+    """DeepSeek-V4: the complete compressed entries (4 tokens each) query ``t`` can select, ``(t + 1) // 4``, for
+    ``t < S`` (``[S]`` long; transformers ``DeepseekV4Indexer.forward``'s ``causal_threshold``)."""
+    from vllm_indexcache.families.deepseek_v4 import CSA_RATIO
+
+    return (torch.arange(S) + 1) // CSA_RATIO
+
+
+def _is_v4(model) -> bool:
+    return type(model).__name__ == "DeepseekV4ForCausalLM"
+
+
 def indexer_time_share(model, seqs: list[list[int]], repeats: int = 3, progress: bool = False) -> dict:
     """Per-layer indexer and decoder-layer wall time (ms, median over ``repeats``, all sequences summed) and share.
 
     Runs the model all-F (every layer runs its indexer).
     """
     from vllm_indexcache.families import family_for
-    from vllm_indexcache.tools.reference import set_pattern
+    from vllm_indexcache.tools.reference import _indexer, set_pattern
 
     # the decoder layers that own an indexer, in pattern order
-    layers = [model.model.layers[i] for i in family_for(type(model).__name__).indexer_layers(model.config)]
+    arch = type(model).__name__
+    layers = [model.model.layers[i] for i in family_for(arch).indexer_layers(model.config)]
     set_pattern(model, "F" * len(layers))
     dev = next(model.parameters()).device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -82,7 +105,7 @@ def indexer_time_share(model, seqs: list[list[int]], repeats: int = 3, progress:
     starts: dict = {}
     handles = []
     for i, layer in enumerate(layers):
-        for kind, module in (("layer", layer), ("indexer", layer.self_attn.indexer)):
+        for kind, module in (("layer", layer), ("indexer", _indexer(layer, arch))):
             def pre(mod, args, kind=kind, i=i):
                 sync()
                 starts[(kind, i)] = time.perf_counter()
@@ -189,20 +212,30 @@ def analyze(model_dir, data, out_dir, *, seq_len: int = 2048, num_seqs: int = 4,
     out.mkdir(parents=True, exist_ok=True)
     seqs = load_calibration(data, model_dir, seq_len=seq_len, num_seqs=num_seqs, start=start)
     if model is None:
-        model = load_reference(str(model_dir), dtype=getattr(torch, dtype), ties="lower").to(device)
+        from vllm_indexcache.tools.reference import model_class
+
+        # DeepSeek-V4's reference has transformers' tie rule only
+        ties = "transformers" if model_class(model_dir).__name__ == "DeepseekV4ForCausalLM" else "lower"
+        model = load_reference(str(model_dir), dtype=getattr(torch, dtype), ties=ties).to(device)
     from vllm_indexcache.families import family_for
 
-    L = family_for(type(model).__name__).num_indexer_layers(model.config)
+    layer_ids = family_for(type(model).__name__).indexer_layers(model.config)
+    L = len(layer_ids)
     k = int(model.config.index_topk)
     set_pattern(model, "F" * L)
     from tqdm import tqdm
 
+    v4 = _is_v4(model)
     O, queries = overlap_matrix([record_topk(model, s) for s in tqdm(seqs, desc="overlap", unit="window",
-                                                                     disable=not progress)], k)
+                                                                     disable=not progress)], k,
+                                visible=v4_visible_entries if v4 else None)
     res = {"model": model_identity(model_dir), "calibration": calibration_identity(seqs, data), "num_layers": L,
-           "index_topk": k, "queries": queries, "overlap": O.tolist(),
+           "layers": list(layer_ids), "index_topk": k, "queries": queries, "overlap": O.tolist(),
            "adjacent": [float(O[i, i + 1]) for i in range(L - 1)],
-           "definition": "mean over query tokens t >= index_topk of |T_i(t) & T_j(t)| / index_topk, all layers F"}
+           "definition": ("mean over query tokens t with (t + 1) // 4 > index_topk of |T_i(t) & T_j(t)| / index_topk "
+                          "over compressed-entry ids of CSA layers i, j (ordinals; decoder ids in 'layers'), all F"
+                          if v4 else
+                          "mean over query tokens t >= index_topk of |T_i(t) & T_j(t)| / index_topk, all layers F")}
     if timing:
         res["timing"] = indexer_time_share(model, seqs, repeats, progress=progress)
         plot_timing(res["timing"], out / "indexer_time.png")

@@ -25,10 +25,16 @@ def apply_pattern(pattern: str, model) -> str:
     checks it, :func:`vllm_indexcache.tools.search.scorers.check_switched`). Raises on a layer without an
     indexer made F (engine not built all-F) or a stage whose first layer would be S.
 
-    On CUDA the plugin's own gate on each indexer switches instead (:mod:`vllm_indexcache.vllm_glue.cuda.switch`).
+    DeepSeek-V4: ``pattern`` has one F/S per CSA layer, switched by detaching the S layers' indexers
+    (:func:`vllm_indexcache.vllm_glue.cpu.deepseek_v4.observe.apply_csa_pattern`). On CUDA the plugin's own gate on
+    each indexer switches instead (:mod:`vllm_indexcache.vllm_glue.cuda.switch`).
     """
     from vllm.platforms import current_platform
 
+    from vllm_indexcache.vllm_glue.cpu.deepseek_v4 import observe
+
+    if observe.is_deepseek_v4(model):
+        return observe.apply_csa_pattern(pattern, model)
     if current_platform.is_cuda():
         from vllm_indexcache.vllm_glue.cuda.switch import apply_pattern_cuda
 
@@ -129,6 +135,14 @@ def time_lightning_indexer(seconds: dict, calls: dict):
         calls[kind] += 1
 
     return add_observer(timed)
+
+
+def time_v4_indexer(seconds: dict, calls: dict, model) -> int:
+    """Worker side: time a DeepSeek-V4 engine's CSA indexers per step kind into ``seconds`` / ``calls``
+    (:func:`vllm_indexcache.vllm_glue.cpu.deepseek_v4.observe.time_indexer`); returns the indexers wrapped."""
+    from vllm_indexcache.vllm_glue.cpu.deepseek_v4.observe import time_indexer
+
+    return time_indexer(seconds, calls, model)
 
 
 #: This process's top-k capture (:func:`capture_topk`): its records and whether inputs are kept; None until used.

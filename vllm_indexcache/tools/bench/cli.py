@@ -32,7 +32,14 @@ Outputs in ``--out``: ``bench.json`` (all samples, medians, shares, capacities, 
 ``speedup.png`` (TTFT and TPOT speedup against context, one line per pattern) and ``summary.md`` (tables).
 
 ``MODEL`` is a model directory, or ``toy:LAYERS`` to build the benchmark toy model of :func:`build_bench_model` in
-``OUT/model`` (random weights, float32, ``max_position_embeddings`` ≥ the longest context).
+``OUT/model`` (random weights, float32, ``max_position_embeddings`` ≥ the longest context), or ``toy-v4`` for the
+DeepSeek-V4 benchmark toy of :func:`build_bench_v4_model` (bfloat16, DeepSeek's layout).
+
+DeepSeek-V4 (``DeepseekV4ForCausalLM``): patterns have one F/S per CSA layer; the indexer share is the profiled time
+of the F CSA layers' ``DeepseekV4Indexer`` (projection, compressor, scoring, top-k;
+:func:`vllm_indexcache.vllm_glue.cpu.deepseek_v4.observe.time_indexer`); the memory table gives the bytes per
+context token and per request of the caches vLLM allocates (:func:`...observe.kv_bytes_per_token`) besides vLLM's
+capacity in tokens.
 """
 from __future__ import annotations
 
@@ -51,6 +58,7 @@ from .measure import (
     IndexerProfiler,
     bench_engine_kwargs,
     build_bench_model,
+    build_bench_v4_model,
     machine,
     run_pattern,
 )
@@ -59,7 +67,8 @@ from .report import finish
 
 # --------------------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model directory, or toy:LAYERS to build the benchmark toy in OUT/model")
+    parser.add_argument("model", help="model directory, or toy:LAYERS (DeepSeek-V3.2) or toy-v4 (DeepSeek-V4) to "
+                                      "build a benchmark toy in OUT/model")
     parser.add_argument("--contexts", default="1024,4096,16384", help="comma-separated prompt lengths (tokens)")
     parser.add_argument("--patterns", default="all-F,1/2,1/4,1/8",
                         help=f"comma-separated pattern specs: {SPEC_FORMS}; all-F is added first if missing (the "
@@ -106,7 +115,9 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = args.model
-    if model.startswith("toy:"):
+    if model == "toy-v4":
+        model = str(build_bench_v4_model(out / "model", max(contexts) + args.decode_tokens + 16, seed=args.seed))
+    elif model.startswith("toy:"):
         model = str(build_bench_model(out / "model", int(model[4:]), max(contexts) + args.decode_tokens + 16))
     cfg = json.loads((Path(model) / "config.json").read_text())
     num_layers = family_for(cfg).num_indexer_layers(cfg)
@@ -122,7 +133,8 @@ def main(args: argparse.Namespace) -> int:
                                                                else sys.argv[1:]),
                "model": model, "config": {k: cfg.get(k) for k in (
                    "num_hidden_layers", "hidden_size", "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim",
-                   "index_n_heads", "index_head_dim", "index_topk", "max_position_embeddings", "dtype")},
+                   "index_n_heads", "index_head_dim", "index_topk", "max_position_embeddings", "dtype",
+                   "compress_ratios", "head_dim", "n_routed_experts") if k in cfg},
                "contexts": contexts, "repeats": repeats, "threads": args.threads, "decode_tokens": args.decode_tokens,
                "batch": args.batch, "engine_kwargs": engine_kwargs,
                "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

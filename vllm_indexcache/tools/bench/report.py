@@ -124,6 +124,8 @@ def summary_md(results: dict, analysis: dict, batch: int) -> str:
             idx = [v / n_f for v in b1["indexer_prefill_s"]["samples"]]
             rest = [t - i for t, i in zip(b1["ttft"]["samples"], b1["indexer_prefill_s"]["samples"])]
             lines.append(f"| {name} | {ctx} | {statistics.median(idx):.2f} | {statistics.median(rest):.2f} |")
+    if any("kv_bytes" in res for res in results["patterns"].values()):
+        return "\n".join(lines + [""] + kv_bytes_md(results, analysis)) + "\n"
     lines += ["", "KV capacity (tokens, vLLM's num_blocks × block_size at the same kv_cache_memory_bytes):", "",
               "| pattern | reclaimed (reported) | not reclaimed (all-F footprint) | gain | bytes/token reclaimed | "
               "bytes/token not reclaimed |", "|---|---|---|---|---|---|"]
@@ -133,6 +135,34 @@ def summary_md(results: dict, analysis: dict, batch: int) -> str:
                      f"{a['kv_gain']:.3f} | {bpt['latent'] + bpt['indexer_reclaimed']} | "
                      f"{bpt['latent'] + bpt['indexer_not_reclaimed']} |")
     return "\n".join(lines) + "\n"
+
+
+def kv_bytes_md(results: dict, analysis: dict) -> list[str]:
+    """DeepSeek-V4's memory table: content bytes of the allocated caches per context token (compressed CSA/HCA KV
+    and indexer K-cache) and per request (sliding-window KV and compressor states), all-F vs each pattern, with
+    vLLM's KV capacity in tokens at the same ``kv_cache_memory_bytes``
+    (:func:`vllm_indexcache.vllm_glue.cpu.deepseek_v4.observe.kv_bytes_per_token`)."""
+    base = results["patterns"]["all-F"]
+    budget = results.get("engine_kwargs", {}).get("kv_cache_memory_bytes")
+    lines = ["KV cache (DeepSeek-V4): content bytes per context token (compressed KV of CSA/HCA layers + indexer "
+             "K-cache, FP8 as vLLM stores them) and per request (sliding-window KV and compressor states, fixed "
+             "size); vLLM's capacity at the same kv_cache_memory_bytes (its 'KV cache size: N tokens', group-aware; "
+             "runs before it was recorded: num_blocks × block_size) and the budget per token of that capacity:", "",
+             "| pattern | F/CSA | B/token | of which indexer K | vs all-F | B/request (fixed) | of which indexer "
+             "state | vLLM capacity tokens | capacity vs all-F | budget B/token |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def capacity(res):
+        return res["kv_capacity"].get("size_tokens", res["kv_capacity"]["tokens"])
+
+    for name in analysis:
+        res = results["patterns"][name]
+        kb, p, cap = res["kv_bytes"], res["pattern"], capacity(res)
+        per = f"{budget / cap:.0f}" if budget else "–"
+        lines.append(f"| {name} | {p.count('F')}/{len(p)} | {kb['per_token']:.2f} | {kb['indexer_per_token']:.2f} | "
+                     f"{kb['per_token'] / base['kv_bytes']['per_token']:.3f} | {kb['per_request']:.0f} | "
+                     f"{kb['indexer_state_per_request']:.0f} | {cap} | {cap / capacity(base):.3f} | {per} |")
+    return lines
 
 
 def finish(results: dict, out: Path) -> None:

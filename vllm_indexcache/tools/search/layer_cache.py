@@ -8,10 +8,14 @@ needs layers ``j..N-1`` (plus embeddings, mask and LM head, which are cheap).
 
 Mechanics: each decoder layer's ``forward`` is overridden on the instance (parameters and state-dict keys are
 untouched). Within :meth:`LayerInputCache.logits`, a layer below the first layer that differs from the base returns
-its kept output instead of computing it (DeepSeek-V3.2: also restores the top-k the last F layer published, which
-:mod:`vllm_indexcache.tools.reference` keeps in its reuse state; GLM-5: the kept output is the layer's
+its kept output instead of computing it (DeepSeek-V3.2 and V4: also restores the top-k the last F layer published,
+which :mod:`vllm_indexcache.tools.reference` keeps in its reuse state; GLM-5: the kept output is the layer's
 ``(hidden_states, topk_indices)`` pair, the top-k the model loop hands to the next layer); the layers from there on
 run and their outputs are recorded. Outside :meth:`logits` the layers run unchanged.
+
+DeepSeek-V4: the pattern has one F/S per CSA layer, so a flip at CSA ordinal ``j`` replays the decoder layers below
+CSA layer ``j`` (its decoder layer id, the family's ``indexer_layers``), sliding-window and HCA layers included; a
+decoder layer's output is its mHC hidden state ``[B, S, hc_mult, hidden_size]``, kept as it is.
 
 The base follows the search: :meth:`set_base` names the pattern of the step under way; its outputs come from the
 recordings of the lowest-loss pattern scored since the previous base (the winner of a one-flip step, whose layers
@@ -36,7 +40,7 @@ class LayerInputCache:
     """Keeps every decoder layer's output under the base pattern, per sequence key, and replays them.
 
     Args:
-        model: a ``DeepseekV32ForCausalLM`` or ``GlmMoeDsaForCausalLM`` prepared by
+        model: a ``DeepseekV32ForCausalLM``, ``GlmMoeDsaForCausalLM`` or ``DeepseekV4ForCausalLM`` prepared by
             :mod:`vllm_indexcache.tools.reference` (its reuse state installed).
         forward: ``(pattern, input_ids [1, S] long) → logits [S, vocab]``; sets the pattern and runs the model.
     """
@@ -45,9 +49,15 @@ class LayerInputCache:
         from vllm_indexcache.tools import reference
 
         self.state = reference._install(model)
-        self.deepseek = self.state.arch == reference._ARCH_DEEPSEEK
+        # the reference's override reuse (V3.2, V4) publishes the last F layer's top-k in its state
+        self.deepseek = self.state.arch in (reference._ARCH_DEEPSEEK, reference._ARCH_V4)
+        from vllm_indexcache.families import family_for
+
+        #: decoder layer id of each pattern entry (indexer layer), and len(pattern) → num_layers
+        self.layer_of = list(family_for(self.state.arch).indexer_layers(model.config))
         self.forward = forward
         self.num_layers = model.config.num_hidden_layers
+        self.layer_of.append(self.num_layers)
         self.base: str | None = None          # pattern whose outputs base_outs holds
         self.want: str | None = None          # pattern named by set_base, materialized on the next logits()
         self.base_outs: dict = {}             # key -> [per layer (output, published top-k)]
@@ -113,7 +123,7 @@ class LayerInputCache:
         if self.base is None:
             start, replay = 0, None
         else:
-            start, replay = first_difference(pattern, self.base), self.base_outs[key]
+            start, replay = self.layer_of[first_difference(pattern, self.base)], self.base_outs[key]
         logits, record = self._run(pattern, x, start, replay)
         self.pending[key] = (start, record)
         return logits

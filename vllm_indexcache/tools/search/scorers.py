@@ -14,8 +14,9 @@ Both scorers also answer the search's retrieval gate (:meth:`probe`).
 Engines:
 
 * :class:`HFScorer` (``--engine hf``) — the transformers reference (:mod:`vllm_indexcache.tools.reference`) with
-  ``ties="lower"`` (deterministic top-k), patterns switched in place with ``set_pattern``; the search's calibration
-  passes reuse the current pattern's layer outputs (:mod:`.layer_cache`), so a flip at layer j runs layers ≥ j.
+  ``ties="lower"`` (deterministic top-k; DeepSeek-V4: transformers' own, the only rule its reference has), patterns
+  switched in place with ``set_pattern``; the search's calibration passes reuse the current pattern's layer outputs
+  (:mod:`.layer_cache`), so a flip at layer j runs layers ≥ j.
 * :class:`VLLMScorer` (``--engine vllm``) — vLLM with the INDEXCACHE plugin, prompt log-probabilities. The engine is
   built once with every layer F; a pattern is applied by setting each DSA layer's ``skip_topk`` (vLLM 0.32's own
   IndexCache switch, read at run time in ``MultiHeadLatentAttentionWrapper.forward``: with ``skip_topk`` the layer
@@ -39,6 +40,18 @@ from vllm_indexcache.tools.search.objectives import OBJECTIVES, ObjectiveOptions
 from vllm_indexcache.vllm_glue import hooks
 
 ENGINES = ("hf", "vllm")
+
+
+def topk_tokens(config) -> int:
+    """Tokens one query's top-k covers: ``index_topk``, times the CSA compress ratio (4) for DeepSeek-V4, whose
+    indexer picks compressed entries of 4 tokens (a sequence up to this long is attended densely by every pattern).
+    ``config``: a ``PretrainedConfig`` or a ``config.json`` dict."""
+    from vllm_indexcache.families import family_for
+    from vllm_indexcache.families.base import config_value
+    from vllm_indexcache.families.deepseek_v4 import CSA_RATIO, FAMILY
+
+    k = int(config_value(config, "index_topk"))
+    return k * CSA_RATIO if family_for(config) is FAMILY else k
 
 
 class PatternSwitchError(RuntimeError):
@@ -126,13 +139,18 @@ class HFScorer(_WeightedScorer):
         self.torch = torch
         self.model_dir = model_dir
         self.objective = objective
-        self.model = model if model is not None else load_reference(str(model_dir), dtype=getattr(torch, dtype),
-                                                                     ties="lower").to(device)
+        if model is None:
+            from vllm_indexcache.tools.reference import model_class
+
+            # DeepSeek-V4's reference keeps transformers' own top-k (no "lower" tie rule for its compressed entries)
+            ties = "transformers" if model_class(model_dir).__name__ == "DeepseekV4ForCausalLM" else "lower"
+            model = load_reference(str(model_dir), dtype=getattr(torch, dtype), ties=ties).to(device)
+        self.model = model
         self.device = next(self.model.parameters()).device
         from vllm_indexcache.families import family_for
 
         self.num_layers = family_for(type(self.model).__name__).num_indexer_layers(self.model.config)
-        self.index_topk = int(self.model.config.index_topk)
+        self.index_topk = topk_tokens(self.model.config)
         self.seqs = [torch.tensor([s], dtype=torch.long, device=self.device) for s in seqs]
         self.cache = None
         self.reference = None
@@ -232,7 +250,7 @@ class VLLMScorer(_WeightedScorer):
         from vllm_indexcache.families import family_for
 
         self.num_layers = family_for(config).num_indexer_layers(config)
-        self.index_topk = int(config["index_topk"])
+        self.index_topk = topk_tokens(config)
         self.model_dir = model_dir
         self.objective = objective
         self.seqs = [list(map(int, s)) for s in seqs]
