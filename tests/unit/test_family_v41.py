@@ -157,4 +157,6 @@ def test_cli_prints_the_index_sources_of_a_v4_pattern(tmp_path):
          "index_topk": 512, "index_topk_pattern": "FSSFS"}))
     r = run_cli(tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[1:] == ["F layers: 0 3", "index_source_layer_ids: [1, 5]"]
+    assert r.stdout.splitlines()[1:] == ["F layers: 0 3",
+                                         "DeepseekV4 indexer layers (decoder layer ids): 1 2 4 5 7; F: 1 5; S: 2 4 7",
+                                         "index_source_layer_ids: [1, 5]"]
