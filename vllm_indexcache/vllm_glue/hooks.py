@@ -30,7 +30,7 @@ def apply_pattern(pattern: str, model) -> str:
         SwitchError: a layer built without an indexer asked to be F (engine not built all-F), or a stage whose
             first indexer layer would be S without a top-k handoff.
     """
-    sw = getattr(model, "_indexcache_switch", None)
+    sw = _switch(model)
     return "" if sw is None else sw.apply(pattern)
 
 
@@ -38,8 +38,15 @@ def observed_pattern(model) -> str:
     """Worker side: what this worker's indexer layers did since :func:`apply_pattern` (``F`` ran its indexer, ``S``
     skipped it, ``?`` both, ``-`` never called, ``.`` not on this worker;
     :meth:`vllm_indexcache.vllm_glue.switch.PatternSwitch.observed`); ``""`` without the plugin's switch."""
-    sw = getattr(model, "_indexcache_switch", None)
+    sw = _switch(model)
     return "" if sw is None else sw.observed()
+
+
+def _switch(model):
+    """The model's installed switch, else the one its class installs on first use (``indexcache_switch``)."""
+    sw = getattr(model, "_indexcache_switch", None)
+    make = getattr(model, "indexcache_switch", None)
+    return sw if sw is not None or make is None else make()
 
 
 _KL = "_indexcache_kl"

@@ -2,7 +2,8 @@
 
 The search (``vllm-indexcache search --engine vllm``) builds one engine with every indexer layer F and scores each
 candidate pattern by switching layers to S. The switch lives here, in the plugin's own model classes
-(:class:`vllm_indexcache.vllm_glue.model.IndexCacheModel` installs it on every stage), not in a vLLM attribute: vLLM
+(:meth:`vllm_indexcache.vllm_glue.model.IndexCacheModel.indexcache_switch` installs it on every stage, on first use:
+served models never carry it), not in a vLLM attribute: vLLM
 0.32's ``MultiHeadLatentAttentionWrapper.skip_topk`` is absent from other versions (CUDA vLLM 0.26,
 ``docs/vllm-names/vllm-0.26.0.txt``), where setting it would switch nothing.
 
