@@ -12,6 +12,19 @@ the pattern at every retention level, and whether every level's pattern matches 
 Defaults are the search command's (``retrieval``, 8 windows of 2048 tokens): hours for the old search on a 2-core
 CPU. ``--budget-s`` stops a variant after the step that passes it (its steps so far are reported, marked
 ``"stopped"``); both variants share one loaded model (hf engine, float32, CPU, torch's default threads). No probe.
+
+``--target`` (issue #34's CPU target) instead runs the *default* search, exactly what ``vllm-indexcache search MODEL
+--data DATA --out OUT`` runs (retrieval objective, 8 × 2048 tokens, to 1/4, ``--method full``, hf engine with the
+layer-input cache, retrieval gate; the scorer is ``cli.make_scorer``'s, timed per evaluation), in full, then times
+the old way (plain forwards, no cache) in the same process on a fixed sample: Algorithm 1's first ``--old-sample``
+evaluations (all-F, then step 1's candidates), whose losses must equal the new ones (the cache is exact). The old
+search is extrapolated as the sample's mean seconds per evaluation × Algorithm 1's count; old patterns hold fewer
+F layers later on and skip more indexers, so this overstates it somewhat. ``--budget-s`` stops the new search once
+its evaluations pass that many seconds and extrapolates it the same way (its step-1 candidates re-run every depth
+of layers once each). Prints evaluations vs Algorithm 1's count, seconds per evaluation, totals, ≤ 15 min or not,
+and the load average.
+
+    python scripts/bench_search_cpu.py examples/models/tiny-dsa --data data/tiny-dsa --target
 """
 import argparse
 import json
@@ -89,6 +102,133 @@ def bench(model_dir, data, *, retain, objective, seq_len, num_seqs, variants, bu
     return out
 
 
+class _Timed:
+    """Mixin over the search's scorer: keeps ``(pattern, seconds, loss, decoder-layer forwards)`` of every
+    evaluation and prints it; raises :class:`_Stop` once the evaluations so far pass ``budget_s`` (0: never)."""
+
+    budget_s = 0.0
+
+    def __call__(self, pattern):
+        before = self.cache.layers_run if self.cache is not None else None
+        t = time.time()
+        loss = super().__call__(pattern)
+        dt = time.time() - t
+        layers = (self.cache.layers_run - before) // len(self.targets.seqs) if before is not None else None
+        self.times.append((pattern, dt, loss, layers))
+        print(f"  {self.label}: evaluation {len(self.times)} {pattern}: {dt:.1f} s, loss {loss:.6f}"
+              + (f", {layers} layers run per sequence" if layers is not None else ""), flush=True)
+        if self.budget_s and sum(x[1] for x in self.times) > self.budget_s:
+            raise _Stop
+        return loss
+
+
+def _timed(scorer, budget_s: float, label: str):
+    scorer.__class__ = type("Timed" + type(scorer).__name__, (_Timed, type(scorer)), {})
+    scorer.times, scorer.budget_s, scorer.label = [], budget_s, label
+    return scorer
+
+
+def trajectory_layers(trajectory: dict, num_layers: int, target_f: int) -> list[int]:
+    """Decoder layers each of Algorithm 1's evaluations re-runs with the layer-input cache, along the committed
+    ``trajectory`` (a search JSON): all of them for all-F, then ``num_layers − j`` for a candidate flipping ``j``."""
+    out, f = [num_layers], num_layers
+    for step in trajectory["steps"]:
+        if f <= target_f:
+            break
+        out += [num_layers - int(j) for j in step["candidates"]]
+        f -= len(step["flipped"])
+    return out
+
+
+def target(model_dir, data, *, limit_s: float = 15 * 60, budget_s: float = 0, old_sample: int = 1,
+           trajectory=None) -> dict:
+    """Old plain-forward scorer timed on Algorithm 1's first ``old_sample`` evaluations, then the default search of
+    ``model_dir`` on ``data`` (new; in full unless ``budget_s``), see module doc. Returns the numbers it prints."""
+    import numpy as np
+
+    from vllm_indexcache.tools.search import algorithm as alg
+    from vllm_indexcache.tools.search.cli import make_scorer
+    from vllm_indexcache.tools.search.state import calibration_file, load_calibration, model_identity
+
+    out = {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "model": str(model_dir),
+           "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+    layers = int(model_identity(model_dir)["num_layers"])
+    target_f = alg.target_f_count(layers, alg.parse_retention("1/4"), 1)
+    n1 = alg.total_evaluations(layers, target_f, alg.pp_blocks(layers, 1)) + 1
+
+    # old: Algorithm 1's first evaluations (all-F, then step 1's candidates in layer order), plain forwards
+    seqs = load_calibration(calibration_file(data), model_dir, seq_len=2048, num_seqs=8)
+    old_scorer = _timed(make_scorer(model_dir, seqs, engine="hf", objective=DEFAULT_OBJECTIVE,
+                                    options=ObjectiveOptions()), 0, "old")
+    old_scorer.cache = None                       # the old scorer: no layer-input cache
+    for j in range(old_sample):
+        old_scorer("F" * layers if j == 0 else "F" * j + "S" + "F" * (layers - j - 1))
+    per_old = sum(x[1] for x in old_scorer.times) / old_sample
+    old = {"sampled_evaluations": old_sample, "s_per_evaluation": round(per_old, 2),
+           "total_s_extrapolated": round(per_old * n1, 1)}
+    out["old"] = old
+    print(f"old (plain forwards): timed Algorithm 1's first {old_sample} evaluation(s), {per_old:.1f} s each; "
+          f"x {n1} = {old['total_s_extrapolated']:.0f} s = {old['total_s_extrapolated'] / 60:.0f} min (gate not "
+          f"counted)", flush=True)
+    old_times = old_scorer.times
+    del old_scorer
+
+    scorers = []
+
+    def factory(seqs):   # exactly the default search's scorer (cli.make_scorer, hf engine), timed
+        scorers.append(_timed(make_scorer(model_dir, seqs, engine="hf", objective=DEFAULT_OBJECTIVE,
+                                          options=ObjectiveOptions()), budget_s, "new"))
+        return scorers[-1]
+
+    res = None
+    with tempfile.TemporaryDirectory() as tmp:
+        last = {}
+        t0 = time.time()
+        try:
+            res = search(model_dir, data, Path(tmp) / "s.json", progress=False, scorer_factory=factory,
+                         on_step=lambda step: last.update(t=time.time()))
+        except _Stop:
+            pass
+        total = time.time() - t0
+    times = scorers[-1].times
+    eval_s = sum(x[1] for x in times)
+    new = {"evaluations": len(times), "algorithm1_evaluations": n1, "stopped_after_budget": res is None,
+           "evaluation_s": round(eval_s, 1), "s_per_evaluation": round(eval_s / len(times), 2),
+           "wall_s": round(total, 1)}
+    diffs = [abs(o[2] - n[2]) for o, n in zip(old_times, times) if o[0] == n[0]]
+    old["same_patterns_max_loss_diff"] = max(diffs) if diffs else None   # the cache is exact: ~0
+    if res is not None:
+        new.update(gate_s=round(total - (last.get("t", t0 + total) - t0), 1),
+                   levels={k: v["pattern"] for k, v in res["levels"].items()})
+        verdict = "within" if total <= limit_s else "NOT within"
+        print(f"new: {len(times)} evaluations (Algorithm 1: {n1}), {eval_s / len(times):.1f} s each, total "
+              f"{total:.0f} s = {total / 60:.1f} min with the gate: {verdict} {limit_s / 60:.0f} min; old "
+              f"extrapolated {old['total_s_extrapolated'] / eval_s:.1f}x the new evaluations' seconds")
+    else:
+        # seconds = h + c * layers re-run, least squares over the evaluations done; summed along the trajectory
+        xs = np.array([x[3] for x in times], dtype=float)
+        ys = np.array([x[1] for x in times])
+        if trajectory is not None and len(set(xs)) >= 2:
+            c, h = np.polyfit(xs, ys, 1)
+            runs = trajectory_layers(json.loads(Path(trajectory).read_text()), layers, target_f)
+            est = float(sum(h + c * r for r in runs))
+            new.update(fit_s_per_layer=round(c, 2), fit_s_fixed=round(h, 2), trajectory=str(trajectory),
+                       trajectory_layer_forwards=sum(runs), total_s_projected=round(est, 1))
+            print(f"new: stopped after the {budget_s:.0f} s budget at {len(times)} of {n1} evaluations; fit "
+                  f"{h:.1f} s + {c:.1f} s per layer re-run, summed over the {len(runs)} evaluations of {trajectory} "
+                  f"({sum(runs)} layer forwards vs old's {len(runs) * layers}): {est:.0f} s = {est / 60:.0f} min "
+                  f"(gate not counted): {'within' if est <= limit_s else 'NOT within'} {limit_s / 60:.0f} min; "
+                  f"old/new {old['total_s_extrapolated'] / est:.1f}x", flush=True)
+        else:
+            print(f"new: stopped after the {budget_s:.0f} s budget at {len(times)} evaluations: too few to project",
+                  flush=True)
+    out["new"] = new
+    out["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average (1/5/15 min) at start {out['loadavg_start']}, at end {out['loadavg_end']}; "
+          f"{out['cores']} cores, torch threads {out['torch_threads']}", flush=True)
+    return out
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -100,7 +240,17 @@ if __name__ == "__main__":
     p.add_argument("--num-seqs", type=int, default=8, help="calibration windows")
     p.add_argument("--variants", default="old,new,lazy", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--budget-s", type=float, default=0, help="stop a variant after the step past this (0: never)")
+    p.add_argument("--target", action="store_true",
+                   help="issue #34's target: the default search (in full unless --budget-s), old timed on a sample "
+                        "(--data, --budget-s and --old-sample only)")
+    p.add_argument("--old-sample", type=int, default=1, help="--target: old evaluations timed")
+    p.add_argument("--trajectory", default=None,
+                   help="--target with --budget-s: a search JSON whose committed steps the projection follows")
     a = p.parse_args()
+    if a.target:
+        print(json.dumps(target(a.model, a.data, budget_s=a.budget_s, old_sample=a.old_sample,
+                                trajectory=a.trajectory), indent=1))
+        raise SystemExit(0)
     result = bench(a.model, a.data, retain=a.retain, objective=a.objective, seq_len=a.seq_len,
                    num_seqs=a.num_seqs, variants=a.variants.split(","), budget_s=a.budget_s)
     print(json.dumps(result, indent=1))

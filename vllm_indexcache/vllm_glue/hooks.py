@@ -1,9 +1,10 @@
 """Run-time hooks the tools use inside vLLM's workers (shipped there with ``LLM.apply_model``) or process: the
 search's pattern switch and logits capture, the benchmark's indexer timing, and the tests' top-k capture.
 
-* :func:`apply_pattern` — sets ``skip_topk`` of every DSA layer, vLLM 0.32's own run-time IndexCache switch read in
-  ``MultiHeadLatentAttentionWrapper.forward`` (with it the layer skips its indexer and sparse-attends over the top-k
-  buffer as the preceding F layer left it): patterns change without reloading weights, on every TP/PP worker.
+* :func:`apply_pattern` / :func:`observed_pattern` — the plugin's own run-time F/S switch
+  (:mod:`vllm_indexcache.vllm_glue.switch`: an S layer's indexer returns at once and its sparse MLA attends over the
+  top-k buffer as the preceding F layer left it), and what each layer did since: patterns change without reloading
+  weights, on every TP/PP worker, on any vLLM the plugin's model classes run on.
 * :func:`kl_reset` / :func:`kl_store` / :func:`kl_score` — a forward hook on the model's ``logits_processor`` keeps
   the prompt logits of one request, so the KL objective is computed where the full distribution lives.
 * :func:`time_lightning_indexer` — an observer of the CPU backend's indexer
@@ -14,53 +15,53 @@ search's pattern switch and logits capture, the benchmark's indexer timing, and 
 """
 from __future__ import annotations
 
-import re
-
 
 def apply_pattern(pattern: str, model) -> str:
-    """Worker side of the search's vLLM scorer (``LLM.apply_model``): set ``skip_topk`` of every DSA layer of this
-    worker's stage.
+    """Worker side of the search's vLLM scorer (``LLM.apply_model``): switch this worker's indexer layers to
+    ``pattern`` (one F/S per indexer layer of the family) with the plugin's run-time switch
+    (:class:`vllm_indexcache.vllm_glue.switch.PatternSwitch`, installed by the plugin's model classes on every
+    stage; no vLLM attribute involved).
 
-    Returns the applied local pattern, read back from the layers (``"."`` for layers not on this worker; the search
-    checks it, :func:`vllm_indexcache.tools.search.scorers.check_switched`). Raises on a layer without an
-    indexer made F (engine not built all-F) or a stage whose first layer would be S.
+    Returns the applied local pattern, read back from the layers' gates (``"."`` for layers not on this worker; the
+    search checks it on every worker, :func:`vllm_indexcache.tools.search.scorers.check_switched`); ``""`` for a
+    model that is not one of the plugin's classes (no switch: the check then fails on every layer).
 
-    DeepSeek-V4: ``pattern`` has one F/S per CSA layer, switched by detaching the S layers' indexers
-    (:func:`vllm_indexcache.vllm_glue.cpu.deepseek_v4.observe.apply_csa_pattern`). On CUDA the plugin's own gate on
-    each indexer switches instead (:mod:`vllm_indexcache.vllm_glue.cuda.switch`).
+    DeepSeek-V4: ``pattern`` has one F/S per CSA layer, switched by detaching the S layers' indexers, which is how
+    vLLM's V4 attention builds an S layer (:func:`vllm_indexcache.vllm_glue.cpu.deepseek_v4.observe.
+    apply_csa_pattern`; the V4 attention calls its indexer's parts from several places, so a gate on the indexer's
+    ``forward`` alone would not stop it).
+
+    Raises:
+        SwitchError: a layer built without an indexer asked to be F (engine not built all-F), or a stage whose
+            first indexer layer would be S without a top-k handoff.
     """
-    from vllm.platforms import current_platform
-
     from vllm_indexcache.vllm_glue.cpu.deepseek_v4 import observe
 
     if observe.is_deepseek_v4(model):
         return observe.apply_csa_pattern(pattern, model)
-    if current_platform.is_cuda():
-        from vllm_indexcache.vllm_glue.cuda.switch import apply_pattern_cuda
+    sw = _switch(model)
+    return "" if sw is None else sw.apply(pattern)
 
-        return apply_pattern_cuda(pattern, model)
-    local = ["."] * len(pattern)
-    for name, module in model.named_modules():
-        # vLLM 0.32's MultiHeadLatentAttentionWrapper has is_sparse; 0.33's NVIDIA DeepseekV32Attention has
-        # skip_topk and indexer only (scripts/check_vllm_names.py)
-        if not (hasattr(module, "skip_topk") and hasattr(module, "indexer") and getattr(module, "is_sparse", True)):
-            continue
-        m = re.search(r"layers\.(\d+)\.", name + ".")
-        if m is None:
-            continue
-        i = int(m.group(1))
-        if i >= len(pattern):  # MTP / NextN layers always compute their own top-k
-            continue
-        skip = pattern[i] == "S"
-        if module.indexer is None and not skip:
-            raise RuntimeError(f"layer {i} has no indexer in this engine; build it all-F to search")
-        module.skip_topk = skip
-        local[i] = "S" if module.skip_topk else "F"  # read back: what the layer will do, not what was asked
-    first = next((c for c in local if c != "."), "F")
-    if first == "S":
-        raise RuntimeError("the first layer of a pipeline stage cannot be S; use --pp-blocks equal to the "
-                           "pipeline-parallel size")
-    return "".join(local)
+
+def observed_pattern(model) -> str:
+    """Worker side: what this worker's indexer layers did since :func:`apply_pattern` (``F`` ran its indexer, ``S``
+    skipped it, ``?`` both, ``-`` never called, ``.`` not on this worker;
+    :meth:`vllm_indexcache.vllm_glue.switch.PatternSwitch.observed`, for DeepSeek-V4
+    :func:`~vllm_indexcache.vllm_glue.cpu.deepseek_v4.observe.observed_csa_pattern`); ``""`` without the plugin's
+    switch."""
+    from vllm_indexcache.vllm_glue.cpu.deepseek_v4 import observe
+
+    if observe.is_deepseek_v4(model):
+        return observe.observed_csa_pattern(model)
+    sw = _switch(model)
+    return "" if sw is None else sw.observed()
+
+
+def _switch(model):
+    """The model's installed switch, else the one its class installs on first use (``indexcache_switch``)."""
+    sw = getattr(model, "_indexcache_switch", None)
+    make = getattr(model, "indexcache_switch", None)
+    return sw if sw is not None or make is None else make()
 
 
 _KL = "_indexcache_kl"

@@ -17,6 +17,8 @@ What this adds, per pipeline stage:
   the stages were one (SGLang hands top-k across stages the same way). The user's pattern is kept, no indexer is
   added. Where handoff is impossible (the resolved class has no ``topk_indices_buffer`` or no
   ``make_empty_intermediate_tensors``), the stage's first layer is forced F with a warning, as before.
+* **Run-time F/S switch** (:mod:`vllm_indexcache.vllm_glue.switch`) on every stage's indexer layers, for the
+  search (:meth:`IndexCacheModel.indexcache_switch`, installed on first use).
 * **Start-up report**: the pattern, the handoff, and the indexer K-cache bytes per token saved against all-F.
 * **RoPE through the pure-torch path (CPU only).** Inside the CPU worker the attention RoPE dispatches to
   ``ops.rotary_embedding``, which rotates the rope half of MLA's ``[T, heads, qk_rope_head_dim]`` query wrongly
@@ -33,6 +35,7 @@ from vllm.logger import init_logger
 
 from vllm_indexcache.config import SOURCE_KEY, summary
 from vllm_indexcache.families import family_for
+from vllm_indexcache.vllm_glue import switch
 
 logger = init_logger("vllm.indexcache")
 
@@ -284,6 +287,17 @@ class IndexCacheModel:
         plan = _prepare(vllm_config, self._vllm_base)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         _finish(self, plan)
+        self._indexcache_hf_config = vllm_config.model_config.hf_config
+
+    def indexcache_switch(self) -> switch.PatternSwitch | None:
+        """This stage's run-time F/S switch for the search (:mod:`vllm_indexcache.vllm_glue.switch`), installed on
+        first use: the search's engine runs eager; a served model never installs it, so compiled graphs never see
+        the gates. ``None`` for a model built without an IndexCache pattern."""
+        sw = self.__dict__.get("_indexcache_switch")
+        if sw is None and self._indexcache_plan is not None:
+            plan, cfg = self._indexcache_plan, self._indexcache_hf_config
+            sw = switch.install(self, family_for(cfg), cfg, plan.start, plan.end, plan.receives)
+        return sw
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         """vLLM's forward with the top-k handoff: ``intermediate_tensors[HANDOFF_KEY]`` (``[T, index_topk]``

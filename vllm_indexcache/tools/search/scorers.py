@@ -18,15 +18,16 @@ Engines:
   switched in place with ``set_pattern``; the search's calibration passes reuse the current pattern's layer outputs
   (:mod:`.layer_cache`), so a flip at layer j runs layers ≥ j.
 * :class:`VLLMScorer` (``--engine vllm``) — vLLM with the INDEXCACHE plugin, prompt log-probabilities. The engine is
-  built once with every layer F; a pattern is applied by setting each DSA layer's ``skip_topk`` (vLLM 0.32's own
-  IndexCache switch, read at run time in ``MultiHeadLatentAttentionWrapper.forward``: with ``skip_topk`` the layer
-  does not call its indexer and attends over the top-k buffer as the preceding F layer left it) through
-  ``LLM.apply_model`` — no weight reload, and it reaches every tensor/pipeline-parallel worker. The worker-side
-  functions are :mod:`vllm_indexcache.vllm_glue.hooks`. ``apply_model`` ships a function to the workers, which
-  vLLM allows only with ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``; the scorer sets it for the engine it builds. For
-  ``kl``, vLLM hands back log-probs of given tokens only, so the full prompt logits are captured inside the worker
-  (forward hook on the model's ``logits_processor``) and the KL is computed there against the all-F reference kept
-  on the worker (``vocab × tokens`` floats per calibration sequence).
+  built once with every layer F; a pattern is applied with the plugin's own run-time switch, which its model
+  classes install on every stage (:mod:`vllm_indexcache.vllm_glue.switch`: an S layer's indexer returns at once and
+  the layer attends over the top-k buffer as the preceding F layer left it), through ``LLM.apply_model`` — no
+  weight reload, and it reaches every tensor/pipeline-parallel worker. Each evaluation checks, on every worker, the
+  pattern the layers read back after the switch and the one they ran in the evaluation (:func:`check_switched`).
+  The worker-side functions are :mod:`vllm_indexcache.vllm_glue.hooks`. ``apply_model`` ships a function to the
+  workers, which vLLM allows only with ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``; the scorer sets it for the engine
+  it builds. For ``kl``, vLLM hands back log-probs of given tokens only, so the full prompt logits are captured
+  inside the worker (forward hook on the model's ``logits_processor``) and the KL is computed there against the
+  all-F reference kept on the worker (``vocab × tokens`` floats per calibration sequence).
 """
 from __future__ import annotations
 
@@ -58,14 +59,17 @@ class PatternSwitchError(RuntimeError):
     """A pattern the vLLM workers did not apply (one line, naming the layers): every candidate would score alike."""
 
 
-def check_switched(pattern: str, applied: list, pipeline_parallel_size: int = 1) -> None:
+def check_switched(pattern: str, applied: list, pipeline_parallel_size: int = 1, observed: bool = False) -> None:
     """Check the local patterns :func:`vllm_indexcache.vllm_glue.hooks.apply_pattern` returned (one per worker,
-    ``"."`` for layers not on that worker) against ``pattern``: every layer must read back its F/S on each of the
-    ``len(applied) / pipeline_parallel_size`` workers that hold it (its tensor-parallel ranks).
+    ``"."`` for layers not on that worker) — or, with ``observed``, what the layers did in the evaluation that
+    followed (:func:`~vllm_indexcache.vllm_glue.hooks.observed_pattern`) — against ``pattern``: every layer must
+    read back its F/S on each of the ``len(applied) / pipeline_parallel_size`` workers that hold it (its
+    tensor-parallel ranks).
 
     Raises:
-        PatternSwitchError: a layer not switched on every worker that holds it (a vLLM whose attention has no
-            run-time switch, a worker that kept the old value, a layer no worker holds).
+        PatternSwitchError: a layer not switched on every worker that holds it (a model without the plugin's switch,
+            a worker that kept the old value, a layer no worker holds, an indexer that ran in an S layer or was
+            skipped in an F layer).
     """
     want = max(1, len(applied) // max(1, pipeline_parallel_size))
     bad = []
@@ -74,9 +78,10 @@ def check_switched(pattern: str, applied: list, pipeline_parallel_size: int = 1)
         if sum(g == c for g in got) != want or any(g not in (".", c) for g in got):
             bad.append(i)
     if bad:
+        what = "did not run as switched" if observed else "were not switched"
         raise PatternSwitchError(
-            f"pattern {pattern}: layers {bad} were not switched on every vLLM worker (applied: "
-            f"{', '.join(str(a) for a in applied)}); every candidate would score the same, so the search stops")
+            f"pattern {pattern}: layers {bad} {what} on every vLLM worker ({'observed' if observed else 'applied'}: "
+            f"{', '.join(repr(a) for a in applied)}); every candidate would score the same, so the search stops")
 
 
 class _WeightedScorer:
@@ -269,7 +274,7 @@ class VLLMScorer(_WeightedScorer):
             self.set_pattern("F" * self.num_layers)
             self.llm.apply_model(hooks.kl_reset)
             for i, seq in enumerate(self.seqs):
-                self.llm.generate([{"prompt_token_ids": seq}], self.params, use_tqdm=False)
+                self._generate([{"prompt_token_ids": seq}])
                 stored = self.llm.apply_model(functools.partial(hooks.kl_store, i, len(seq) - 1))
                 if not any(stored):
                     raise RuntimeError("--objective kl: no worker captured prompt logits")
@@ -287,12 +292,24 @@ class VLLMScorer(_WeightedScorer):
         self.pattern = pattern
         return out
 
+    def _generate(self, prompts: list[dict]):
+        """``LLM.generate`` under the applied pattern, then check on every worker that each layer did what the
+        pattern says (:func:`check_switched` with ``observed``).
+
+        Raises:
+            PatternSwitchError: a layer ran its indexer while S, or skipped it while F, on some worker.
+        """
+        outs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        check_switched(self.pattern, self.llm.apply_model(hooks.observed_pattern), self.pipeline_parallel_size,
+                       observed=True)
+        return outs
+
     def __call__(self, pattern: str) -> float:
         self.set_pattern(pattern)
         if self.objective == "kl":
             total, count = 0.0, 0
             for i, seq in enumerate(self.seqs):
-                self.llm.generate([{"prompt_token_ids": seq}], self.params, use_tqdm=False)
+                self._generate([{"prompt_token_ids": seq}])
                 parts = [x for x in self.llm.apply_model(functools.partial(hooks.kl_score, i, len(seq) - 1))
                          if x is not None]
                 total += parts[0]
@@ -305,7 +322,7 @@ class VLLMScorer(_WeightedScorer):
         rank 1), under ``pattern``."""
         if pattern != self.pattern:
             self.set_pattern(pattern)
-        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in seqs], self.params, use_tqdm=False)
+        outs = self._generate([{"prompt_token_ids": list(s)} for s in seqs])
         res = []
         for seq, out in zip(seqs, outs):
             entries = [entry[tok] for tok, entry in zip(seq[1:], out.prompt_logprobs[1:])]

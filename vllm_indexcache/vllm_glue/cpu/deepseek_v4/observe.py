@@ -68,9 +68,53 @@ def apply_csa_pattern(pattern: str, model) -> str:
                 raise RuntimeError(f"CSA layer {layer} has no indexer in this engine; build it all-F to search")
             attn.indexer = kept
         local[ordinal] = "F" if attn.indexer is not None else "S"
+        _count_scoring(attn.indexer if attn.indexer is not None else attn.__dict__.get(_KEPT))
     if next((c for c in local if c != "."), "F") == "S":
         raise RuntimeError("the first CSA layer of a pipeline stage cannot be S")
     return "".join(local)
+
+
+#: Attribute of a CSA indexer holding the number of its top-k scorings since the last :func:`apply_csa_pattern`.
+_CALLS = "_indexcache_scorings"
+
+
+def _count_scoring(indexer) -> None:
+    """Reset (installing on first use) the counter of ``indexer.indexer_op`` calls — the step that scores the
+    compressed entries and writes the shared top-k buffer (``SparseAttnIndexer.forward_cpu``)."""
+    if indexer is None:
+        return
+    if _CALLS not in indexer.__dict__:
+        op = indexer.indexer_op
+        forward = op.forward
+
+        def counted(*args, **kwargs):
+            indexer.__dict__[_CALLS] += 1
+            return forward(*args, **kwargs)
+
+        op.forward = counted
+    indexer.__dict__[_CALLS] = 0
+
+
+def observed_csa_pattern(model) -> str:
+    """What this worker's CSA layers did since :func:`apply_csa_pattern` (one character per CSA layer of the model,
+    as :func:`vllm_indexcache.vllm_glue.hooks.observed_pattern`): ``F`` = indexer attached and its top-k scoring
+    ran, ``S`` = detached and its scoring never ran, ``?`` = detached but it ran (something else holds it), ``-`` =
+    attached and never ran, ``.`` = not on this worker. Layers never switched read ``-`` (attached) or ``S``.
+    """
+    from vllm_indexcache.families.deepseek_v4 import csa_layers
+
+    attns = _csa_attentions(model)
+    out = []
+    for layer in csa_layers(model.config):
+        attn = attns.get(layer)
+        if attn is None:
+            out.append(".")
+            continue
+        attached = attn.indexer is not None
+        indexer = attn.indexer if attached else attn.__dict__.get(_KEPT)
+        ran = indexer is not None and indexer.__dict__.get(_CALLS, 0) > 0
+        out.append(("F" if ran else "-") if attached else ("?" if ran else "S"))
+    return "".join(out)
 
 
 def _step_kind(indexer) -> str:
