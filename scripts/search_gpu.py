@@ -18,8 +18,8 @@ than ``index_topk``, so that the top-k is sparse and S layers change the attenti
 :class:`~vllm_indexcache.tools.search.scorers.VLLMScorer` (``attention_backend="indexcache"``, ``enforce_eager``,
 bf16) whose every evaluation is checked twice: the pattern read back from the layers before the forward
 (``check_switched``) and, after it, which layers' indexers really ran in that forward
-(``hooks.observed_pattern``, the plugin's switch in its model classes): any difference stops the run with ``PatternSwitchError``, so a
-switch that does not switch cannot produce a number. ``--kernels`` sets
+(``hooks.observed_pattern``, the plugin's switch in its model classes): any difference stops the run with
+``PatternSwitchError``, so a switch that does not switch cannot produce a number. ``--kernels`` sets
 ``VLLM_INDEXCACHE_KERNELS`` (``auto``: vLLM's FlashMLA-sparse + DeepGEMM at this geometry; ``triton``: the plugin's
 Triton fallback, bf16).
 
