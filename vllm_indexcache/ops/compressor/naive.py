@@ -10,7 +10,12 @@ import math
 
 import torch
 
-from vllm_indexcache.ops.fp8_cache.naive import gptj_rope_naive, write_ds_mla_naive, write_indexer_k_naive
+from vllm_indexcache.ops.fp8_cache.naive import (
+    gptj_rope_naive,
+    write_ds_mla_naive,
+    write_indexer_k_naive,
+    write_row_naive,
+)
 
 
 def compressed_entry_naive(state_cache, window_slots, rms_norm_weight, eps, ratio) -> torch.Tensor:
@@ -40,14 +45,17 @@ def compress_norm_rope_store_naive(state_cache, gather_slots, positions, kv_slot
                                    cos_sin_cache, kv_cache_2d, kv_cache_block_size, ratio, indexer: bool) -> None:
     """Store the entry of every token that closes a window (``(p + 1) % ratio == 0``) and has a compressed slot:
     RoPE on the last 64 dims at position ``(p // ratio) * ratio``; ``indexer``: the whole roped entry rounded to
-    bfloat16 in the indexer K layout, else the ``fp8_ds_mla`` layout with the NoPE dims rounded to bfloat16."""
+    bfloat16 in the indexer K layout, else the ``fp8_ds_mla`` layout with the NoPE dims rounded to bfloat16; a
+    floating ``kv_cache_2d`` (plain rows) gets the whole roped entry in its dtype."""
     for t in range(gather_slots.shape[0]):
         p, slot = int(positions[t]), int(kv_slot_mapping[t])
         if (p + 1) % ratio or slot < 0:
             continue
         normed = compressed_entry_naive(state_cache, [int(s) for s in gather_slots[t]], rms_norm_weight, eps, ratio)
         roped = gptj_rope_naive(normed, cos_sin_cache[(p // ratio) * ratio])
-        if indexer:
+        if kv_cache_2d.dtype.is_floating_point:
+            write_row_naive(kv_cache_2d, slot, roped, kv_cache_block_size)
+        elif indexer:
             write_indexer_k_naive(kv_cache_2d, slot, roped.float().to(torch.bfloat16).float(), kv_cache_block_size)
         else:
             entry = torch.cat([normed[:448].float().to(torch.bfloat16).float(), roped[448:].float()])

@@ -88,3 +88,18 @@ def gptj_rope_naive(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         c, s = float(cos_sin[i]), float(cos_sin[half + i])
         out[base + 2 * i], out[base + 2 * i + 1] = a * c - b * s, b * c + a * s
     return out
+
+
+def write_row_naive(cache_2d: torch.Tensor, slot: int, entry: torch.Tensor, block_size: int) -> None:
+    """Store one entry ``[head]`` at ``slot`` of a plain-row cache ``[num_blocks, block_size * head]`` (rounded to
+    its dtype): the reference of :func:`.rows.write_rows`."""
+    head = entry.shape[-1]
+    block, i = divmod(slot, block_size)
+    cache_2d[block, i * head:(i + 1) * head] = entry.to(cache_2d.dtype)
+
+
+def read_row_naive(cache_2d: torch.Tensor, slot: int, block_size: int) -> torch.Tensor:
+    """``[head]`` float64 entry at ``slot`` of a plain-row cache: the reference of :func:`.rows.read_rows`."""
+    head = cache_2d.shape[1] // block_size
+    block, i = divmod(slot, block_size)
+    return cache_2d[block, i * head:(i + 1) * head].double()

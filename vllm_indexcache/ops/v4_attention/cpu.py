@@ -9,6 +9,7 @@ import torch
 
 from vllm_indexcache.ops.fp8_cache.cpu import DS_MLA_NOPE, read_ds_mla, write_ds_mla
 from vllm_indexcache.ops.fp8_cache.rope import gptj_rope_tail
+from vllm_indexcache.ops.fp8_cache.rows import is_rows, read_rows, write_rows
 
 #: keys per tile of the online softmax (as vLLM's ``_C`` kernel: matches its bfloat16 rounding of the weights)
 KEY_TILE = 128
@@ -26,7 +27,9 @@ def qnorm_rope_kv_insert(q: torch.Tensor, kv: torch.Tensor, positions: torch.Ten
         q: ``[T, H, 512]`` bfloat16 queries (after ``wq_b``).
         kv: ``[T, 512]`` bfloat16 normalised KV rows (``kv_norm``).
         positions: ``[T]`` int64.
-        swa_kv_cache_2d: ``[num_blocks, block_bytes]`` uint8 ``fp8_ds_mla`` cache, written at ``slot_mapping``.
+        swa_kv_cache_2d: ``[num_blocks, block_bytes]`` uint8 ``fp8_ds_mla`` cache, or ``[num_blocks,
+            block_size * 512]`` plain rows (bfloat16; :mod:`~vllm_indexcache.ops.fp8_cache.rows`), written at
+            ``slot_mapping``.
         slot_mapping: ``[T']`` int64 (``T' <= T``) slot of each token, ``-1`` = not stored.
         cos_sin_cache: ``[max_pos, R]`` float32 ``[cos | sin]`` (``R = 64``).
         q_head_padded: heads of the returned query (``>= H``; the extra heads are zero).
@@ -45,6 +48,9 @@ def qnorm_rope_kv_insert(q: torch.Tensor, kv: torch.Tensor, positions: torch.Ten
     n = slot_mapping.shape[0]
     keep = slot_mapping >= 0
     kv_roped = gptj_rope_tail(kv[:n].float(), cs[:n])[keep]
+    if is_rows(swa_kv_cache_2d):
+        write_rows(swa_kv_cache_2d, slot_mapping[keep], kv_roped, cache_block_size)
+        return out
     write_ds_mla(swa_kv_cache_2d, slot_mapping[keep], kv_roped[:, :DS_MLA_NOPE],
                  kv_roped[:, DS_MLA_NOPE:], cache_block_size, ftz=True)
     return out
@@ -62,7 +68,8 @@ def flash_mla_with_kvcache(out: torch.Tensor, q: torch.Tensor, window_cache_2d: 
     Args:
         out: ``[T, H, 512]`` bfloat16, written.
         q: ``[T, H, 512]`` bfloat16.
-        window_cache_2d / compressed_cache_2d: ``[num_blocks, block_bytes]`` uint8 ``fp8_ds_mla`` caches.
+        window_cache_2d / compressed_cache_2d: ``[num_blocks, block_bytes]`` uint8 ``fp8_ds_mla`` caches, or
+            plain-row caches (floating, ``[num_blocks, block_size * 512]``).
         window_slots: ``[T, W]`` int64 global slots, ``-1`` = none; ``window_block_size`` entries per block.
         compressed_slots: ``[T, K]`` int64 global slots (``K`` may be 0), ``-1`` = none.
         compressed_block_size: entries per compressed-cache block.
@@ -87,7 +94,7 @@ def flash_mla_with_kvcache(out: torch.Tensor, q: torch.Tensor, window_cache_2d: 
                 continue
             ok = s >= 0
             uniq, inverse = torch.unique(s.clamp(min=0), return_inverse=True)
-            keys.append(read_ds_mla(cache, uniq, block_size)[inverse])
+            keys.append((read_rows if is_rows(cache) else read_ds_mla)(cache, uniq, block_size)[inverse])
             valid.append(ok)
             bounds.append((n, n + s.shape[1]))     # the window's keys, then the compressed ones: tiles restart
             n += s.shape[1]

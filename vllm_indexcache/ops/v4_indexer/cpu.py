@@ -12,6 +12,7 @@ import torch
 
 from vllm_indexcache.ops.fp8_cache.cpu import FP8_MAX, read_indexer_k
 from vllm_indexcache.ops.fp8_cache.rope import gptj_rope_tail
+from vllm_indexcache.ops.fp8_cache.rows import is_rows, read_rows
 
 
 def indexer_q_rope_quant(positions: torch.Tensor, index_q: torch.Tensor, index_q_cos_sin_cache: torch.Tensor,
@@ -41,6 +42,29 @@ def indexer_q_rope_quant(positions: torch.Tensor, index_q: torch.Tensor, index_q
     index_weights_out.copy_(w * index_weights_softmax_scale * index_weights_head_scale)
 
 
+def indexer_q_rope(positions: torch.Tensor, index_q: torch.Tensor, index_q_cos_sin_cache: torch.Tensor,
+                   index_weights: torch.Tensor, index_weights_softmax_scale: float,
+                   index_weights_head_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indexer query for a bfloat16 indexer K cache: GPT-J RoPE on the last dims of each head, no quantisation
+    (the replacement of ``cpu_sparse._fused_indexer_q_rope_quant_cpu`` when keys stay in the model dtype).
+
+    Args:
+        positions: ``[T]`` int64.
+        index_q: ``[T, H, 128]`` queries (any float dtype).
+        index_q_cos_sin_cache: ``[max_pos, 64]`` float32 ``[cos | sin]``.
+        index_weights: ``[T, H]``.
+        index_weights_softmax_scale, index_weights_head_scale: multiply the weights.
+
+    Returns:
+        ``(q [T, H, 128] bfloat16, weights [T, H] float32 = w · softmax_scale · head_scale)``.
+    """
+    num_tokens = index_q.shape[0]
+    cs = index_q_cos_sin_cache.index_select(0, positions[:num_tokens].long()).float()
+    q = gptj_rope_tail(index_q.float(), cs[:, None, :]).to(torch.bfloat16)
+    w = index_weights.float() * index_weights_softmax_scale * index_weights_head_scale
+    return q, w
+
+
 def fp8_paged_mqa_logits(q_fp8: torch.Tensor, kvcache_fp8: torch.Tensor, weight: torch.Tensor,
                          seq_lens: torch.Tensor, page_table: torch.Tensor, block_size: int, max_seq_len: int,
                          max_chunk_bytes: int = 64 << 20) -> torch.Tensor:
@@ -49,7 +73,9 @@ def fp8_paged_mqa_logits(q_fp8: torch.Tensor, kvcache_fp8: torch.Tensor, weight:
 
     Args:
         q_fp8: ``[T, H, 128]`` float8_e4m3fn queries (scale folded into ``weight``).
-        kvcache_fp8: ``[num_blocks, block_bytes]`` uint8 indexer K cache.
+        kvcache_fp8: ``[num_blocks, block_bytes]`` uint8 indexer K cache, or plain rows ``[num_blocks,
+            block_size * 128]`` (bfloat16, :mod:`~vllm_indexcache.ops.fp8_cache.rows`; then ``q_fp8`` may be any
+            float dtype and the key scale is 1).
         weight: ``[T, H]`` float32.
         seq_lens: ``[T]`` int valid entries of each row.
         page_table: ``[T, max_pages]`` int block ids of each row's request.
@@ -76,8 +102,11 @@ def fp8_paged_mqa_logits(q_fp8: torch.Tensor, kvcache_fp8: torch.Tensor, weight:
             continue
         pos = torch.arange(n)
         slots = rows[r, pos // block_size].long() * block_size + pos % block_size
-        values, k_scale = read_indexer_k(kvcache_fp8, slots, block_size)
-        k = values.float()                                                   # [n, 128]
+        if is_rows(kvcache_fp8):
+            k, k_scale = read_rows(kvcache_fp8, slots, block_size), 1.0
+        else:
+            values, k_scale = read_indexer_k(kvcache_fp8, slots, block_size)
+            k = values.float()                                               # [n, 128]
         chunk = max(1, max_chunk_bytes // (q.shape[1] * n * 4))
         for start in range(0, members.shape[0], chunk):
             m = members[start:start + chunk]

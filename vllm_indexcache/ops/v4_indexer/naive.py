@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from vllm_indexcache.ops.fp8_cache.naive import gptj_rope_naive, quantize_block_naive, read_indexer_k_naive
+from vllm_indexcache.ops.fp8_cache.naive import (
+    gptj_rope_naive,
+    quantize_block_naive,
+    read_indexer_k_naive,
+    read_row_naive,
+)
 
 
 def indexer_q_rope_quant_naive(positions, index_q, cos_sin_cache, index_weights, softmax_scale, head_scale):
@@ -28,15 +33,30 @@ def indexer_q_rope_quant_naive(positions, index_q, cos_sin_cache, index_weights,
     return q_out, w_out
 
 
+def indexer_q_rope_naive(positions, index_q, cos_sin_cache, index_weights, softmax_scale, head_scale):
+    """``(q [T, H, 128] bfloat16, weights [T, H] float64)``: each head roped, rounded to bfloat16 (no quantisation,
+    for a bfloat16 indexer K cache); the weight times ``softmax_scale`` and ``head_scale``."""
+    num_tokens, num_heads, dim = index_q.shape
+    q_out = torch.empty(num_tokens, num_heads, dim, dtype=torch.bfloat16)
+    w_out = torch.empty(num_tokens, num_heads, dtype=torch.float64)
+    for t in range(num_tokens):
+        for h in range(num_heads):
+            q_out[t, h] = gptj_rope_naive(index_q[t, h], cos_sin_cache[int(positions[t])]).to(torch.bfloat16)
+            w_out[t, h] = float(index_weights[t, h]) * softmax_scale * head_scale
+    return q_out, w_out
+
+
 def paged_index_logits_naive(q_fp8, kv_cache_2d, weights, seq_lens, page_table, block_size) -> list[torch.Tensor]:
     """Per query row ``t``: ``[seq_lens[t]]`` float64 ``Σ_h w[t, h] · ReLU(q[t, h] · k[s])`` over the request's
-    entries ``s`` (page ``page_table[t, s // block_size]``)."""
+    entries ``s`` (page ``page_table[t, s // block_size]``); the cache is the FP8 indexer K layout (uint8) or
+    plain rows (floating)."""
     out = []
     for t in range(q_fp8.shape[0]):
         row = torch.zeros(int(seq_lens[t]), dtype=torch.float64)
         for s in range(int(seq_lens[t])):
-            k = read_indexer_k_naive(kv_cache_2d, int(page_table[t, s // block_size]) * block_size + s % block_size,
-                                     block_size)
+            slot = int(page_table[t, s // block_size]) * block_size + s % block_size
+            read = read_row_naive if kv_cache_2d.dtype.is_floating_point else read_indexer_k_naive
+            k = read(kv_cache_2d, slot, block_size)
             row[s] = sum(float(weights[t, h]) * max(float(q_fp8[t, h].double() @ k), 0.0)
                          for h in range(q_fp8.shape[1]))
         out.append(row)

@@ -64,18 +64,9 @@ def forced() -> bool:
 def select() -> list[str]:
     """Bind the torch version of every op in :data:`TORCH_OPS` that ``torch.ops._C`` lacks (all of them when
     :func:`forced`) into the module its callers read; return the ops bound."""
-    import importlib
 
     native = {op for op in (*TORCH_OPS, *O_PROJ_OPS) if hasattr(torch.ops._C, op)}   # before binding any
-    bound = []
-    for op, (module_name, impl) in TORCH_OPS.items():
-        if op in native and not forced():
-            continue
-        impl_module, impl_name = impl.split(":")
-        fn = getattr(importlib.import_module(impl_module), impl_name)
-        for name in {module_name, "vllm._custom_ops"}:
-            setattr(torch.ops._C if name == C_NAMESPACE else importlib.import_module(name), op, fn)
-        bound.append(op)
+    bound = bind([op for op in TORCH_OPS if op not in native or forced()])
     if forced() or not all(op in native for op in O_PROJ_OPS):
         _select_o_proj()
         bound.extend(O_PROJ_OPS)
@@ -87,6 +78,20 @@ def select() -> list[str]:
         logger.warning("IndexCache: DeepSeek-V4 on this CPU: vllm/_C lacks %s and the plugin has no torch version "
                        "yet; the first forward will fail", ", ".join(missing))
     return bound
+
+
+def bind(op_names) -> list[str]:
+    """Bind the torch version of each op of :data:`TORCH_OPS` in ``op_names`` into the module its callers read
+    (and ``vllm._custom_ops``), whether or not ``torch.ops._C`` has it; return the ops bound."""
+    import importlib
+
+    for op in op_names:
+        module_name, impl = TORCH_OPS[op]
+        impl_module, impl_name = impl.split(":")
+        fn = getattr(importlib.import_module(impl_module), impl_name)
+        for name in {module_name, "vllm._custom_ops"}:
+            setattr(torch.ops._C if name == C_NAMESPACE else importlib.import_module(name), op, fn)
+    return list(op_names)
 
 
 def _select_o_proj() -> None:
