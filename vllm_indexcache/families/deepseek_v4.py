@@ -119,7 +119,7 @@ def is_transformers_layout(data: dict) -> bool:
 
 def _derived(data: dict) -> list[tuple[str, Any, str]]:
     """``[(DeepSeek key, value, source)]`` implied by transformers' fields of ``data`` (module section above)."""
-    out = []
+    out: list[tuple[str, Any, str]] = []
     n = data.get("num_hidden_layers")
     if data.get("layer_types") is not None:
         rates = {**{t: r for t, r in LAYER_TYPE_RATIO.items() if r}, **(data.get("compress_rates") or {})}

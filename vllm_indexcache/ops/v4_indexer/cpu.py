@@ -102,6 +102,7 @@ def fp8_paged_mqa_logits(q_fp8: torch.Tensor, kvcache_fp8: torch.Tensor, weight:
             continue
         pos = torch.arange(n)
         slots = rows[r, pos // block_size].long() * block_size + pos % block_size
+        k_scale: float | torch.Tensor
         if is_rows(kvcache_fp8):
             k, k_scale = read_rows(kvcache_fp8, slots, block_size), 1.0
         else:
