@@ -7,13 +7,13 @@ as written; the plugin derives DeepSeek's config keys and maps the names at load
 (``vllm_glue/deepseek_v4_layout.py``). Oracle and tolerances are those of ``test_v4_cpu.py`` (bf16 + FP8 KV and
 indexer keys in vLLM vs float32 transformers), with all CSA layers F and with the CSA pattern ``FSFSF`` (S at layers 2
 and 5, reusing the preceding F layer's top-k; the reference applies the same reuse).
-Measured with ``python tests/engine/test_v4_hf_layout.py`` (AVX512-BF16 CPU, the 2,600-token prompt): all-F greedy
+Measured with ``python tests/engine/test_v4_hf_layout_serve.py`` (AVX512-BF16 CPU, the 2,600-token prompt): all-F greedy
 6/8 exact, max gap 0.035 nats, mean |Δ prompt log-prob| 0.0641 (max 0.436); FSFSF 7/8, max gap 0.006, mean 0.0635
 (max 0.457); the pattern moves vLLM's prompt log-probs by 0 before 2,048 tokens and 0.058 nats past it. The same
 numbers as the DeepSeek-layout copy in ``test_v4_cpu.py`` (mean 0.066 at 3,000 tokens), so the tolerances are its own.
 Served from the transformers layout and from its DeepSeek-layout conversion, vLLM computes the same thing: with FSFSF
 on the 2,600-token prompt, equal greedy tokens and max |Δ prompt log-prob| 0.0 (``python
-tests/engine/test_v4_hf_layout.py same``).
+tests/engine/test_v4_hf_layout_serve.py same``).
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_the_pattern_applies_to_the_transformers_layout(served):
 
 def same_as_deepseek_layout(prompt_len=PROMPT_LEN, pattern=PATTERN):
     """vLLM on the transformers-layout toy and on its DeepSeek-layout conversion (two engine starts): greedy tokens
-    and prompt log-probs; ``python tests/engine/test_v4_hf_layout.py same``."""
+    and prompt log-probs; ``python tests/engine/test_v4_hf_layout_serve.py same``."""
     import tempfile
 
     from vllm_indexcache.tools.toy_v4 import build_toy_v4, to_deepseek_layout
@@ -104,7 +104,7 @@ def same_as_deepseek_layout(prompt_len=PROMPT_LEN, pattern=PATTERN):
               f"transformers vs DeepSeek layout {float((la - lb).abs().max())}")
 
 
-if __name__ == "__main__":   # the numbers: python tests/engine/test_v4_hf_layout.py [PROMPT_LEN | same]
+if __name__ == "__main__":   # the numbers: python tests/engine/test_v4_hf_layout_serve.py [PROMPT_LEN | same]
     import sys
     import tempfile
 
