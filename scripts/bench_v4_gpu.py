@@ -300,35 +300,13 @@ def worker(a) -> int:
 
 
 def decode_under_load(llm, prompts: list[list[int]], steps: int, tag: str) -> list[float]:
-    """Prefill all ``prompts`` together, then time ``steps`` engine steps in which every request decodes one token
-    (seconds per step). ``LLMEngine.add_request`` / ``step`` / ``abort_request``; a step counts only once every request
-    has its first tokens and only if it advanced every request; all requests are aborted afterwards."""
-    from vllm import SamplingParams
+    """Seconds of each engine step in which every request of ``prompts`` decodes one token: the V3.2 benchmark's
+    :func:`bench_vllm_gpu.decode_step_times` (prefill all together, count a step only once every request has its
+    first tokens and only if it advanced every request, abort all afterwards)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_vllm_gpu import decode_step_times
 
-    engine = llm.llm_engine
-    sp = SamplingParams(max_tokens=1 << 20, ignore_eos=True, temperature=0.0)
-    ids = [f"{tag}-{i}" for i in range(len(prompts))]
-    for rid, p in zip(ids, prompts):
-        engine.add_request(rid, {"prompt_token_ids": p}, sp)
-    seen = dict.fromkeys(ids, 0)
-    times = []
-    for _ in range(20000):
-        if len(times) >= steps:
-            break
-        before = min(seen.values())
-        t = time.perf_counter()
-        outs = engine.step()
-        dt = time.perf_counter() - t
-        for o in outs:
-            seen[o.request_id] = len(o.outputs[0].token_ids)
-        if before >= 2 and len({o.request_id for o in outs}) == len(ids):
-            times.append(dt)
-    engine.abort_request(ids)
-    while engine.has_unfinished_requests():
-        engine.step()
-    if not times:
-        raise RuntimeError("decode under load: no step advanced every request")
-    return times
+    return decode_step_times(llm, prompts, steps, tag)
 
 
 # ------------------------------------------------------------------------------------------------------------- parent

@@ -147,6 +147,12 @@ def decode_under_load(llm, prompts: list[list[int]], steps: int, tag: str) -> fl
     engine loop); a step is timed only once every request has its first token and only if it advanced every
     request by one token (no request finishes: ``max_tokens`` is far beyond the window; all are aborted after it).
     """
+    return statistics.median(decode_step_times(llm, prompts, steps, tag))
+
+
+def decode_step_times(llm, prompts: list[list[int]], steps: int, tag: str) -> list[float]:
+    """The seconds of each counted engine step of :func:`decode_under_load` (its median is that function's
+    result); also used by ``scripts/bench_v4_gpu.py``."""
     from vllm import SamplingParams
 
     engine = llm.llm_engine
@@ -172,7 +178,7 @@ def decode_under_load(llm, prompts: list[list[int]], steps: int, tag: str) -> fl
         engine.step()
     if not times:
         raise RuntimeError("decode under load: no step advanced every request")
-    return statistics.median(times)
+    return times
 
 
 # ------------------------------------------------------------------------------------------------------------ parent
