@@ -46,6 +46,17 @@ def compress_norm(state_cache: torch.Tensor, gather_slots: torch.Tensor, positio
     return rows, normed
 
 
+
+def _compress_norm_rope(state_cache, gather_slots, positions, kv_slot_mapping, rms_norm_weight, rms_norm_eps,
+                        cos_sin_cache, compress_ratio):
+    """:func:`compress_norm`, then the last 64 dims of each normed entry rotated at its window's first position
+    (``(pos // compress_ratio) * compress_ratio``): ``(rows, normed, roped)``, float32."""
+    rows, normed = compress_norm(state_cache, gather_slots, positions, kv_slot_mapping, rms_norm_weight,
+                                 rms_norm_eps, compress_ratio)
+    pos = positions[rows].long()
+    return rows, normed, gptj_rope_tail(normed, cos_sin_cache.index_select(0, (pos // compress_ratio)
+                                                                              * compress_ratio).float())
+
 def compress_norm_rope_store(state_cache: torch.Tensor, gather_slots: torch.Tensor, positions: torch.Tensor,
                              kv_slot_mapping: torch.Tensor, rms_norm_weight: torch.Tensor, rms_norm_eps: float,
                              cos_sin_cache: torch.Tensor, kv_cache_2d: torch.Tensor, kv_cache_block_size: int,
@@ -69,10 +80,8 @@ def compress_norm_rope_store(state_cache: torch.Tensor, gather_slots: torch.Tens
         kv_cache_block_size: compressed entries per cache block.
         compress_ratio: 4 (CSA, overlapping windows) or 128 (HCA).
     """
-    rows, normed = compress_norm(state_cache, gather_slots, positions, kv_slot_mapping, rms_norm_weight,
-                                 rms_norm_eps, compress_ratio)
-    pos = positions[rows].long()
-    roped = gptj_rope_tail(normed, cos_sin_cache.index_select(0, (pos // compress_ratio) * compress_ratio).float())
+    rows, normed, roped = _compress_norm_rope(state_cache, gather_slots, positions, kv_slot_mapping, rms_norm_weight,
+                                              rms_norm_eps, cos_sin_cache, compress_ratio)
     if is_rows(kv_cache_2d):
         write_rows(kv_cache_2d, kv_slot_mapping[rows], roped, kv_cache_block_size)
         return
@@ -88,10 +97,8 @@ def compress_norm_rope_store_indexer(state_cache: torch.Tensor, gather_slots: to
     quantised FP8 as one UE8M0 block into the indexer K cache (128 FP8 bytes + float32 scale), or stored as a
     plain row in a floating ``kv_cache_2d`` (:mod:`~vllm_indexcache.ops.fp8_cache.rows`). Arguments as
     :func:`compress_norm_rope_store` (``D = 128``)."""
-    rows, normed = compress_norm(state_cache, gather_slots, positions, kv_slot_mapping, rms_norm_weight,
-                                 rms_norm_eps, compress_ratio)
-    pos = positions[rows].long()
-    roped = gptj_rope_tail(normed, cos_sin_cache.index_select(0, (pos // compress_ratio) * compress_ratio).float())
+    rows, normed, roped = _compress_norm_rope(state_cache, gather_slots, positions, kv_slot_mapping, rms_norm_weight,
+                                              rms_norm_eps, cos_sin_cache, compress_ratio)
     if is_rows(kv_cache_2d):
         write_rows(kv_cache_2d, kv_slot_mapping[rows], roped, kv_cache_block_size)
         return
