@@ -156,7 +156,7 @@ def test_resume_after_sigkill_of_a_real_process(full_run, toy):
     from vllm_indexcache.tools.testing.server import sigkill_after_first_step
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed_at = sigkill_after_first_step(proc, spath, timeout=120)
+    killed_at = sigkill_after_first_step(proc, spath, timeout=600)
     assert killed_at is not None and 1 <= killed_at < 4, "the search finished before it could be killed"
     assert proc.returncode == -signal.SIGKILL
     state = json.loads(spath.read_text())                      # atomic writes: parseable after SIGKILL
@@ -190,7 +190,7 @@ def test_resume_after_sigkill_with_the_retrieval_objective(tmp_path):
     from vllm_indexcache.tools.testing.server import sigkill_after_first_step
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed_at = sigkill_after_first_step(proc, state_path(out), timeout=120)
+    killed_at = sigkill_after_first_step(proc, state_path(out), timeout=600)
     assert killed_at is not None and 1 <= killed_at < 3 and proc.returncode == -signal.SIGKILL
     state = json.loads(state_path(out).read_text())
     _assert_same_steps(state["steps"], full["steps"][:len(state["steps"])])
