@@ -229,10 +229,12 @@ def test_select_binds_the_torch_ops(monkeypatch, force):
     monkeypatch.setattr(DeepseekV4CPUAttention, "_wrap_wo_a_process_weights_after_loading",
                         DeepseekV4CPUAttention._wrap_wo_a_process_weights_after_loading)
     monkeypatch.setenv(v4_ops.FORCE_ENV, "1" if force else "0")
-    bound = v4_ops.select()
+    # what _C has *before* select (select binds flash_mla_with_kvcache_cpu onto torch.ops._C itself where it is
+    # missing, e.g. when no earlier import loaded vllm/_C in this process)
     expected = [op for op in v4_ops.TORCH_OPS if force or not hasattr(torch.ops._C, op)]
     if force or not all(hasattr(torch.ops._C, op) for op in v4_ops.O_PROJ_OPS):
         expected += list(v4_ops.O_PROJ_OPS)
+    bound = v4_ops.select()
     assert bound == expected
     cpu_router = importlib.import_module("vllm.model_executor.layers.fused_moe.router.cpu_router")
     if force:
