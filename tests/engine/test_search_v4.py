@@ -101,7 +101,9 @@ def test_v4_search_engines_agree_and_the_pattern_serves(toy):
             assert a["candidates"][k] == pytest.approx(b["candidates"][k], abs=LOSS_TOL)
     first = list(vl["steps"][0]["candidates"].values())
     assert max(first) - min(first) > 1e-5, vl["steps"][0]
-    assert abs(vl["steps"][-1]["loss"] - vl["baseline_loss"]) > 100 * SERVE_TOL
+    # the found pattern moves the loss well beyond the serving tolerance (reuse really happens): 2.0e-4 with FP8
+    # keys, 3.9e-5 with bf16 keys (the default since v4-keys; only 252 of the 2,300 tokens are past 2,048)
+    assert abs(vl["steps"][-1]["loss"] - vl["baseline_loss"]) > 10 * SERVE_TOL
 
     seqs = load_calibration(toy["data"], toy["ds"], seq_len=SEQ_LEN, num_seqs=NUM_SEQS, start=0)
     seq_file = toy["root"] / "seqs.json"
