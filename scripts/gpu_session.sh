@@ -13,7 +13,7 @@
 #                  (scripts/check_triton_smem.py) and live checks against the naive references at fp32 and
 #                  bf16 (scripts/bench_triton_gpu.py --checks-only)                                    (1-3 min)
 #   mtp            scripts/check_mtp_gpu.py: greedy tokens with == without MTP speculation, acceptance rate,
-#                  all-F then FSFS (4 engines, budget 440 s)                                            (5-8 min)
+#                  all-F, vLLM alone (the control), FSFS (6 engines; MTP_BUDGET=600 for all six)        (5-10 min)
 #   search         scripts/search_gpu.py: 61 layers of V3.2 geometry to 1/4 through vLLM's native kernels,
 #                  budget 440 s from the script's start; seconds per evaluation, projected total      (7.5-8.5 min)
 #   search-triton  the same on the plugin's Triton fallback (VLLM_INDEXCACHE_KERNELS=triton), budget 360 s
@@ -85,7 +85,8 @@ except Exception:
 }
 
 mtp() {
-  timeout -k 15 520 $PY scripts/check_mtp_gpu.py --out "$OUT/check_mtp_gpu.json" --budget "${MTP_BUDGET:-440}" \
+  local budget=${MTP_BUDGET:-440}
+  timeout -k 15 $((budget + 80)) $PY scripts/check_mtp_gpu.py --out "$OUT/check_mtp_gpu.json" --budget "$budget" \
     --timeout 300
   log "check_mtp_gpu rc=$?"
 }
