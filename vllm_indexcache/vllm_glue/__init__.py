@@ -69,6 +69,12 @@ PATCHES = (
      "cpu_sparse.forward_mqa keys on compress_ratio and reads the shared topk_indices_buffer the preceding F layer "
      "wrote) and their checkpoint indexer tensors are skipped", "cpu 0.32.0", "-",
      "when vLLM reads index_topk_pattern for DeepSeek-V4"),
+    ("DeepseekV4ForCausalLM.forward (subclass), .make_empty_intermediate_tensors (instance, CPU)",
+     "cpu.deepseek_v4.indexcache",
+     "vLLM hands only hidden_states across pipeline stages, so a stage starting on an S CSA layer would read a "
+     "topk_indices_buffer nothing on it wrote: the previous stage adds its buffer rows of the step under "
+     "IntermediateTensors['indexcache_topk'] and the receiving stage copies them into its buffer before its first "
+     "layer (as model.py does for V3.2)", "cpu 0.32.0", "-", "when vLLM hands top-k across stages for DeepSeek-V4"),
     ("DeepSeek-V4 metadata Triton kernels (ops.metadata.compute_token_to_req_indices; sparse_swa "
      "_COMPUTE_SWA_INDICES_AND_LENS_KERNEL, _COMPUTE_PREFILL_METADATA_KERNEL; indexer "
      "_BUILD_PREFILL_CHUNK_METADATA_KERNEL; compressor_utils _COMPRESSED_SLOT_MAPPING_KERNEL)",

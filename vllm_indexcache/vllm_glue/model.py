@@ -157,15 +157,20 @@ def plan_stage(pattern: str, layers: list[int], num_layers: int, rank: int, worl
     return StagePlan(stage_pattern(pattern, layers, start, end), rank, start, end, False, False, None, layers)
 
 
+def handoff_enabled() -> bool:
+    """Whether the top-k handoff across pipeline stages is on: unless ``VLLM_INDEXCACHE_PP_HANDOFF=0``."""
+    import os
+
+    return os.environ.get("VLLM_INDEXCACHE_PP_HANDOFF", "1") != "0"
+
+
 def handoff_possible(base: type) -> bool:
     """Whether the top-k handoff works on ``base``: a class built on vLLM's ``DeepseekV2ForCausalLM`` (one shared
     ``topk_indices_buffer`` per stage, ``make_empty_intermediate_tensors`` for the PP receive buffers; true of the
     generic classes and of vLLM's NVIDIA ``DeepseekV32ForCausalLM``), unless ``VLLM_INDEXCACHE_PP_HANDOFF=0``."""
-    import os
-
     from vllm.model_executor.models.deepseek_v2 import DeepseekV2ForCausalLM
 
-    return os.environ.get("VLLM_INDEXCACHE_PP_HANDOFF", "1") != "0" and issubclass(base, DeepseekV2ForCausalLM)
+    return handoff_enabled() and issubclass(base, DeepseekV2ForCausalLM)
 
 
 def _prepare(vllm_config, base: type) -> StagePlan | None:
@@ -256,6 +261,25 @@ def _with_handoff_slot(make_empty, topk: int):
     return make_empty_intermediate_tensors
 
 
+def receive_topk(buf: torch.Tensor, intermediate_tensors):
+    """Copy the handed-over top-k (``intermediate_tensors[HANDOFF_KEY]``, ``[T, index_topk]`` int32) into the
+    stage's buffer rows ``[0, T)`` and return ``intermediate_tensors`` without that key (what vLLM's model reads);
+    unchanged when the key is absent."""
+    handed = intermediate_tensors.tensors.get(HANDOFF_KEY)
+    if handed is None:
+        return intermediate_tensors
+    buf[:handed.shape[0]].copy_(handed)
+    return type(intermediate_tensors)({k: v for k, v in intermediate_tensors.items() if k != HANDOFF_KEY})
+
+
+def send_topk(out, buf: torch.Tensor, num_tokens: int):
+    """Add the stage's buffer rows ``[0, num_tokens)`` (the last F layer's top-k of this step) to the stage's output
+    ``IntermediateTensors`` under :data:`HANDOFF_KEY`; ``out`` is returned (unchanged if it is not one)."""
+    if hasattr(out, "tensors"):
+        out.tensors[HANDOFF_KEY] = buf[:num_tokens]
+    return out
+
+
 def _native_rope_on_cpu(model) -> None:
     from vllm.platforms import current_platform
 
@@ -305,14 +329,10 @@ class IndexCacheModel:
         layer; a sending stage returns its buffer rows ``[0, T)`` under the same key."""
         plan, buf = self._indexcache_plan, self._indexcache_topk
         if buf is not None and plan.receives and intermediate_tensors is not None:
-            handed = intermediate_tensors.tensors.get(HANDOFF_KEY)
-            if handed is not None:
-                buf[:handed.shape[0]].copy_(handed)
-                intermediate_tensors = type(intermediate_tensors)(
-                    {k: v for k, v in intermediate_tensors.items() if k != HANDOFF_KEY})
+            intermediate_tensors = receive_topk(buf, intermediate_tensors)
         out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        if buf is not None and plan.sends and hasattr(out, "tensors"):
-            out.tensors[HANDOFF_KEY] = buf[:positions.shape[-1]]
+        if buf is not None and plan.sends:
+            out = send_topk(out, buf, positions.shape[-1])
         return out
 
 

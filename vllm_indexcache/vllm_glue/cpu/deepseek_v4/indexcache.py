@@ -15,6 +15,11 @@ attention still treats it as CSA, not HCA (``forward_mqa`` keys on ``compress_ra
 skips the indexer's projections and ``indexer_op``), and it reads the buffer rows the last F CSA layer wrote in the
 same step. Entry ``i`` is the same 4-token span in every CSA layer, so those ids index its own compressed KV.
 :func:`skip_indexer_weights` drops its indexer weights from the checkpoint stream.
+
+Pipeline stages: a stage whose first CSA layer is S reads rows nothing on the stage wrote, so the stage before it
+hands its buffer rows of the step (the last F CSA layer's top-k, request-local entry ids, the same on every stage)
+over with the hidden states, as for DeepSeek-V3.2 (:mod:`vllm_indexcache.vllm_glue.model`: ``HANDOFF_KEY`` in
+``IntermediateTensors``); :func:`install_handoff` sets it up on a built model.
 """
 from __future__ import annotations
 
@@ -46,6 +51,10 @@ class CsaPlan:
         source: where the pattern came from (:func:`vllm_indexcache.config.pattern_source`).
         start, end: this pipeline stage's decoder layers ``[start, end)``.
         skipped_weights: indexer tensors of S layers dropped at load time (:func:`skip_indexer_weights`).
+        rank: this stage's pipeline rank.
+        receives: the stage's first CSA layer is S (or it holds none and the next stage receives): it reads the
+            previous stage's top-k.
+        sends: the next stage receives this stage's top-k.
     """
 
     pattern: str
@@ -54,6 +63,9 @@ class CsaPlan:
     start: int
     end: int
     skipped_weights: int = 0
+    rank: int = 0
+    receives: bool = False
+    sends: bool = False
 
     @property
     def s_layers(self) -> frozenset[int]:
@@ -61,17 +73,19 @@ class CsaPlan:
         return frozenset(layer for layer, c in zip(self.csa_layers, self.pattern) if c == "S")
 
 
-def plan(vllm_config) -> CsaPlan | None:
+def plan(vllm_config, handoff: bool = True) -> CsaPlan | None:
     """This stage's CSA plan from ``hf_config.index_topk_pattern`` (resolved before load by the config hook), or
-    None when the config has no pattern. A stage whose first CSA layer is S runs it as F (nothing on the stage would
-    write the top-k buffer before it; vLLM hands only hidden states across stages), with one warning.
+    None when the config has no pattern. With ``handoff`` a stage whose first CSA layer is S receives the previous
+    stage's top-k (:func:`install_handoff`; ``plan_stage`` of :mod:`vllm_indexcache.vllm_glue.model`); without it
+    (a model class the handoff is not wired into, or ``VLLM_INDEXCACHE_PP_HANDOFF=0``) that layer runs as F on the
+    stage, with one warning.
 
     Raises:
         vllm_indexcache.families.FamilyError: a config whose CSA layers cannot be read (one line).
     """
     from vllm.distributed import get_pp_group
 
-    from vllm_indexcache.vllm_glue.model import plan_stage
+    from vllm_indexcache.vllm_glue.model import handoff_enabled, plan_stage
 
     hf_config = vllm_config.model_config.hf_config
     pattern = getattr(hf_config, "index_topk_pattern", None)
@@ -80,13 +94,47 @@ def plan(vllm_config) -> CsaPlan | None:
     family = family_for(hf_config)
     layers = family.indexer_layers(hf_config)
     pp = get_pp_group()
+    handoff = handoff and handoff_enabled()
     stage = plan_stage(pattern, layers, family.num_backbone_layers(hf_config), pp.rank_in_group, pp.world_size,
-                       handoff=False)
+                       handoff=handoff)
     if stage.pattern != pattern:
-        logger.warning("IndexCache: pipeline stage %d starts on S CSA layer %d and DeepSeek-V4 hands no top-k across "
-                       "stages; layer %d runs its own indexer (F) on this stage.", stage.rank, stage.first_layer,
+        logger.warning("IndexCache: pipeline stage %d starts on S CSA layer %d and top-k is not handed across stages "
+                       "here (%s); layer %d runs its own indexer (F) on this stage.", stage.rank, stage.first_layer,
+                       "no handoff on this platform" if handoff_enabled() else "VLLM_INDEXCACHE_PP_HANDOFF=0",
                        stage.first_layer)
-    return CsaPlan(stage.pattern, layers, getattr(hf_config, SOURCE_KEY, None), stage.start, stage.end)
+    return CsaPlan(stage.pattern, layers, getattr(hf_config, SOURCE_KEY, None), stage.start, stage.end,
+                   rank=stage.rank, receives=stage.receives, sends=stage.sends)
+
+
+def install_handoff(model: torch.nn.Module, csa_plan: CsaPlan | None) -> None:
+    """Set up the top-k handoff on a built V4 model (vLLM's ``DeepseekV4ForCausalLM``: ``model.model`` holds the
+    shared ``topk_indices_buffer``, ``[max_num_batched_tokens, index_topk]`` int32): a receiving stage's PP receive
+    buffers (``make_empty_intermediate_tensors``, the instance attribute vLLM sets) get a ``[batch, index_topk]``
+    int32 slot under ``HANDOFF_KEY``; the forward side is :func:`handoff_forward`. Nothing for a stage that neither
+    receives nor sends."""
+    from vllm_indexcache.vllm_glue.model import _with_handoff_slot
+
+    if csa_plan is None or not csa_plan.receives:
+        return
+    buf = model.model.topk_indices_buffer
+    model.make_empty_intermediate_tensors = _with_handoff_slot(model.make_empty_intermediate_tensors, buf.shape[1])
+
+
+def handoff_forward(forward, model: torch.nn.Module, csa_plan: CsaPlan | None, input_ids, positions,
+                    intermediate_tensors, inputs_embeds):
+    """``forward(input_ids, positions, intermediate_tensors, inputs_embeds)`` (vLLM's ``DeepseekV4ForCausalLM``
+    forward) with the top-k handoff of ``csa_plan``: a receiving stage copies the handed rows into its
+    ``topk_indices_buffer`` before its first layer; a sending stage adds its buffer rows ``[0, T)`` (``T`` =
+    ``positions.shape[-1]``) to its output ``IntermediateTensors``."""
+    from vllm_indexcache.vllm_glue.model import receive_topk, send_topk
+
+    buf = model.model.topk_indices_buffer
+    if csa_plan is not None and csa_plan.receives and intermediate_tensors is not None:
+        intermediate_tensors = receive_topk(buf, intermediate_tensors)
+    out = forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+    if csa_plan is not None and csa_plan.sends:
+        out = send_topk(out, buf, positions.shape[-1])
+    return out
 
 
 @contextlib.contextmanager
@@ -153,11 +201,16 @@ def report(model: torch.nn.Module, csa_plan: CsaPlan | None, vllm_config) -> str
     k_bytes, state_bytes, window, n_f = indexer_state_bytes(model, vllm_config)
     on_stage = [layer for layer in csa_plan.csa_layers if csa_plan.start <= layer < csa_plan.end]
     s_layers = sorted(set(on_stage) & csa_plan.s_layers)
-    if n_f == 0 and s_layers:
+    if n_f == 0 and s_layers and not csa_plan.receives:
         raise RuntimeError(f"IndexCache: no F CSA layer built on this stage, yet S CSA layers {s_layers}")
     line = (f"{summary(csa_plan.pattern, csa_plan.source)}; DeepSeek-V4 CSA layers {on_stage}, S (no indexer, "
             f"reuse the preceding F layer's top-k) {s_layers}; indexer K-cache {k_bytes * n_f:g} B/token instead of "
             f"{k_bytes * len(on_stage):g} B/token all-F ({k_bytes * len(s_layers):g} B/token saved), and no indexer "
             f"compressor state ({state_bytes:g} B/token over its last {window} tokens) on the S layers")
+    if csa_plan.receives:
+        line += (f"; top-k handoff active: stage {csa_plan.rank} starts on S CSA layer "
+                 f"{on_stage[0] if on_stage else csa_plan.start} and reads the top-k the previous stage hands over")
+    if csa_plan.sends:
+        line += f"; top-k handoff active: stage {csa_plan.rank} hands its top-k to the next stage"
     logger.info(line)
     return line

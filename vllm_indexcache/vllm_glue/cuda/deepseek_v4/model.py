@@ -10,6 +10,8 @@ compressor and compressed KV cache and runs ``attention_impl``'s compressor-only
 it reads the rows the last F CSA layer wrote in the same step; entry ``i`` is the same 4-token span in every CSA
 layer. The construction-time switch, the weight filter and the start-up report are the platform-neutral ones of
 :mod:`vllm_indexcache.vllm_glue.cpu.deepseek_v4.indexcache` (same ``attention.py`` names in vLLM 0.26 and 0.32).
+The top-k handoff across pipeline stages is wired into the CPU class only (never run on CUDA): here a stage that
+starts on an S CSA layer still builds that layer F, with a warning.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ class IndexCacheDeepseekV4ForCausalLM(DeepseekV4ForCausalLM):
     """vLLM's CUDA DeepSeek-V4 with the S CSA layers of ``index_topk_pattern`` built without indexer."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        csa_plan = indexcache.plan(vllm_config)
+        csa_plan = indexcache.plan(vllm_config, handoff=False)
         with indexcache.no_indexer_on(csa_plan.s_layers if csa_plan else frozenset()):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._indexcache_plan = csa_plan
