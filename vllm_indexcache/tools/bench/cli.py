@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="decode batch size besides 1 (1 = batch 1 only)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="vLLM's kv_cache_dtype (DeepSeek-V4 on CPU: auto = keys in the model dtype, fp8 = "
+                             "vLLM's fp8_ds_mla layout and FP8 indexer K)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096, help="chunked-prefill budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replot", action="store_true",
@@ -128,7 +131,8 @@ def main(args: argparse.Namespace) -> int:
     max_len = max(contexts) + args.decode_tokens + BATCH_SHARED_TAIL
     engine_kwargs = bench_engine_kwargs(max_len, dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                                         seed=args.seed, batch=args.batch,
-                                        max_num_batched_tokens=args.max_num_batched_tokens)
+                                        max_num_batched_tokens=args.max_num_batched_tokens,
+                                        kv_cache_dtype=args.kv_cache_dtype)
     results = {"command": "vllm-indexcache bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"]
                                                                else sys.argv[1:]),
                "model": model, "config": {k: cfg.get(k) for k in (

@@ -129,16 +129,18 @@ def bytes_per_token(hf_config, pattern: str, dtype_bytes: int) -> dict:
 
 
 def bench_engine_kwargs(max_model_len: int, *, dtype: str = "auto", kv_cache_memory_bytes: int = 1 << 30,
-                        seed: int = 0, batch: int = 1, max_num_batched_tokens: int = 4096) -> dict:
+                        seed: int = 0, batch: int = 1, max_num_batched_tokens: int = 4096,
+                        kv_cache_dtype: str = "auto") -> dict:
     """``vllm.LLM`` keyword arguments of the CPU benchmark's engines (``vllm-indexcache bench`` and
     ``scripts/profile_cpu_prefill.py``): eager, chunked prefill at ``max_num_batched_tokens`` (at least
     ``max(8, batch)``), prefix caching on, a fixed KV-cache size in bytes (vLLM CPU cannot size it from the node's
-    memory). The tokenizer is loaded (``skip_tokenizer_init=True`` makes vLLM 0.32's ``LLM`` chat-template warm-up log
-    a traceback per engine); the benchmark's requests do not detokenize (``detokenize=False``)."""
+    memory); ``kv_cache_dtype`` is vLLM's (``auto``: the model dtype). The tokenizer is loaded
+    (``skip_tokenizer_init=True`` makes vLLM 0.32's ``LLM`` chat-template warm-up log a traceback per engine);
+    the benchmark's requests do not detokenize (``detokenize=False``)."""
     return dict(dtype=dtype, max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_memory_bytes,
                 enforce_eager=True, seed=seed, max_num_seqs=max(8, batch),
                 max_num_batched_tokens=max(max_num_batched_tokens, max(8, batch)),
-                enable_prefix_caching=True)
+                enable_prefix_caching=True, kv_cache_dtype=kv_cache_dtype)
 
 
 def run_pattern(model: str, pattern: str, contexts: list[int], repeats: list[int], decode_tokens: int, batch: int,
