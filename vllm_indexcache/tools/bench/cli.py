@@ -79,7 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=16, help="generated tokens per request (>= 2)")
     parser.add_argument("--batch", type=int, default=8, help="decode batch size besides 1 (1 = batch 1 only)")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                        help="KV cache of every engine, bytes (default: 1 GiB; 2 GiB for DeepSeek-V4, whose "
+                             "model-dtype keys at 16K tokens need more than 1 GiB in vLLM's hybrid allocator)")
     parser.add_argument("--kv-cache-dtype", default="auto",
                         help="vLLM's kv_cache_dtype (DeepSeek-V4 on CPU: auto = keys in the model dtype, fp8 = "
                              "vLLM's fp8_ds_mla layout and FP8 indexer K)")
@@ -129,7 +131,8 @@ def main(args: argparse.Namespace) -> int:
     for s, pattern in patterns.items():
         print(describe_spec(s, pattern), flush=True)
     max_len = max(contexts) + args.decode_tokens + BATCH_SHARED_TAIL
-    engine_kwargs = bench_engine_kwargs(max_len, dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+    kv_bytes = args.kv_cache_memory_bytes or (2 << 30 if family_for(cfg).model_type == "deepseek_v4" else 1 << 30)
+    engine_kwargs = bench_engine_kwargs(max_len, dtype=args.dtype, kv_cache_memory_bytes=kv_bytes,
                                         seed=args.seed, batch=args.batch,
                                         max_num_batched_tokens=args.max_num_batched_tokens,
                                         kv_cache_dtype=args.kv_cache_dtype)
