@@ -48,9 +48,12 @@ def deepseek_v4_config(compress_ratios, num_hash_layers: int = 3, max_position_e
                        quantize: bool = True, **overrides) -> dict:
     """DeepSeek-layout ``config.json`` (a dict) for a V4 toy: V4-Flash attention (:data:`V4_FLASH_ATTENTION`),
     :data:`SMALL_MOE`, the given per-layer ``compress_ratios`` (0, 4 or 128), hash routing on the first
-    ``num_hash_layers`` layers, score routing (``noaux_tc``, ``sqrtsoftplus``) after, a flat default RoPE
-    (vLLM's ``DeepseekV4Config`` passes ``rope_parameters`` to ``get_rope``, which needs a flat, hashable dict), no
-    MTP layer; with ``quantize`` the FP8 ``quantization_config`` and ``expert_dtype: "fp8"``.
+    ``num_hash_layers`` layers, score routing (``noaux_tc``, ``sqrtsoftplus``) after, DeepSeek-V4's YaRN
+    ``rope_scaling`` (factor 16 over 65,536 positions, as DeepSeek's V4 configs; flat, so hashable for ``get_rope``:
+    vLLM 0.26's ``DeepseekV4Config`` uses ``rope_scaling or rope_parameters``, and its ``common/rope.py`` turns a
+    non-default type into ``deepseek_yarn``, whose float32 ``cos_sin_cache`` the CUDA output projection asserts —
+    ``fused_inv_rope_fp8_quant.py``: a default RoPE gets a bf16 cache and fails there, with or without the plugin;
+    seen on an H100), no MTP layer; with ``quantize`` the FP8 ``quantization_config`` and ``expert_dtype: "fp8"``.
 
     Raises:
         ValueError: a ratio outside {0, 4, 128}; ``num_hash_layers`` outside ``[0, len(compress_ratios)]`` (one
@@ -67,7 +70,8 @@ def deepseek_v4_config(compress_ratios, num_hash_layers: int = 3, max_position_e
                num_hash_layers=num_hash_layers, num_nextn_predict_layers=0, hidden_act="silu", swiglu_limit=10.0,
                scoring_func="sqrtsoftplus", topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=1.5,
                rope_theta=10000.0, compress_rope_theta=160000.0,
-               rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+               rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
+                             "beta_fast": 32, "beta_slow": 1},
                max_position_embeddings=max_position_embeddings, tie_word_embeddings=False, bos_token_id=1,
                eos_token_id=2, pad_token_id=0, initializer_range=0.02)
     if quantize:
