@@ -31,8 +31,9 @@ WHEELS = ["tilelang==0.1.9", "z3-solver==4.15.4.0", "torch-c-dlpack-ext==0.1.5",
           "nvidia-cutlass-dsl-libs-base==4.6.0", "nvidia-cutlass-dsl-libs-core==4.6.0",
           "nvidia-cutlass-dsl-libs-cu13==4.6.0", "nvidia-cuda-nvdisasm==13.5.37",
           # the CuTe DSL compressor imports ``quack`` (quack-kernels; 0.6.0 is the release pinned to
-          # nvidia-cutlass-dsl==4.6.0), which needs apache-tvm-ffi and einops
-          "quack-kernels==0.6.0", "apache-tvm-ffi==0.1.15.post2", "einops==0.8.2"]
+          # nvidia-cutlass-dsl==4.6.0), which needs einops and apache-tvm-ffi: the 0.1.11 already in the device's
+          # vLLM tree is kept (0.1.15 breaks ``import tilelang``, seen on an H100)
+          "quack-kernels==0.6.0", "einops==0.8.2"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "any"]
 PIECE = 52_000_000
