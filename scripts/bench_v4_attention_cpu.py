@@ -9,6 +9,7 @@ tokens) and K compressed entries picked at random among those visible (ratio 4),
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import time
 import types
@@ -70,12 +71,17 @@ def main() -> None:
                     help="0: top-k among the token's visible compressed entries; S>0: among S entries for all tokens")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--max-chunk-bytes", type=int, nargs="*", default=[],
+                    help="also time the current op with these max_chunk_bytes")
     a = ap.parse_args()
     torch.set_num_threads(1)
     args = _case(a.tokens, a.heads, a.window, a.topk, a.ratio, getattr(torch, a.dtype), a.spread)
     print(f"T={a.tokens} H={a.heads} W={a.window} K={a.topk} ratio={a.ratio} spread={a.spread} {a.dtype}, 1 thread")
     new_s, new_out = _time(current.flash_mla_with_kvcache, args, a.repeat)
     print(f"current   {new_s:8.3f} s")
+    for mcb in a.max_chunk_bytes:
+        s, _ = _time(functools.partial(current.flash_mla_with_kvcache, max_chunk_bytes=mcb), args, a.repeat)
+        print(f"current, max_chunk_bytes={mcb}: {s:8.3f} s")
     if a.ref:
         old_s, old_out = _time(_module_at(a.ref).flash_mla_with_kvcache, args, a.repeat)
         diff = (new_out.float() - old_out.float()).abs().max().item()
