@@ -70,7 +70,7 @@ def flash_mla_with_kvcache(out: torch.Tensor, q: torch.Tensor, window_cache_2d: 
     ``q @ K_uᵀ`` gathered per token to its ``N = W + K`` slots, the online softmax gives each slot its weight, and
     the weights summed per distinct key give the output as one GEMM ``P_u @ K_u`` (no per-token copy of the keys).
     A chunk whose ``[C, H, U]`` float32 scores exceed ``max_chunk_bytes``, or whose ``U`` exceeds
-    ``SPREAD · N``, is halved.
+    ``max(2, 128 / H) · N``, is halved.
 
     Args:
         out: ``[T, H, 512]`` in ``q``'s dtype, written.
@@ -99,11 +99,13 @@ def flash_mla_with_kvcache(out: torch.Tensor, q: torch.Tensor, window_cache_2d: 
         _attend(out, q, caches, start, min(start + chunk, num_tokens), sink, scale, max_chunk_bytes)
 
 
-#: a chunk is halved while its distinct keys number more than ``SPREAD`` times one token's ``N`` (the score GEMM
-#: then computes mostly products no token uses). Measured (scripts/bench_v4_attention_cpu.py shapes, H 4, W 128,
-#: K 512, 1 thread): 4 to 64 within noise of each other at prefill and on spread selections (top-k among 2,048 or
-#: 16,384 entries); 1 or 2 up to 10x slower (tokens one by one)
-SPREAD = 8
+#: a chunk is halved while its distinct keys number more than ``max(2, SPREAD_HEADS // H)`` times one token's ``N``
+#: (the score GEMM then computes mostly products no token uses; the more heads, the more that costs against the
+#: per-chunk overhead). Measured (scripts/bench_v4_attention_cpu.py shapes, W 128, K 512, 1 thread, times for a
+#: factor 2 / 4 / 8): H 4, top-k among 2,048 entries, 512 tokens 1.40 / 0.15 / 0.15 s; H 16, 256 tokens 0.73 /
+#: 0.35 / 0.31 s; H 64, 256 tokens 1.08 / 1.16 / 1.26 s, among 16,384 entries 1.10 / 1.33 / 1.64 s, 16 tokens
+#: 0.064 / 0.084 / 0.104 s; prefill (top-k among the entries a token sees) within noise for all.
+SPREAD_HEADS = 128
 
 
 def _attend(out, q, caches, start, stop, sink, scale, max_chunk_bytes) -> None:
@@ -118,7 +120,7 @@ def _attend(out, q, caches, start, stop, sink, scale, max_chunk_bytes) -> None:
         groups.append((cache, block_size, uniq, inverse, s >= 0))
         n += s.shape[1]
     u = sum(g[2].numel() for g in groups)
-    if c > 1 and (u > SPREAD * n or 4 * u * max(c * num_heads, dim) > max_chunk_bytes):
+    if c > 1 and (u > max(2, SPREAD_HEADS // num_heads) * n or 4 * u * max(c * num_heads, dim) > max_chunk_bytes):
         mid = start + c // 2
         _attend(out, q, caches, start, mid, sink, scale, max_chunk_bytes)
         _attend(out, q, caches, mid, stop, sink, scale, max_chunk_bytes)
