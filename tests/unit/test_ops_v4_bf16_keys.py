@@ -77,6 +77,36 @@ def test_flash_mla_with_kvcache_rows(window, topk):
     assert (out[2] == 0).all()
 
 
+def prefill_case(dtype, tokens=40, window=16, topk=150, ratio=4, heads=2, seed=11):
+    """One sequence's prefill over plain-row caches in ``dtype``: token ``t`` sees its ``window`` previous tokens
+    and ``topk`` random compressed entries among the ``ratio · t`` it sees (more than one key tile), so neighbouring
+    tokens share most keys; the first tokens have no compressed entry (no key at all with ``window`` 0)."""
+    g = torch.Generator().manual_seed(seed)
+    n_comp = ratio * tokens
+    win_cache = torch.full((2, 64 * 512 + 256), 7.0, dtype=dtype)[:, : 64 * 512]
+    comp_cache = torch.full((n_comp // 16 + 1, 16 * 512 + 256), 7.0, dtype=dtype)[:, : 16 * 512]
+    rows.write_rows(win_cache, torch.arange(tokens), torch.randn(tokens, 512, generator=g) * 2, 64)
+    rows.write_rows(comp_cache, torch.arange(n_comp), torch.randn(n_comp, 512, generator=g) * 2, 16)
+    t = torch.arange(tokens)[:, None]
+    win_slots = t - torch.arange(window)[None, :]
+    win_slots[win_slots < 0] = -1
+    pick = torch.rand(tokens, n_comp, generator=g).argsort(-1)[:, :topk]
+    comp_slots = torch.where(pick < ratio * t, pick, -1)
+    q = (torch.randn(tokens, heads, 512, generator=g) * 0.3).to(dtype)
+    sink = torch.randn(heads, generator=g)
+    return q, win_cache, win_slots, 64, comp_cache, comp_slots, 16, sink, 512 ** -0.5
+
+
+@pytest.mark.parametrize("max_chunk_bytes", [64 << 20, 300_000, 1])
+def test_flash_mla_with_kvcache_rows_prefill(max_chunk_bytes):
+    """Many tokens sharing their keys, in one chunk, in halved chunks and one token at a time."""
+    args = prefill_case(torch.bfloat16)
+    out = torch.full(args[0].shape, 3.0, dtype=torch.bfloat16)
+    attn.flash_mla_with_kvcache(out, *args, max_chunk_bytes=max_chunk_bytes)
+    want = attn_naive.sparse_attention_naive(*args)
+    assert ((out.double() - want).abs() <= BF16_ULP * want.abs() + 2.0 ** -9 * 8).all()
+
+
 @pytest.mark.parametrize("ratio,head,length", [(4, 512, 40), (128, 512, 260), (4, 128, 40)])
 def test_compress_norm_rope_store_rows(ratio, head, length):
     state, gather, positions, kv_slots, weight, fp8_cache, kv_bs = _compressor_case(ratio, head, ratio + head, length)

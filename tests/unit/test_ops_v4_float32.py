@@ -16,6 +16,7 @@ import types
 
 import pytest
 import torch
+from test_ops_v4_bf16_keys import prefill_case
 from test_ops_v4_fp8_cpu import _compressor_case, _cos_sin
 
 from vllm_indexcache.ops.compressor import cpu as comp
@@ -172,6 +173,16 @@ def test_flash_mla_with_kvcache_float32(window, topk):
     bf16_q = torch.full((7, 4, 512), 3.0, dtype=torch.bfloat16)            # the bfloat16 path rounds: not this close
     attn.flash_mla_with_kvcache(bf16_q, q.to(torch.bfloat16), *args[1:])
     assert not _close(bf16_q, want)
+
+
+@pytest.mark.parametrize("max_chunk_bytes", [64 << 20, 300_000, 1])
+def test_flash_mla_with_kvcache_float32_prefill(max_chunk_bytes):
+    """Many tokens sharing their keys (``test_ops_v4_bf16_keys.prefill_case``), in one chunk, in halved chunks
+    and one token at a time."""
+    args = prefill_case(torch.float32)
+    out = torch.full(args[0].shape, 3.0)
+    attn.flash_mla_with_kvcache(out, *args, max_chunk_bytes=max_chunk_bytes)
+    assert _close(out, attn_naive.sparse_attention_naive(*args))
 
 
 @pytest.mark.parametrize("ratio,head,length", [(4, 512, 40), (128, 512, 260), (4, 128, 40)])

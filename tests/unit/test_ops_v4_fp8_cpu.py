@@ -137,6 +137,34 @@ def test_flash_mla_with_kvcache(window, topk):
         assert (diff <= BF16_ULP * out.float().abs() + 1e-6).all() and (diff > 0).float().mean() < 0.01
 
 
+def test_flash_mla_with_kvcache_prefill():
+    """Many tokens sharing their keys (token ``t``: its 16 previous tokens, 150 of the ``4t`` compressed entries it
+    sees, two key tiles): the distinct keys read once per chunk, against the naive reference and ``_C``."""
+    g = torch.Generator().manual_seed(12)
+    tokens, n_comp = 40, 160
+    win_cache, comp_cache = _ds_mla_cache(1, 64), _ds_mla_cache(10, 16)
+    for cache, n, bs in ((win_cache, tokens, 64), (comp_cache, n_comp, 16)):
+        x = torch.randn(n, 512, generator=g) * 2
+        fp8_cache.write_ds_mla(cache, torch.arange(n), x[:, :448], x[:, 448:], bs)
+    t = torch.arange(tokens)[:, None]
+    win_slots = t - torch.arange(16)[None, :]
+    win_slots[win_slots < 0] = -1
+    pick = torch.rand(tokens, n_comp, generator=g).argsort(-1)[:, :150]
+    comp_slots = torch.where(pick < 4 * t, pick, -1)
+    q = (torch.randn(tokens, 4, 512, generator=g) * 0.3).to(torch.bfloat16)
+    args = (q, win_cache, win_slots, 64, comp_cache, comp_slots, 16, torch.randn(4, generator=g), 512 ** -0.5)
+    out = torch.full((tokens, 4, 512), 3.0, dtype=torch.bfloat16)
+    attn.flash_mla_with_kvcache(out, *args)
+    want = attn_naive.sparse_attention_naive(*args)
+    assert ((out.double() - want).abs() <= BF16_ULP * want.abs() + 2.0 ** -9 * 8).all()
+    c_op = _c_op("flash_mla_with_kvcache_cpu")
+    if c_op is not None:
+        out_c = torch.full_like(out, 3.0)
+        c_op(out_c, *args)
+        diff = (out_c.float() - out.float()).abs()
+        assert (diff <= BF16_ULP * out.float().abs() + 1e-6).all() and (diff > 0).float().mean() < 0.01
+
+
 # ---------------------------------------------------------------- compressor store
 
 

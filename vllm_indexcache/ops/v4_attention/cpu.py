@@ -60,11 +60,17 @@ def qnorm_rope_kv_insert(q: torch.Tensor, kv: torch.Tensor, positions: torch.Ten
 def flash_mla_with_kvcache(out: torch.Tensor, q: torch.Tensor, window_cache_2d: torch.Tensor,
                            window_slots: torch.Tensor, window_block_size: int, compressed_cache_2d: torch.Tensor,
                            compressed_slots: torch.Tensor, compressed_block_size: int, attn_sink: torch.Tensor,
-                           scale: float, max_chunk_bytes: int = 64 << 20) -> None:
+                           scale: float, max_chunk_bytes: int = 16 << 20) -> None:
     """Sparse MQA of each query over its sliding-window and compressed ``fp8_ds_mla`` entries, with an attention
     sink (DeepSeek-V4 report §2.3; vLLM ``cpu_sparse.py`` ``forward_mqa``): per token ``t`` and head ``h``, over
     the valid keys ``k_j`` (dequantised, 512 dims; value = key):
     ``out[t, h] = Σ_j exp(s_j) k_j / (Σ_j exp(s_j) + exp(attn_sink[h]))``, ``s_j = scale · q[t, h] · k_j``.
+
+    Per chunk of query tokens the chunk's distinct keys ``K_u [U, 512]`` are read once: the scores are one GEMM
+    ``q @ K_uᵀ`` gathered per token to its ``N = W + K`` slots, the online softmax gives each slot its weight, and
+    the weights summed per distinct key give the output as one GEMM ``P_u @ K_u`` (no per-token copy of the keys).
+    A chunk whose ``[C, H, U]`` float32 scores exceed ``max_chunk_bytes``, or whose ``U`` exceeds
+    ``max(2, 128 / H) · N``, is halved.
 
     Args:
         out: ``[T, H, 512]`` in ``q``'s dtype, written.
@@ -76,47 +82,80 @@ def flash_mla_with_kvcache(out: torch.Tensor, q: torch.Tensor, window_cache_2d: 
         compressed_block_size: entries per compressed-cache block.
         attn_sink: ``[H]`` float32 (``-inf`` = no sink).
         scale: softmax scale.
-        max_chunk_bytes: bound on one chunk's gathered float32 keys.
+        max_chunk_bytes: bound, in bytes, on one chunk's ``[C, H, U]`` float32 scores and ``[U, 512]`` keys (at
+            least one token per chunk). Default 16 MiB, measured (scripts/bench_v4_attention_cpu.py, 4,096-token
+            prefill, W 128, K 512, 1 thread): H 4 0.63 s vs 0.96 s at 64 MiB and 0.55 s at 8 MiB; H 64 5.8 s vs
+            6.0 s at 64 MiB and 6.3 s at 8 MiB.
 
     A token with no valid key gets a zero output.
     """
-    num_tokens, num_heads, dim = q.shape
+    num_tokens, num_heads, _ = q.shape
     sink = attn_sink[:num_heads].float()
-    per_token = (window_slots.shape[1] + compressed_slots.shape[1]) * dim * 4
-    chunk = max(1, max_chunk_bytes // max(per_token, 1))
+    n = window_slots.shape[1] + compressed_slots.shape[1]
+    chunk = max(1, max_chunk_bytes // max(num_heads * n * 4 * 4, 1))     # [C, H, N] scores, weights, ...
     caches = ((window_cache_2d, window_slots, window_block_size),
               (compressed_cache_2d, compressed_slots, compressed_block_size))
     for start in range(0, num_tokens, chunk):
-        stop = min(start + chunk, num_tokens)
-        keys, valid, bounds, n = [], [], [], 0
-        for cache, slots, block_size in caches:
-            s = slots[start:stop]
-            if s.shape[1] == 0:
-                continue
-            ok = s >= 0
-            uniq, inverse = torch.unique(s.clamp(min=0), return_inverse=True)
-            keys.append((read_rows if is_rows(cache) else read_ds_mla)(cache, uniq, block_size)[inverse])
-            valid.append(ok)
-            bounds.append((n, n + s.shape[1]))     # the window's keys, then the compressed ones: tiles restart
-            n += s.shape[1]
-        k = torch.cat(keys, dim=1)                                       # [C, N, D]
-        ok = torch.cat(valid, dim=1)                                     # [C, N]
-        s = torch.bmm(q[start:stop].float(), k.transpose(1, 2)) * scale  # [C, H, N]
-        s = s.masked_fill(~ok[:, None, :], float("-inf"))
-        tiles = [(a, min(a + KEY_TILE, b)) for a, b in bounds for a in range(a, b, KEY_TILE)]
-        out[start:stop] = _online_softmax_pv(s, k, sink, tiles, q.dtype).to(out.dtype)
+        _attend(out, q, caches, start, min(start + chunk, num_tokens), sink, scale, max_chunk_bytes)
 
 
-def _online_softmax_pv(s: torch.Tensor, k: torch.Tensor, sink: torch.Tensor, tiles: list[tuple[int, int]],
-                       p_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``[C, H, D]`` float32 ``softmax([s, sink]) @ [k, 0]`` tile by tile (``tiles``: key ranges), the way vLLM's
-    ``_C`` kernel rounds for bfloat16 queries: each tile's ``exp(s - running max)`` rounded to ``p_dtype`` (the
-    query dtype: bfloat16 as the kernel, float32 not rounded) for the value product, the denominator summed in
-    float32 (a token with no valid key and no sink → 0)."""
+#: a chunk is halved while its distinct keys number more than ``max(2, SPREAD_HEADS // H)`` times one token's ``N``
+#: (the score GEMM then computes mostly products no token uses; the more heads, the more that costs against the
+#: per-chunk overhead). Measured (scripts/bench_v4_attention_cpu.py shapes, W 128, K 512, 1 thread, times for a
+#: factor 2 / 4 / 8): H 4, top-k among 2,048 entries, 512 tokens 1.40 / 0.15 / 0.15 s; H 16, 256 tokens 0.73 /
+#: 0.35 / 0.31 s; H 64, 256 tokens 1.08 / 1.16 / 1.26 s, among 16,384 entries 1.10 / 1.33 / 1.64 s, 16 tokens
+#: 0.064 / 0.084 / 0.104 s; prefill (top-k among the entries a token sees) within noise for all.
+SPREAD_HEADS = 128
+
+
+def _attend(out, q, caches, start, stop, sink, scale, max_chunk_bytes) -> None:
+    """``out[start:stop]`` of :func:`flash_mla_with_kvcache`: tokens ``start..stop`` over their distinct keys."""
+    c, num_heads, dim = stop - start, q.shape[1], q.shape[2]
+    groups, n = [], 0
+    for cache, slots, block_size in caches:
+        s = slots[start:stop]
+        if s.shape[1] == 0:
+            continue
+        uniq, inverse = torch.unique(s.clamp(min=0), return_inverse=True)
+        groups.append((cache, block_size, uniq, inverse, s >= 0))
+        n += s.shape[1]
+    u = sum(g[2].numel() for g in groups)
+    if c > 1 and (u > max(2, SPREAD_HEADS // num_heads) * n or 4 * u * max(c * num_heads, dim) > max_chunk_bytes):
+        mid = start + c // 2
+        _attend(out, q, caches, start, mid, sink, scale, max_chunk_bytes)
+        _attend(out, q, caches, mid, stop, sink, scale, max_chunk_bytes)
+        return
+    qf = q[start:stop].float().reshape(c * num_heads, dim)
+    keys, scores, bounds, a = [], [], [], 0
+    for cache, block_size, uniq, inverse, ok in groups:
+        k = (read_rows if is_rows(cache) else read_ds_mla)(cache, uniq, block_size)             # [U_i, D]
+        idx = inverse[:, None, :].expand(c, num_heads, inverse.shape[1])                        # [C, H, N_i]
+        s = (qf @ k.T).view(c, num_heads, -1).gather(2, idx) * scale
+        scores.append(s.masked_fill(~ok[:, None, :], float("-inf")))
+        keys.append((k, idx))
+        bounds.append((a, a + inverse.shape[1]))     # the window's keys, then the compressed ones: tiles restart
+        a += inverse.shape[1]
+    tiles = [(a, min(a + KEY_TILE, b)) for a, b in bounds for a in range(a, b, KEY_TILE)]
+    w = _online_softmax_weights(torch.cat(scores, dim=2), sink, tiles, q.dtype)                # [C, H, N]
+    acc = torch.zeros(c * num_heads, dim)
+    for (k, idx), (a, b) in zip(keys, bounds):
+        dense = torch.zeros(c, num_heads, k.shape[0]).scatter_add_(2, idx, w[..., a:b])          # [C, H, U_i]
+        acc.addmm_(dense.view(c * num_heads, -1), k)
+    out[start:stop] = acc.view(c, num_heads, dim).to(out.dtype)
+
+
+def _online_softmax_weights(s: torch.Tensor, sink: torch.Tensor, tiles: list[tuple[int, int]],
+                            p_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``[C, H, N]`` float32 weights ``w`` with ``softmax([s, sink]) @ [k, 0] = w @ k``, tile by tile (``tiles``:
+    key ranges of ``s [C, H, N]``) the way vLLM's ``_C`` kernel rounds for bfloat16 queries: each tile's
+    ``exp(s - running max)`` rounded to ``p_dtype`` (the query dtype: bfloat16 as the kernel, float32 not rounded),
+    then scaled by the later tiles' rescale factors and divided by the denominator summed in float32 (a token with
+    no valid key and no sink → 0 weights)."""
     c, h, _ = s.shape
     m = torch.full((c, h), float("-inf"))
     den = torch.zeros(c, h)
-    acc = torch.zeros(c, h, k.shape[-1])
+    ps: list[torch.Tensor] = []
+    factors: list[torch.Tensor] = []
     for start, stop in tiles:
         tile = s[..., start:stop]
         m_new = torch.maximum(m, tile.amax(-1))
@@ -124,11 +163,12 @@ def _online_softmax_pv(s: torch.Tensor, k: torch.Tensor, sink: torch.Tensor, til
         alpha = torch.exp(m - m_safe)
         p = torch.exp(tile - m_safe[..., None])
         den = den * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + torch.bmm(p.to(p_dtype).float(), k[:, start:stop])
+        factors = [f * alpha for f in factors] + [torch.ones(c, h)]
+        ps.append(p.to(p_dtype).float())
         m = m_new
     m_all = torch.maximum(m, sink[None, :])
     m_all = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
     alpha = torch.exp(m - m_all)
     den = den * alpha + torch.exp(sink[None, :] - m_all)
-    o = acc * alpha[..., None] / den.clamp(min=1e-30)[..., None]
-    return torch.where(den[..., None] > 0, o, torch.zeros_like(o))
+    inv = torch.where(den > 0, alpha / den.clamp(min=1e-30), torch.zeros_like(den))
+    return torch.cat([p * (f * inv)[..., None] for p, f in zip(ps, factors)], dim=2)
