@@ -16,8 +16,10 @@ CPU. ``--budget-s`` stops a variant after the step that passes it (its steps so 
 ``--target`` (issue #34's CPU target) instead runs the *default* search, exactly what ``vllm-indexcache search MODEL
 --data DATA --out OUT`` runs (retrieval objective, 8 × 2048 tokens, to 1/4, ``--method full``, hf engine with the
 layer-input cache, retrieval gate; the scorer is ``cli.make_scorer``'s, timed per evaluation), in full, then times
-the old way (plain forwards, no cache) in the same process on a fixed sample: Algorithm 1's first ``--old-sample``
-evaluations (all-F, then step 1's candidates), whose losses must equal the new ones (the cache is exact). The old
+the old way (plain forwards, no cache, transformers' eager attention and the oracle's top-k: ``HFScorer(...,
+fast=False)``) in the same process on a fixed sample: Algorithm 1's first ``--old-sample`` evaluations (all-F, then
+step 1's candidates), whose losses must equal the new ones up to float rounding (the cache is exact; the fast
+path's SDPA attention rounds differently, ``same_patterns_max_loss_diff``). The old
 search is extrapolated as the sample's mean seconds per evaluation × Algorithm 1's count; old patterns hold fewer
 F layers later on and skip more indexers, so this overstates it somewhat. ``--budget-s`` stops the new search once
 its evaluations pass that many seconds and extrapolates it the same way (its step-1 candidates re-run every depth
@@ -160,7 +162,8 @@ def target(model_dir, data, *, limit_s: float = 15 * 60, budget_s: float = 0, ol
     seqs = load_calibration(calibration_file(data), model_dir, seq_len=2048, num_seqs=8)
     old_scorer = _timed(make_scorer(model_dir, seqs, engine="hf", objective=DEFAULT_OBJECTIVE,
                                     options=ObjectiveOptions()), 0, "old")
-    old_scorer.cache = None                       # the old scorer: no layer-input cache
+    old_scorer.cache = None                       # the old scorer: no layer-input cache,
+    old_scorer.fast = False                       # transformers' eager attention and the oracle's top-k
     for j in range(old_sample):
         old_scorer("F" * layers if j == 0 else "F" * j + "S" + "F" * (layers - j - 1))
     per_old = sum(x[1] for x in old_scorer.times) / old_sample

@@ -126,6 +126,9 @@ class HFScorer(_WeightedScorer):
         options: :class:`.objectives.ObjectiveOptions` of the objective.
         layer_cache: keep the layer outputs of the search's current pattern (:mod:`.layer_cache`; exact, costs
             memory: two copies of every layer's output over the scored sequences).
+        fast: the reference's fast path (:func:`vllm_indexcache.tools.reference.set_fast`: top-k attention through
+            SDPA, causal row-chunked top-k; losses equal to the eager reference's up to float rounding) on
+            DeepSeek-V3.2 and GLM-5 models; DeepSeek-V4 always runs the eager reference.
 
     Raises:
         ObjectiveError: bad objective or options, or targets the calibration data cannot provide.
@@ -134,7 +137,7 @@ class HFScorer(_WeightedScorer):
     engine = "hf"
 
     def __init__(self, model_dir, seqs, objective: str = "lm-loss", device: str = "cpu", dtype: str = "float32",
-                 model=None, options: ObjectiveOptions | None = None, layer_cache: bool = True):
+                 model=None, options: ObjectiveOptions | None = None, layer_cache: bool = True, fast: bool = True):
         import torch
 
         from vllm_indexcache.tools.reference import load_reference
@@ -151,6 +154,7 @@ class HFScorer(_WeightedScorer):
             ties = "transformers" if model_class(model_dir).__name__ == "DeepseekV4ForCausalLM" else "lower"
             model = load_reference(str(model_dir), dtype=getattr(torch, dtype), ties=ties).to(device)
         self.model = model
+        self.fast = fast and type(model).__name__ != "DeepseekV4ForCausalLM"
         self.device = next(self.model.parameters()).device
         from vllm_indexcache.families import family_for
 
@@ -168,8 +172,10 @@ class HFScorer(_WeightedScorer):
             self.cache = LayerInputCache(self.model, self._logits)
 
     def _logits(self, pattern: str, x):
-        from vllm_indexcache.tools.reference import set_pattern
+        from vllm_indexcache.tools.reference import get_fast, set_fast, set_pattern
 
+        if get_fast(self.model) != self.fast:       # a model shared between scorers
+            set_fast(self.model, self.fast)
         set_pattern(self.model, pattern)
         with self.torch.no_grad():
             return self.model(input_ids=x, use_cache=False).logits[0]
