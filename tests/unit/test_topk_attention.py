@@ -119,3 +119,28 @@ def test_fast_scorer_losses_equal_the_eager_scorer_to_float_rounding(toy):
     for pattern in ("FFFF", "FSFF", "FFSF", "FFFS"):
         a, b = fast(pattern), slow(pattern)
         assert abs(a - b) <= 1e-6 * abs(b), (pattern, a, b)
+
+
+def test_fast_scorer_runs_the_lm_head_only_at_the_weighted_positions_of_sparse_targets(toy):
+    from vllm_indexcache.tools.search.objectives import Targets
+
+    model_dir, model, seqs = toy
+    fast = HFScorer(model_dir, seqs, "lm-loss", model=model, layer_cache=True)
+    slow = HFScorer(model_dir, seqs, "lm-loss", model=model, layer_cache=False, fast=False)
+    weights = [np.zeros(len(s) - 1) for s in seqs]
+    weights[0][[5, 60, 148]] = [0.5, 1.0, 2.0]                 # a needle document: a few answer positions
+    weights[1][:] = 1 / (len(seqs[1]) - 1)                     # a calibration window: every position
+    fast.targets = slow.targets = Targets(seqs, weights)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    try:
+        fast.set_base("FFFF")
+        for pattern in ("FFFF", "FSFF", "FFFS"):
+            rows.clear()
+            a = fast(pattern)
+            # one forward per sequence (two when the layer cache records a new base first)
+            assert rows in ([3, len(seqs[1])], [3, 3, len(seqs[1]), len(seqs[1])]), rows
+            b = slow(pattern)
+            assert abs(a - b) <= 1e-6 * abs(b), (pattern, a, b)
+    finally:
+        hook.remove()

@@ -25,6 +25,8 @@ __all__ = ["NAME", "register", "topk_visible_mask", "topk_sdpa_attention"]
 
 #: The attention implementation name (``model.set_attn_implementation(NAME)`` after :func:`register`).
 NAME = "indexcache_topk_sdpa"
+#: ``[float mask, its boolean visible mask]`` of the last call (the mask object is shared by a forward's layers).
+_last_mask: list = [None, None]
 
 
 def topk_visible_mask(indices: torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -45,12 +47,15 @@ def topk_visible_mask(indices: torch.Tensor | None, attention_mask: torch.Tensor
     """
     if attention_mask.dtype == torch.bool:
         visible = attention_mask
+    elif _last_mask[0] is attention_mask:            # every layer of one forward gets the same mask tensor
+        visible = _last_mask[1]
     else:
         lowest = torch.finfo(attention_mask.dtype).min
         visible = attention_mask == 0
         if not bool((visible | (attention_mask == lowest)).all()):
             raise ValueError("attention_mask: an additive float mask with values other than 0 and finfo.min; "
                              f"{NAME} supports only visible/masked keys")
+        _last_mask[:] = [attention_mask, visible]
     if indices is None:
         return visible
     B, S, _ = indices.shape
