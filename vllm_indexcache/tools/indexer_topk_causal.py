@@ -8,10 +8,10 @@ The oracle (:mod:`vllm_indexcache.ops.indexer.cpu`) scores every query row again
 * only keys ``0 .. max(q_positions[a:b])`` are scored (the others are invisible to every row of the chunk; the
   score of a visible key is the same float32 computation, per row, as the oracle's — checked bit for bit in
   ``tests/unit/test_indexer_topk_causal.py``);
-* ``torch.topk`` picks the candidates; a row whose k-th score has no equal outside the picked set is exact as it
-  is (the set is forced) and is only re-ordered (descending score, then lower position); the rows where equal
-  scores straddle the boundary (and rows with fewer visible keys than ``topk``) go through the oracle's own
-  selection, :func:`vllm_indexcache.ops.indexer.cpu._select`.
+* ``torch.topk`` picks ``topk + 1`` candidates; a row whose next score is below its k-th is exact as it is (the
+  set is forced) and, where it holds equal scores, is re-ordered (descending score, then lower position); the rows
+  where equal scores straddle the boundary (and rows with fewer visible keys than ``topk``) go through the oracle's
+  own selection, :func:`vllm_indexcache.ops.indexer.cpu._select`.
 
 Maths and conventions: :mod:`vllm_indexcache.ops.indexer.naive` (DeepSeek-V3.2 report §2.1).
 """
@@ -30,16 +30,21 @@ def _select_fast(scores: torch.Tensor, pos: torch.Tensor, topk: int) -> torch.Te
     invisible), ``pos [C]`` → ``[C, topk]`` int32."""
     C, S = scores.shape
     kk = min(topk, S)
-    vals, idx = torch.topk(scores, kk, dim=-1, sorted=True)                 # [C, kk], kth score in the last column
-    kth = vals[:, -1:]
-    # forced set: every key scoring the k-th value is picked, and the k-th value is a visible key's score
-    forced = (torch.count_nonzero(scores == kth, dim=-1) == torch.count_nonzero(vals == kth, dim=-1)) & (pos + 1 >= kk)
-    # descending score, ties → lower position: sort by position, then a stable sort by descending score
-    idx, by_pos = torch.sort(idx, dim=-1)
-    vals = torch.gather(vals, 1, by_pos)
-    idx = torch.gather(idx, 1, torch.sort(vals, dim=-1, descending=True, stable=True).indices)
+    # one more than needed: the set is forced when the next score is below the k-th (no equal score left out)
+    vals, idx = torch.topk(scores, min(kk + 1, S), dim=-1, sorted=True)
+    forced = pos + 1 >= kk                                                  # the k-th score is a visible key's
+    if S > kk:
+        forced &= vals[:, kk] < vals[:, kk - 1]
+        vals, idx = vals[:, :kk], idx[:, :kk]
     out = torch.full((C, topk), -1, dtype=torch.int32, device=scores.device)
     out[:, :kk] = idx.to(torch.int32)
+    # equal scores inside the set: descending score, ties → lower position (sort by position, then stable by score)
+    tied = ((vals[:, 1:] == vals[:, :-1]).any(dim=-1) & forced).nonzero()[:, 0]
+    if tied.numel():
+        t_idx, by_pos = torch.sort(idx[tied], dim=-1)
+        t_vals = torch.gather(vals[tied], 1, by_pos)
+        order = torch.sort(t_vals, dim=-1, descending=True, stable=True).indices
+        out[tied, :kk] = torch.gather(t_idx, 1, order).to(torch.int32)
     rest = (~forced).nonzero()[:, 0]
     if rest.numel():
         out[rest] = _select(scores[rest], pos[rest], topk)

@@ -16,7 +16,9 @@ Engines:
 * :class:`HFScorer` (``--engine hf``) — the transformers reference (:mod:`vllm_indexcache.tools.reference`) with
   ``ties="lower"`` (deterministic top-k; DeepSeek-V4: transformers' own, the only rule its reference has), patterns
   switched in place with ``set_pattern``; the search's calibration passes reuse the current pattern's layer outputs
-  (:mod:`.layer_cache`), so a flip at layer j runs layers ≥ j.
+  (:mod:`.layer_cache`), so a flip at layer j runs layers ≥ j. By default on the reference's fast path
+  (``reference.set_fast``: top-k attention through SDPA, causal row-chunked top-k; equal to the eager reference up to
+  float rounding), with the LM head only at the weighted positions of a needle document.
 * :class:`VLLMScorer` (``--engine vllm``) — vLLM with the INDEXCACHE plugin, prompt log-probabilities. The engine is
   built once with every layer F; a pattern is applied with the plugin's own run-time switch, which its model
   classes install on every stage (:mod:`vllm_indexcache.vllm_glue.switch`: an S layer's indexer returns at once and
