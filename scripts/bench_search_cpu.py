@@ -27,6 +27,9 @@ of layers once each). Prints evaluations vs Algorithm 1's count, seconds per eva
 and the load average.
 
     python scripts/bench_search_cpu.py examples/models/tiny-dsa --data data/tiny-dsa --target
+
+``--paired`` times one all-F evaluation of the default objective by the old and the new scorer, interleaved
+sequence by sequence (the same load for both on a shared machine), and prints old/new and both losses.
 """
 import argparse
 import json
@@ -232,6 +235,46 @@ def target(model_dir, data, *, limit_s: float = 15 * 60, budget_s: float = 0, ol
     return out
 
 
+def paired(model_dir, data) -> dict:
+    """One all-F evaluation of the default objective by the old scorer (``fast=False``: eager attention, the
+    oracle's top-k) and by the new one (the default fast path), interleaved sequence by sequence so that both see
+    the same machine load: per scorer the seconds summed over the scored sequences, the loss (the sum of the
+    sequences' weighted NLLs), and old/new. No layer cache (all-F runs every layer either way)."""
+    from vllm_indexcache.tools.search.cli import make_scorer
+    from vllm_indexcache.tools.search.objectives import Targets
+    from vllm_indexcache.tools.search.state import calibration_file, load_calibration, model_identity
+
+    layers = int(model_identity(model_dir)["num_layers"])
+    seqs = load_calibration(calibration_file(data), model_dir, seq_len=2048, num_seqs=8)
+    scorers = {}
+    for name, fast in (("old", False), ("new", True)):
+        scorers[name] = make_scorer(model_dir, seqs, engine="hf", objective=DEFAULT_OBJECTIVE,
+                                    options=ObjectiveOptions())
+        scorers[name].cache, scorers[name].fast = None, fast
+    targets = scorers["old"].targets
+    out = {"loadavg_start": [round(x, 2) for x in os.getloadavg()], "torch_threads": torch.get_num_threads(),
+           "sequences": len(targets.seqs)}
+    secs, loss = {"old": 0.0, "new": 0.0}, {"old": 0.0, "new": 0.0}
+    for i, (seq, w) in enumerate(zip(targets.seqs, targets.weights)):
+        for name, sc in scorers.items():
+            sc.targets = Targets([seq], [w])
+            t = time.time()
+            loss[name] += sc("F" * layers)
+            secs[name] += time.time() - t
+        print(f"  sequence {i + 1}/{len(targets.seqs)} ({int((w != 0).sum())} weighted positions): old "
+              f"{secs['old']:.1f} s, new {secs['new']:.1f} s so far", flush=True)
+    out.update({f"{k}_s": round(v, 1) for k, v in secs.items()})
+    out.update({f"{k}_loss": v for k, v in loss.items()})
+    out["old_over_new"] = round(secs["old"] / secs["new"], 2)
+    out["loss_rel_diff"] = abs(loss["new"] - loss["old"]) / abs(loss["old"])
+    out["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"all-F evaluation, interleaved: old {secs['old']:.1f} s, new {secs['new']:.1f} s, old/new "
+          f"{out['old_over_new']}x; loss old {loss['old']:.6f} new {loss['new']:.6f} (relative difference "
+          f"{out['loss_rel_diff']:.1e}); load average {out['loadavg_start']} -> {out['loadavg_end']}, torch threads "
+          f"{out['torch_threads']}", flush=True)
+    return out
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -249,7 +292,13 @@ if __name__ == "__main__":
     p.add_argument("--old-sample", type=int, default=1, help="--target: old evaluations timed")
     p.add_argument("--trajectory", default=None,
                    help="--target with --budget-s: a search JSON whose committed steps the projection follows")
+    p.add_argument("--paired", action="store_true",
+                   help="one all-F evaluation of the default objective, old and new scorer interleaved per sequence "
+                        "(--data only)")
     a = p.parse_args()
+    if a.paired:
+        print(json.dumps(paired(a.model, a.data), indent=1))
+        raise SystemExit(0)
     if a.target:
         print(json.dumps(target(a.model, a.data, budget_s=a.budget_s, old_sample=a.old_sample,
                                 trajectory=a.trajectory), indent=1))
