@@ -16,8 +16,10 @@ CPU. ``--budget-s`` stops a variant after the step that passes it (its steps so 
 ``--target`` (issue #34's CPU target) instead runs the *default* search, exactly what ``vllm-indexcache search MODEL
 --data DATA --out OUT`` runs (retrieval objective, 8 × 2048 tokens, to 1/4, ``--method full``, hf engine with the
 layer-input cache, retrieval gate; the scorer is ``cli.make_scorer``'s, timed per evaluation), in full, then times
-the old way (plain forwards, no cache) in the same process on a fixed sample: Algorithm 1's first ``--old-sample``
-evaluations (all-F, then step 1's candidates), whose losses must equal the new ones (the cache is exact). The old
+the old way (plain forwards, no cache, transformers' eager attention and the oracle's top-k: ``HFScorer(...,
+fast=False)``) in the same process on a fixed sample: Algorithm 1's first ``--old-sample`` evaluations (all-F, then
+step 1's candidates), whose losses must equal the new ones up to float rounding (the cache is exact; the fast
+path's SDPA attention rounds differently, ``same_patterns_max_loss_diff``). The old
 search is extrapolated as the sample's mean seconds per evaluation × Algorithm 1's count; old patterns hold fewer
 F layers later on and skip more indexers, so this overstates it somewhat. ``--budget-s`` stops the new search once
 its evaluations pass that many seconds and extrapolates it the same way (its step-1 candidates re-run every depth
@@ -25,6 +27,9 @@ of layers once each). Prints evaluations vs Algorithm 1's count, seconds per eva
 and the load average.
 
     python scripts/bench_search_cpu.py examples/models/tiny-dsa --data data/tiny-dsa --target
+
+``--paired`` times one all-F evaluation of the default objective by the old and the new scorer, interleaved
+sequence by sequence (the same load for both on a shared machine), and prints old/new and both losses.
 """
 import argparse
 import json
@@ -160,7 +165,8 @@ def target(model_dir, data, *, limit_s: float = 15 * 60, budget_s: float = 0, ol
     seqs = load_calibration(calibration_file(data), model_dir, seq_len=2048, num_seqs=8)
     old_scorer = _timed(make_scorer(model_dir, seqs, engine="hf", objective=DEFAULT_OBJECTIVE,
                                     options=ObjectiveOptions()), 0, "old")
-    old_scorer.cache = None                       # the old scorer: no layer-input cache
+    old_scorer.cache = None                       # the old scorer: no layer-input cache,
+    old_scorer.fast = False                       # transformers' eager attention and the oracle's top-k
     for j in range(old_sample):
         old_scorer("F" * layers if j == 0 else "F" * j + "S" + "F" * (layers - j - 1))
     per_old = sum(x[1] for x in old_scorer.times) / old_sample
@@ -229,6 +235,46 @@ def target(model_dir, data, *, limit_s: float = 15 * 60, budget_s: float = 0, ol
     return out
 
 
+def paired(model_dir, data) -> dict:
+    """One all-F evaluation of the default objective by the old scorer (``fast=False``: eager attention, the
+    oracle's top-k) and by the new one (the default fast path), interleaved sequence by sequence so that both see
+    the same machine load: per scorer the seconds summed over the scored sequences, the loss (the sum of the
+    sequences' weighted NLLs), and old/new. No layer cache (all-F runs every layer either way)."""
+    from vllm_indexcache.tools.search.cli import make_scorer
+    from vllm_indexcache.tools.search.objectives import Targets
+    from vllm_indexcache.tools.search.state import calibration_file, load_calibration, model_identity
+
+    layers = int(model_identity(model_dir)["num_layers"])
+    seqs = load_calibration(calibration_file(data), model_dir, seq_len=2048, num_seqs=8)
+    scorers = {}
+    for name, fast in (("old", False), ("new", True)):
+        scorers[name] = make_scorer(model_dir, seqs, engine="hf", objective=DEFAULT_OBJECTIVE,
+                                    options=ObjectiveOptions())
+        scorers[name].cache, scorers[name].fast = None, fast
+    targets = scorers["old"].targets
+    out = {"loadavg_start": [round(x, 2) for x in os.getloadavg()], "torch_threads": torch.get_num_threads(),
+           "sequences": len(targets.seqs)}
+    secs, loss = {"old": 0.0, "new": 0.0}, {"old": 0.0, "new": 0.0}
+    for i, (seq, w) in enumerate(zip(targets.seqs, targets.weights)):
+        for name, sc in scorers.items():
+            sc.targets = Targets([seq], [w])
+            t = time.time()
+            loss[name] += sc("F" * layers)
+            secs[name] += time.time() - t
+        print(f"  sequence {i + 1}/{len(targets.seqs)} ({int((w != 0).sum())} weighted positions): old "
+              f"{secs['old']:.1f} s, new {secs['new']:.1f} s so far", flush=True)
+    out.update({f"{k}_s": round(v, 1) for k, v in secs.items()})
+    out.update({f"{k}_loss": v for k, v in loss.items()})
+    out["old_over_new"] = round(secs["old"] / secs["new"], 2)
+    out["loss_rel_diff"] = abs(loss["new"] - loss["old"]) / abs(loss["old"])
+    out["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"all-F evaluation, interleaved: old {secs['old']:.1f} s, new {secs['new']:.1f} s, old/new "
+          f"{out['old_over_new']}x; loss old {loss['old']:.6f} new {loss['new']:.6f} (relative difference "
+          f"{out['loss_rel_diff']:.1e}); load average {out['loadavg_start']} -> {out['loadavg_end']}, torch threads "
+          f"{out['torch_threads']}", flush=True)
+    return out
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -246,7 +292,13 @@ if __name__ == "__main__":
     p.add_argument("--old-sample", type=int, default=1, help="--target: old evaluations timed")
     p.add_argument("--trajectory", default=None,
                    help="--target with --budget-s: a search JSON whose committed steps the projection follows")
+    p.add_argument("--paired", action="store_true",
+                   help="one all-F evaluation of the default objective, old and new scorer interleaved per sequence "
+                        "(--data only)")
     a = p.parse_args()
+    if a.paired:
+        print(json.dumps(paired(a.model, a.data), indent=1))
+        raise SystemExit(0)
     if a.target:
         print(json.dumps(target(a.model, a.data, budget_s=a.budget_s, old_sample=a.old_sample,
                                 trajectory=a.trajectory), indent=1))

@@ -52,7 +52,7 @@ import torch
 
 __all__ = [
     "load_reference", "set_pattern", "get_pattern", "default_pattern", "set_ties", "TIES",
-    "prompt_logprobs", "greedy_generate", "record_topk", "indexer_qkw",
+    "prompt_logprobs", "greedy_generate", "record_topk", "indexer_qkw", "set_fast", "get_fast",
 ]
 
 _ARCH_DEEPSEEK = "DeepseekV32ForCausalLM"
@@ -76,6 +76,8 @@ class _ReuseState:
     #: DeepSeek: the top-k published by the last F layer of the running forward.
     last_topk: torch.Tensor | None = None
     ties: str = "transformers"
+    #: the search's fast path (:func:`set_fast`): top-k attention through SDPA, causal row-chunked top-k.
+    fast: bool = False
     hooks: list = field(default_factory=list)
 
 
@@ -118,13 +120,19 @@ def _check(pattern: str, num_layers: int) -> str:
     return parse_pattern(pattern, num_layers, key="pattern")
 
 
-def _lower_ties_topk(indexer, hidden_states, q_resid, position_embeddings, position_ids, past_key_values):
+def _lower_ties_topk(indexer, hidden_states, q_resid, position_embeddings, position_ids, past_key_values,
+                     fast: bool = False):
     """F-layer top-k with this package's tie rule, in transformers' format ``[1, S, min(index_topk, S_keys)]``.
 
     Assumes one causal sequence without padding (what this module feeds the model); padding rows of queries with
     fewer visible keys than the width get the last key position, a future key that the causal mask removes.
+    ``fast``: :func:`~vllm_indexcache.tools.indexer_topk_causal.indexer_topk_causal` (same output) instead of the
+    oracle :func:`vllm_indexcache.ops.indexer.indexer_topk`.
     """
-    from vllm_indexcache.ops.indexer import indexer_topk
+    if fast:
+        from vllm_indexcache.tools.indexer_topk_causal import indexer_topk_causal as indexer_topk
+    else:
+        from vllm_indexcache.ops.indexer import indexer_topk
 
     if hidden_states.shape[0] != 1:
         raise NotImplementedError(f"ties='lower' supports batch size 1, got {hidden_states.shape[0]}")
@@ -156,7 +164,7 @@ def _indexer_forward(indexer, state: _ReuseState, layer_idx: int):
             return state.last_topk
         if state.ties == "lower":
             topk = _lower_ties_topk(indexer, hidden_states, q_resid, position_embeddings, position_ids,
-                                    past_key_values)
+                                    past_key_values, fast=state.fast)
         else:
             topk = original(indexer, hidden_states, q_resid, position_embeddings, attention_mask, position_ids,
                             past_key_values=past_key_values)
@@ -223,6 +231,35 @@ def set_ties(model, ties: str) -> None:
     if state.arch == _ARCH_V4 and ties != "transformers":
         raise ValueError(f"ties={ties!r}: {_ARCH_V4} supports only ties='transformers'")
     state.ties = ties
+
+
+def set_fast(model, fast: bool) -> None:
+    """Switch the search's fast path on or off (default off: transformers' eager attention, the oracle's top-k).
+
+    On: attention over each query's top-k through torch SDPA (:mod:`vllm_indexcache.tools.topk_attention`, the
+    same selection mask as eager, fused; outputs equal to eager up to float rounding), and with ``ties="lower"``
+    the F layers' top-k from :func:`vllm_indexcache.tools.indexer_topk_causal.indexer_topk_causal` (the same
+    indices as the oracle). DeepSeek-V3.2 and GLM-5 only.
+
+    Raises:
+        ValueError: ``fast`` on a DeepSeek-V4 model (its attention and indexer have other signatures).
+    """
+    state = _install(model)
+    if fast and state.arch == _ARCH_V4:
+        raise ValueError(f"fast=True: {_ARCH_V4} has no fast path; use fast=False")
+    if fast:
+        from vllm_indexcache.tools import topk_attention
+
+        topk_attention.register()
+        model.set_attn_implementation(topk_attention.NAME)
+    elif state.fast:
+        model.set_attn_implementation("eager")
+    state.fast = bool(fast)
+
+
+def get_fast(model) -> bool:
+    """Whether :func:`set_fast` switched the fast path on."""
+    return _install(model).fast
 
 
 def default_pattern(model) -> str:

@@ -16,7 +16,9 @@ Engines:
 * :class:`HFScorer` (``--engine hf``) — the transformers reference (:mod:`vllm_indexcache.tools.reference`) with
   ``ties="lower"`` (deterministic top-k; DeepSeek-V4: transformers' own, the only rule its reference has), patterns
   switched in place with ``set_pattern``; the search's calibration passes reuse the current pattern's layer outputs
-  (:mod:`.layer_cache`), so a flip at layer j runs layers ≥ j.
+  (:mod:`.layer_cache`), so a flip at layer j runs layers ≥ j. By default on the reference's fast path
+  (``reference.set_fast``: top-k attention through SDPA, causal row-chunked top-k; equal to the eager reference up to
+  float rounding), with the LM head only at the weighted positions of a needle document.
 * :class:`VLLMScorer` (``--engine vllm``) — vLLM with the INDEXCACHE plugin, prompt log-probabilities. The engine is
   built once with every layer F; a pattern is applied with the plugin's own run-time switch, which its model
   classes install on every stage (:mod:`vllm_indexcache.vllm_glue.switch`: an S layer's indexer returns at once and
@@ -126,6 +128,9 @@ class HFScorer(_WeightedScorer):
         options: :class:`.objectives.ObjectiveOptions` of the objective.
         layer_cache: keep the layer outputs of the search's current pattern (:mod:`.layer_cache`; exact, costs
             memory: two copies of every layer's output over the scored sequences).
+        fast: the reference's fast path (:func:`vllm_indexcache.tools.reference.set_fast`: top-k attention through
+            SDPA, causal row-chunked top-k; losses equal to the eager reference's up to float rounding) on
+            DeepSeek-V3.2 and GLM-5 models; DeepSeek-V4 always runs the eager reference.
 
     Raises:
         ObjectiveError: bad objective or options, or targets the calibration data cannot provide.
@@ -134,7 +139,7 @@ class HFScorer(_WeightedScorer):
     engine = "hf"
 
     def __init__(self, model_dir, seqs, objective: str = "lm-loss", device: str = "cpu", dtype: str = "float32",
-                 model=None, options: ObjectiveOptions | None = None, layer_cache: bool = True):
+                 model=None, options: ObjectiveOptions | None = None, layer_cache: bool = True, fast: bool = True):
         import torch
 
         from vllm_indexcache.tools.reference import load_reference
@@ -151,6 +156,7 @@ class HFScorer(_WeightedScorer):
             ties = "transformers" if model_class(model_dir).__name__ == "DeepseekV4ForCausalLM" else "lower"
             model = load_reference(str(model_dir), dtype=getattr(torch, dtype), ties=ties).to(device)
         self.model = model
+        self.fast = fast and type(model).__name__ != "DeepseekV4ForCausalLM"
         self.device = next(self.model.parameters()).device
         from vllm_indexcache.families import family_for
 
@@ -159,6 +165,7 @@ class HFScorer(_WeightedScorer):
         self.seqs = [torch.tensor([s], dtype=torch.long, device=self.device) for s in seqs]
         self.cache = None
         self.reference = None
+        self._keep = None                           # logits_to_keep of the next forward (:meth:`_weighted`)
         if objective == "kl":
             self.reference = [self._logp("F" * self.num_layers, x) for x in self.seqs]
         self._build_targets(seqs, options)
@@ -168,33 +175,62 @@ class HFScorer(_WeightedScorer):
             self.cache = LayerInputCache(self.model, self._logits)
 
     def _logits(self, pattern: str, x):
-        from vllm_indexcache.tools.reference import set_pattern
+        from vllm_indexcache.tools.reference import get_fast, set_fast, set_pattern
 
+        if get_fast(self.model) != self.fast:       # a model shared between scorers
+            set_fast(self.model, self.fast)
         set_pattern(self.model, pattern)
+        keep = {} if self._keep is None else {"logits_to_keep": self._keep}
         with self.torch.no_grad():
-            return self.model(input_ids=x, use_cache=False).logits[0]
+            return self.model(input_ids=x, use_cache=False, **keep).logits[0]
 
-    def _logp(self, pattern: str, x, key=None):
-        """``[S − 1, vocab]`` float32 log-probs; ``key`` (index in the scored set) routes through the layer cache."""
+    def _logp(self, pattern: str, x, key=None, shift: bool = True):
+        """``[S − 1, vocab]`` float32 log-probs (``shift=False``: of every row the model returned); ``key`` (index in
+        the scored set) routes through the layer cache."""
         if self.cache is None or key is None:
             logits = self._logits(pattern, x)
         else:
             with self.torch.no_grad():
                 logits = self.cache.logits(pattern, key, x)
-        return self.torch.log_softmax(logits[:-1].float(), dim=-1)
+        return self.torch.log_softmax((logits[:-1] if shift else logits).float(), dim=-1)
+
+    def _weighted(self, pattern: str) -> float:
+        """The weighted NLL; with ``fast``, a sequence weighted at few positions (a needle document: its answer
+        tokens) gets the LM head and log-softmax at those positions only (transformers' ``logits_to_keep``), the
+        others entering as 0 · 0."""
+        if not self.fast:
+            return super()._weighted(pattern)
+        torch = self.torch
+        lps = []
+        for i, (s, w) in enumerate(zip(self.targets.seqs, self.targets.weights)):
+            rows = np.flatnonzero(w)
+            if 2 * len(rows) > len(w):
+                lps.append(self.logprobs(pattern, self.targets.seqs[i:i + 1], key=i)[0][0])
+                continue
+            x = torch.tensor([list(s)], dtype=torch.long, device=self.device)
+            self._keep = torch.as_tensor(rows, device=self.device)
+            try:
+                logp = self._logp(pattern, x, i, shift=False)                  # [len(rows), vocab]
+            finally:
+                self._keep = None
+            lp = np.zeros(len(w), dtype=np.float64)
+            lp[rows] = logp.gather(1, x[0, rows + 1, None])[:, 0].double().cpu().numpy()
+            lps.append(lp)
+        return obj.weighted_nll(self.targets, lps)
 
     def set_base(self, pattern: str) -> None:
         """The search's current pattern (its one-flip neighbours are scored next; :mod:`.layer_cache`)."""
         if self.cache is not None:
             self.cache.set_base(pattern)
 
-    def logprobs(self, pattern: str, seqs) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per sequence: float64 ``[len − 1]`` token log-probs and bool ``[len − 1]`` is-argmax, under ``pattern``."""
+    def logprobs(self, pattern: str, seqs, key: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per sequence: float64 ``[len − 1]`` token log-probs and bool ``[len − 1]`` is-argmax, under ``pattern``.
+        ``key``: ``seqs`` is the one sequence of the scored set at that index (layer-cached)."""
         scored = self.targets is not None and seqs is self.targets.seqs   # the search's set: layer-cached
         out = []
         for i, s in enumerate(seqs):
             x = self.torch.tensor([list(s)], dtype=self.torch.long, device=self.device)
-            logp = self._logp(pattern, x, i if scored else None)
+            logp = self._logp(pattern, x, i if scored else key)
             tgt = x[0, 1:, None]
             out.append((logp.gather(1, tgt)[:, 0].double().cpu().numpy(),
                         (logp.argmax(-1) == tgt[:, 0]).cpu().numpy()))
