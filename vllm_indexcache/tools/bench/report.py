@@ -144,8 +144,11 @@ def kv_bytes_md(results: dict, analysis: dict) -> list[str]:
     (:func:`vllm_indexcache.vllm_glue.cpu.deepseek_v4.observe.kv_bytes_per_token`)."""
     base = results["patterns"]["all-F"]
     budget = results.get("engine_kwargs", {}).get("kv_cache_memory_bytes")
+    key_format = results.get("engine_kwargs", {}).get("kv_cache_dtype", "fp8")   # runs before the key: fp8
+    stored = ("FP8 as vLLM stores them" if key_format == "fp8" else
+              f"rows in the model dtype, kv_cache_dtype={key_format}")
     lines = ["KV cache (DeepSeek-V4): content bytes per context token (compressed KV of CSA/HCA layers + indexer "
-             "K-cache, FP8 as vLLM stores them) and per request (sliding-window KV and compressor states, fixed "
+             f"K-cache, {stored}) and per request (sliding-window KV and compressor states, fixed "
              "size); vLLM's capacity at the same kv_cache_memory_bytes (its 'KV cache size: N tokens', group-aware; "
              "runs before it was recorded: num_blocks × block_size) and the budget per token of that capacity:", "",
              "| pattern | F/CSA | B/token | of which indexer K | vs all-F | B/request (fixed) | of which indexer "
