@@ -16,9 +16,9 @@ from vllm_indexcache.ops.v4_indexer import cpu as indexer
 from vllm_indexcache.ops.v4_indexer import naive as indexer_naive
 
 
-def _row_cache(num_blocks, block_size, head, fill=7.0):
-    """A bfloat16 plain-row cache as a layer's view of vLLM's allocation: blocks padded apart."""
-    return torch.full((num_blocks, block_size * head + 256), fill, dtype=torch.bfloat16)[:, : block_size * head]
+def _row_cache(num_blocks, block_size, head, fill=7.0, dtype=torch.bfloat16):
+    """A plain-row cache (bfloat16 unless ``dtype``) as a layer's view of vLLM's allocation: blocks padded apart."""
+    return torch.full((num_blocks, block_size * head + 256), fill, dtype=dtype)[:, : block_size * head]
 
 
 def test_rows_round_trip_matches_naive():
@@ -107,10 +107,14 @@ def test_flash_mla_with_kvcache_rows_prefill(max_chunk_bytes):
     assert ((out.double() - want).abs() <= BF16_ULP * want.abs() + 2.0 ** -9 * 8).all()
 
 
+@pytest.mark.parametrize("dtype,rtol", [(torch.bfloat16, BF16_ULP), (torch.float32, 2.0 ** -18)])
 @pytest.mark.parametrize("ratio,head,length", [(4, 512, 40), (128, 512, 260), (4, 128, 40)])
-def test_compress_norm_rope_store_rows(ratio, head, length):
+def test_compress_norm_rope_store_rows(ratio, head, length, dtype, rtol):
+    """Both compressor stores into plain-row caches of the model dtype vs the naive reference (float32: within
+    2^-18 relative, no rounding below float32)."""
     state, gather, positions, kv_slots, weight, fp8_cache, kv_bs = _compressor_case(ratio, head, ratio + head, length)
-    cache, ref = _row_cache(fp8_cache.shape[0], kv_bs, head), _row_cache(fp8_cache.shape[0], kv_bs, head)
+    cache = _row_cache(fp8_cache.shape[0], kv_bs, head, dtype=dtype)
+    ref = _row_cache(fp8_cache.shape[0], kv_bs, head, dtype=dtype)
     fn = comp.compress_norm_rope_store if head == 512 else comp.compress_norm_rope_store_indexer
     args = (state, gather, positions, kv_slots, weight, 1e-6, _cos_sin())
     fn(*args, cache, kv_bs, ratio)
@@ -118,7 +122,7 @@ def test_compress_norm_rope_store_rows(ratio, head, length):
     written = kv_slots[kv_slots >= 0]
     assert written.numel() == length // ratio - 1 and torch.equal(cache != 7, ref != 7)
     a, b = rows.read_rows(cache, written, kv_bs), rows.read_rows(ref, written, kv_bs)
-    assert ((a - b).abs() <= BF16_ULP * b.abs() + 1e-6).all()
+    assert ((a.double() - b.double()).abs() <= rtol * b.double().abs() + 1e-6).all()
 
 
 def test_indexer_q_rope():

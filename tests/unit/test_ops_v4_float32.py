@@ -17,10 +17,8 @@ import types
 import pytest
 import torch
 from test_ops_v4_bf16_keys import prefill_case
-from test_ops_v4_fp8_cpu import _compressor_case, _cos_sin
+from test_ops_v4_fp8_cpu import _cos_sin
 
-from vllm_indexcache.ops.compressor import cpu as comp
-from vllm_indexcache.ops.compressor import naive as comp_naive
 from vllm_indexcache.ops.fp8_cache import rows
 from vllm_indexcache.ops.mhc import cpu as mhc
 from vllm_indexcache.ops.mhc import naive as mhc_naive
@@ -183,19 +181,6 @@ def test_flash_mla_with_kvcache_float32_prefill(max_chunk_bytes):
     out = torch.full(args[0].shape, 3.0)
     attn.flash_mla_with_kvcache(out, *args, max_chunk_bytes=max_chunk_bytes)
     assert _close(out, attn_naive.sparse_attention_naive(*args))
-
-
-@pytest.mark.parametrize("ratio,head,length", [(4, 512, 40), (128, 512, 260), (4, 128, 40)])
-def test_compress_norm_rope_store_float32(ratio, head, length):
-    state, gather, positions, kv_slots, weight, fp8_cache, kv_bs = _compressor_case(ratio, head, ratio + head, length)
-    cache, ref = _row_cache(fp8_cache.shape[0], kv_bs, head), _row_cache(fp8_cache.shape[0], kv_bs, head)
-    fn = comp.compress_norm_rope_store if head == 512 else comp.compress_norm_rope_store_indexer
-    args = (state, gather, positions, kv_slots, weight, 1e-6, _cos_sin())
-    fn(*args, cache, kv_bs, ratio)
-    comp_naive.compress_norm_rope_store_naive(*args, ref, kv_bs, ratio, indexer=head == 128)
-    written = kv_slots[kv_slots >= 0]
-    assert written.numel() == length // ratio - 1 and torch.equal(cache != 7, ref != 7)
-    assert _close(rows.read_rows(cache, written, kv_bs), rows.read_rows(ref, written, kv_bs))
 
 
 def test_indexer_q_rope_float32():
