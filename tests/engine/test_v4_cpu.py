@@ -131,16 +131,17 @@ def kv_cache_bytes(dtype: str) -> int:
 
 
 def run_vllm(model_dir, prompts, max_tokens=MAX_TOKENS, hf_overrides=None, stats=None, kv_cache_dtype="auto",
-             dtype="bfloat16"):
+             dtype="bfloat16", enforce_eager=True):
     """``[(greedy tokens, prompt log-probs [n-1] float32)]`` from vLLM's CPU engine (model dtype ``dtype``);
     ``kv_cache_dtype`` ``auto`` keeps the keys in the model dtype, ``fp8`` uses vLLM's FP8 layouts
     (``vllm_glue/cpu/deepseek_v4/key_format.py``); ``hf_overrides`` e.g. an IndexCache pattern; ``stats`` (a dict)
     receives the KV cache's ``num_gpu_blocks`` and ``kv_cache_size_tokens`` (vLLM's capacity in tokens of this
-    memory, ``kv_cache_utils.get_kv_cache_capacity``)."""
+    memory, ``kv_cache_utils.get_kv_cache_capacity``); ``enforce_eager=False`` is what ``vllm serve`` does without
+    flags (JIT kernel warm-up on)."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_dir, dtype=dtype, max_model_len=4096, kv_cache_memory_bytes=kv_cache_bytes(dtype), seed=0,
-              max_num_seqs=4, skip_tokenizer_init=True, enforce_eager=True, hf_overrides=hf_overrides,
+              max_num_seqs=4, skip_tokenizer_init=True, enforce_eager=enforce_eager, hf_overrides=hf_overrides,
               kv_cache_dtype=kv_cache_dtype)
     try:
         if stats is not None:

