@@ -42,12 +42,17 @@ def _architecture(model) -> str | None:
     return archs[0]
 
 
+#: architectures for which vLLM picks DeepSeek's own chat encoding (``deepseek_v32`` / ``deepseek_v4``)
+DEEPSEEK_ENCODING_ARCHITECTURES = ("DeepseekV32ForCausalLM", "DeepseekV4ForCausalLM")
+
+
 def tokenizer_mode_for(model, tokenizer, tokenizer_mode: str) -> str:
-    """The tokenizer mode to use: ``"hf"`` instead of ``"auto"`` for a local ``DeepseekV32ForCausalLM`` whose
-    tokenizer ships its own chat template (vLLM would pick ``deepseek_v32``, DeepSeek's own chat encoding, which
-    ignores that template, so ``LLM.chat`` and ``vllm serve`` would not format chats as the model was trained);
-    otherwise ``tokenizer_mode`` unchanged. An explicit ``--tokenizer-mode`` is never changed."""
-    if tokenizer_mode != "auto" or _architecture(model) != "DeepseekV32ForCausalLM":
+    """The tokenizer mode to use: ``"hf"`` instead of ``"auto"`` for a local ``DeepseekV32ForCausalLM`` or
+    ``DeepseekV4ForCausalLM`` whose tokenizer ships its own chat template (vLLM would pick ``deepseek_v32`` /
+    ``deepseek_v4``, DeepSeek's own chat encoding, which ignores that template, so ``LLM.chat`` and ``vllm serve``
+    would not format chats as the model was trained); otherwise ``tokenizer_mode`` unchanged. An explicit
+    ``--tokenizer-mode`` is never changed."""
+    if tokenizer_mode != "auto" or _architecture(model) not in DEEPSEEK_ENCODING_ARCHITECTURES:
         return tokenizer_mode
     return "hf" if ships_chat_template(tokenizer or model) else tokenizer_mode
 
@@ -72,7 +77,7 @@ def install() -> None:
     def __post_init__(self, *args, **kwargs):
         mode = tokenizer_mode_for(self.model, self.tokenizer, self.tokenizer_mode)
         if mode != self.tokenizer_mode:
-            logger.info("IndexCache: %s ships its own chat template; tokenizer_mode=%r (not vLLM's deepseek_v32 "
+            logger.info("IndexCache: %s ships its own chat template; tokenizer_mode=%r (not vLLM's DeepSeek chat "
                         "encoding; pass --tokenizer-mode to choose)", self.model, mode)
             self.tokenizer_mode = mode
         return _ORIGINAL_POST_INIT(self, *args, **kwargs)
