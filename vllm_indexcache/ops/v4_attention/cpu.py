@@ -125,23 +125,26 @@ def _attend(out, q, caches, start, stop, sink, scale, max_chunk_bytes) -> None:
         _attend(out, q, caches, start, mid, sink, scale, max_chunk_bytes)
         _attend(out, q, caches, mid, stop, sink, scale, max_chunk_bytes)
         return
-    qf = q[start:stop].float().reshape(c * num_heads, dim)
+    # float64 products and sums: the distinct keys come in slot order (torch.unique), which depends on where the
+    # engine placed them in its cache; summed in float64 the float32 result does not depend on that order, so two
+    # engines with different cache layouts (e.g. S layers with and without an indexer) give the same outputs
+    qf = q[start:stop].double().reshape(c * num_heads, dim)
     keys, scores, bounds, a = [], [], [], 0
     for cache, block_size, uniq, inverse, ok in groups:
-        k = (read_rows if is_rows(cache) else read_ds_mla)(cache, uniq, block_size)             # [U_i, D]
+        k = (read_rows if is_rows(cache) else read_ds_mla)(cache, uniq, block_size).double()    # [U_i, D]
         idx = inverse[:, None, :].expand(c, num_heads, inverse.shape[1])                        # [C, H, N_i]
-        s = (qf @ k.T).view(c, num_heads, -1).gather(2, idx) * scale
+        s = (qf @ k.T).float().view(c, num_heads, -1).gather(2, idx) * scale
         scores.append(s.masked_fill(~ok[:, None, :], float("-inf")))
         keys.append((k, idx))
         bounds.append((a, a + inverse.shape[1]))     # the window's keys, then the compressed ones: tiles restart
         a += inverse.shape[1]
     tiles = [(a, min(a + KEY_TILE, b)) for a, b in bounds for a in range(a, b, KEY_TILE)]
     w = _online_softmax_weights(torch.cat(scores, dim=2), sink, tiles, q.dtype)                # [C, H, N]
-    acc = torch.zeros(c * num_heads, dim)
+    acc = torch.zeros(c * num_heads, dim, dtype=torch.float64)
     for (k, idx), (a, b) in zip(keys, bounds):
-        dense = torch.zeros(c, num_heads, k.shape[0]).scatter_add_(2, idx, w[..., a:b])          # [C, H, U_i]
-        acc.addmm_(dense.view(c * num_heads, -1), k)
-    out[start:stop] = acc.view(c, num_heads, dim).to(out.dtype)
+        dense = torch.zeros(c, num_heads, k.shape[0], dtype=torch.float64)                      # [C, H, U_i]
+        acc.addmm_(dense.scatter_add_(2, idx, w[..., a:b].double()).view(c * num_heads, -1), k)
+    out[start:stop] = acc.view(c, num_heads, dim).float().to(out.dtype)
 
 
 def _online_softmax_weights(s: torch.Tensor, sink: torch.Tensor, tiles: list[tuple[int, int]],
