@@ -48,8 +48,11 @@ STRESS_KV_BYTES = 128 << 20
 #: ulp of a logit (2^-6 = 0.0156 for |logit| in [2, 4)) should another CPU's GEMM blocking depend on the chunk's rows
 PROMPT_LOGPROB_ATOL = 0.02
 #: max |Δ log-prob| (nats) of the generated steps (top-2 and chosen tokens): a decode step batched with other requests
-#: moved one logit by one bfloat16 ulp (measured 0.0163 at 2,600 tokens; 1.1e-4 at 3,000; 0 for the cache reader)
-LOGPROB_ATOL = 0.05
+#: runs vLLM's bf16 linears and MoE on other row blocks, so its logits move by a few bfloat16 ulps (measured 0.0163 at
+#: 2,600 tokens with the per-token attention op, 0.0559 with the distinct-key op of 704baf0, which is itself
+#: batch-invariant; 1.1e-4 at 3,000; 0 for the cache reader); the bound is a few such ulps, far below a real error
+#: (a wrong top-k moves prompt log-probs by 0.37, see PROMPT_LOGPROB_ATOL's history in test_v4_pp / fresh-clone runs)
+LOGPROB_ATOL = 0.1
 #: a greedy token may differ only where the reference's top two are this close (nats): measured one flip, at 2,600
 #: tokens, step 3, reference gap 0.0156 = one bfloat16 ulp of the logit (random-weight logits are flat: near-ties)
 NEAR_TIE = 0.05
