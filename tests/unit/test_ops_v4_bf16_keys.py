@@ -55,13 +55,16 @@ def test_qnorm_rope_kv_insert_rows():
     assert torch.equal(cache != 7, ref != 7)                                  # the same entries written
 
 
-@pytest.mark.parametrize("window,topk", [(128, 40), (100, 300)])
-def test_flash_mla_with_kvcache_rows(window, topk):
+def sparse_case(window, topk, dtype):
+    """Seven decode-like tokens over plain-row caches in ``dtype`` (window and compressed), a third of the slots
+    invalid, token 2 with no valid key, head 1 without sink: the arguments of ``flash_mla_with_kvcache`` after
+    ``out``."""
     g = torch.Generator().manual_seed(window + topk)
-    win_cache, comp_cache = _row_cache(3, 64, 512), _row_cache(8, 16, 512)
+    win_cache = _row_cache(3, 64, 512, dtype=dtype)
+    comp_cache = _row_cache(8, 16, 512, dtype=dtype)
     rows.write_rows(win_cache, torch.arange(192), torch.randn(192, 512, generator=g) * 2, 64)
     rows.write_rows(comp_cache, torch.arange(128), torch.randn(128, 512, generator=g) * 2, 16)
-    q = (torch.randn(7, 4, 512, generator=g) * 0.3).to(torch.bfloat16)
+    q = (torch.randn(7, 4, 512, generator=g) * 0.3).to(dtype)
     win_slots = torch.randint(0, 192, (7, window), generator=g)
     win_slots[torch.rand(7, window, generator=g) < 0.3] = -1
     comp_slots = torch.randint(0, 128, (7, topk), generator=g)
@@ -69,7 +72,12 @@ def test_flash_mla_with_kvcache_rows(window, topk):
     win_slots[2], comp_slots[2] = -1, -1
     sink = torch.randn(4, generator=g)
     sink[1] = -float("inf")
-    args = (q, win_cache, win_slots, 64, comp_cache, comp_slots, 16, sink, 512 ** -0.5)
+    return q, win_cache, win_slots, 64, comp_cache, comp_slots, 16, sink, 512 ** -0.5
+
+
+@pytest.mark.parametrize("window,topk", [(128, 40), (100, 300)])
+def test_flash_mla_with_kvcache_rows(window, topk):
+    args = sparse_case(window, topk, torch.bfloat16)
     out = torch.full((7, 4, 512), 3.0, dtype=torch.bfloat16)
     attn.flash_mla_with_kvcache(out, *args)
     want = attn_naive.sparse_attention_naive(*args)

@@ -16,7 +16,7 @@ import types
 
 import pytest
 import torch
-from test_ops_v4_bf16_keys import prefill_case
+from test_ops_v4_bf16_keys import prefill_case, sparse_case
 from test_ops_v4_fp8_cpu import _cos_sin
 
 from vllm_indexcache.ops.fp8_cache import rows
@@ -151,25 +151,13 @@ def test_qnorm_rope_kv_insert_float32():
 def test_flash_mla_with_kvcache_float32(window, topk):
     """No bfloat16 rounding of the softmax weights for float32 queries (vLLM's ``_C`` rounding is kept for
     bfloat16 ones, ``test_ops_v4_bf16_keys.py``)."""
-    g = torch.Generator().manual_seed(window + topk)
-    win_cache, comp_cache = _row_cache(3, 64, 512), _row_cache(8, 16, 512)
-    rows.write_rows(win_cache, torch.arange(192), torch.randn(192, 512, generator=g) * 2, 64)
-    rows.write_rows(comp_cache, torch.arange(128), torch.randn(128, 512, generator=g) * 2, 16)
-    q = torch.randn(7, 4, 512, generator=g) * 0.3
-    win_slots = torch.randint(0, 192, (7, window), generator=g)
-    win_slots[torch.rand(7, window, generator=g) < 0.3] = -1
-    comp_slots = torch.randint(0, 128, (7, topk), generator=g)
-    comp_slots[torch.rand(7, topk, generator=g) < 0.3] = -1
-    win_slots[2], comp_slots[2] = -1, -1
-    sink = torch.randn(4, generator=g)
-    sink[1] = -float("inf")
-    args = (q, win_cache, win_slots, 64, comp_cache, comp_slots, 16, sink, 512 ** -0.5)
+    args = sparse_case(window, topk, torch.float32)
     out = torch.full((7, 4, 512), 3.0)
     attn.flash_mla_with_kvcache(out, *args)
     want = attn_naive.sparse_attention_naive(*args)
     assert _close(out, want) and (out[2] == 0).all()
     bf16_q = torch.full((7, 4, 512), 3.0, dtype=torch.bfloat16)            # the bfloat16 path rounds: not this close
-    attn.flash_mla_with_kvcache(bf16_q, q.to(torch.bfloat16), *args[1:])
+    attn.flash_mla_with_kvcache(bf16_q, args[0].to(torch.bfloat16), *args[1:])
     assert not _close(bf16_q, want)
 
 
