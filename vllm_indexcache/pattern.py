@@ -135,8 +135,12 @@ def resolve_spec(spec: str, num_layers: int, key: str = "pattern", architecture:
         if spec.lower() in ("all-f", "allf"):
             return uniform_pattern(num_layers, 1)
         if m := _UNIFORM.match(spec):
+            if int(m.group(2)) < 1 or (m.group(3) is not None and int(m.group(3)) < 1):
+                raise ValueError(f"K and OFFSET of {m.group(1)}:K[:OFFSET] must be integers >= 1")
             return uniform_pattern(num_layers, int(m.group(2)), int(m.group(3) or 2))
         if m := _EVERY.match(spec):
+            if int(m.group(1)) < 1:
+                raise ValueError("K of every:K (1/K) must be an integer >= 1: every K-th indexer layer is F")
             return uniform_pattern(num_layers, int(m.group(1)), 1)
         if spec.startswith("preset:") or spec.endswith(".json") or spec in list_presets():
             p = load_preset(spec.removeprefix("preset:"), key="preset")

@@ -193,7 +193,7 @@ def test_cli_pattern_takes_a_spec_and_prints_it_in_full(glm52_dir):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--pattern", "freq:0"], "index_topk_pattern='freq:0': index_topk_freq=0"),
+    (["--pattern", "freq:0"], "index_topk_pattern='freq:0': K and OFFSET of freq:K[:OFFSET] must be"),
     (["--pattern", "FFS"], "index_topk_pattern='FFS': length 3 != 78 DSA layers of GlmMoeDsaForCausalLM"),
     (["--freq", "0"], "index_topk_freq=0"),
     (["--preset", "deepseek-v3.2-uniform-1of2"], "index_cache_preset='deepseek-v3.2-uniform-1of2'"),

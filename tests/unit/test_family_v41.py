@@ -134,7 +134,7 @@ def test_cli_reads_and_writes_v41_index_sources(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
         "IndexCache: 4 DSA layers, 3 F / 1 S: FSFF (from index_source_layer_ids (model config))",
-        "F layers: 0 2 3", "index_source_layer_ids: [1, 3, 4]"]
+        "F indexer-layer ordinals (positions in the pattern): 0 2 3", "index_source_layer_ids: [1, 3, 4]"]
     r = run_cli(tmp_path, "--pattern", "FSFS")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == "index_source_layer_ids: [1, 3]"
@@ -157,6 +157,6 @@ def test_cli_prints_the_index_sources_of_a_v4_pattern(tmp_path):
          "index_topk": 512, "index_topk_pattern": "FSSFS"}))
     r = run_cli(tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[1:] == ["F layers: 0 3",
+    assert r.stdout.splitlines()[1:] == ["F indexer-layer ordinals (positions in the pattern): 0 3",
                                          "DeepseekV4 indexer layers (decoder layer ids): 1 2 4 5 7; F: 1 5; S: 2 4 7",
                                          "index_source_layer_ids: [1, 5]"]

@@ -109,7 +109,7 @@ def test_pattern_command_with_a_v4_preset(tmp_path):
     assert r.stdout.splitlines() == [
         "IndexCache: 21 DSA layers, 6 F / 15 S: FFSSSFSSSFSSSFSSSFSSS (from command-line options, preset "
         "deepseek-v4-flash-uniform-1of4)",
-        "F layers: 0 1 5 9 13 17",
+        "F indexer-layer ordinals (positions in the pattern): 0 1 5 9 13 17",
         "DeepseekV4 indexer layers (decoder layer ids): 2 4 6 8 10 12 14 16 18 20 22 24 26 28 30 32 34 36 38 40 42; "
         "F: 2 4 12 20 28 36; S: 6 8 10 14 16 18 22 24 26 30 32 34 38 40 42",
         "index_source_layer_ids: [2, 4, 12, 20, 28, 36]"]

@@ -40,7 +40,7 @@ def test_pattern_command_names_csa_decoder_layers(tmp_path, capsys):
     for d in (hf_dir, ds_dir):
         assert cli_main(["pattern", str(d), "--pattern", "1/4"]) == 0
         out = capsys.readouterr().out
-        assert "FSSSF" in out and "F layers: 0 4" in out
+        assert "FSSSF" in out and "F indexer-layer ordinals (positions in the pattern): 0 4" in out
         assert "DeepseekV4 indexer layers (decoder layer ids): 1 2 4 5 7; F: 1 7; S: 2 4 5" in out
         assert cli_main(["pattern", str(d), "--freq", "2", "--offset", "1"]) == 0
         assert "F: 1 4 7; S: 2 5" in capsys.readouterr().out

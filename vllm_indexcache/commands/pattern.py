@@ -79,13 +79,14 @@ def main(args: argparse.Namespace) -> int:
     if spec_line:
         print(spec_line)
     print(summary(pattern, source))
-    print("F layers: " + " ".join(map(str, f_layers(pattern))))
+    family = find_family(config)
+    layers = family.indexer_layers(config) if family is not None else None
+    sparse = layers is not None and layers != list(range(family.num_backbone_layers(config)))
+    print(_f_line(pattern, ordinals=sparse))
     line = _decoder_layers_line(config, pattern)
     if line:
         print(line)
-    family = find_family(config)
-    layers = family.indexer_layers(config) if family is not None else None
-    if layers is not None and layers != list(range(family.num_backbone_layers(config))):
+    if sparse:
         print(f"{v41.INDEX_KEY}: {[layer for layer, c in zip(layers, pattern) if c == 'F']}")
     return 0
 
@@ -121,9 +122,17 @@ def _main_v41(args: argparse.Namespace, config: dict) -> int:
     if spec_line:
         print(spec_line)
     print(summary(pattern, source))
-    print("F layers: " + " ".join(map(str, f_layers(pattern))))
+    print(_f_line(pattern, ordinals=True))
     print(f"{v41.INDEX_KEY}: {sources}")
     return 0
+
+
+def _f_line(pattern: str, ordinals: bool) -> str:
+    """The F entries of ``pattern``. Where the indexer layers are every decoder layer (V3.2, GLM-5) the positions in
+    the pattern are decoder layer ids; elsewhere (V4's CSA layers, V4.1's compressed layers) they are ordinals among
+    the indexer layers and are labelled so (the decoder ids follow on their own line)."""
+    label = "F indexer-layer ordinals (positions in the pattern)" if ordinals else "F layers"
+    return f"{label}: " + " ".join(map(str, f_layers(pattern)))
 
 
 def _decoder_layers_line(config: dict, pattern: str) -> str | None:
