@@ -235,6 +235,11 @@ def worker(a) -> int:
     kwargs = dict(model=str(a.model), skip_tokenizer_init=True, disable_log_stats=False, enforce_eager=a.eager,
                   max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_util, seed=0, kv_cache_dtype="fp8",
                   max_num_seqs=max(16, a.concurrent))
+    if a.kv_cache_gib:   # fixed KV cache: no memory profiling (another process may share the GPU); capacity at it
+        kwargs["kv_cache_memory_bytes"] = int(a.kv_cache_gib * 2**30)
+    if not a.eager and a.capture_sizes:
+        # fewer CUDA graphs than vLLM's default 12 sizes: each size is captured after JIT-compiling V4's kernels
+        kwargs["compilation_config"] = {"cudagraph_capture_sizes": a.capture_sizes}
     if a.pattern:
         kwargs["hf_overrides"] = {"index_topk_pattern": a.pattern}
     if a.plugin:
@@ -260,6 +265,9 @@ def worker(a) -> int:
     rand = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
     sp = SamplingParams(max_tokens=a.decode_tokens, min_tokens=a.decode_tokens, ignore_eos=True, temperature=0.0)
     llm.generate([{"prompt_token_ids": rand(256)}], sp, use_tqdm=False)   # warm-up
+    if a.contexts and dl.allows(15.0 * a.contexts[0] / 32768, "warm-up at the first context"):
+        # kernels JIT-compiled on first use (DeepGEMM with VLLM_DEEP_GEMM_WARMUP=skip) compile here, not in a timing
+        llm.generate([{"prompt_token_ids": rand(a.contexts[0])}], sp, use_tqdm=False)
     for n in a.check_lens:
         if not dl.allows(10, f"check prompt {n}"):
             res["skipped"].append(f"check {n}")
@@ -448,6 +456,12 @@ def main() -> int:
     p.add_argument("--max-model-len", type=int, default=131072 + 256)
     p.add_argument("--gpu-util", type=float, default=0.85)
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: CUDA graphs on)")
+    p.add_argument("--kv-cache-gib", type=float, help="fixed KV cache per engine (kv_cache_memory_bytes) instead of "
+                   "vLLM's profile at --gpu-util: set it when another process shares the GPU")
+    p.add_argument("--capture-sizes", type=ints, default=[1, 2, 4, 8, 16],
+                   help="CUDA-graph batch sizes captured ('' = vLLM's default list)")
+    p.add_argument("--deep-gemm-warmup", default="skip", choices=["skip", "relax", "full"],
+                   help="VLLM_DEEP_GEMM_WARMUP for the engines (skip: kernels compile in the untimed warm-up)")
     p.add_argument("--budget-s", type=float, default=500.0, help="wall-clock budget from the script's start")
     p.add_argument("--force", action="store_true", help="run the engines even when the preflight finds a problem")
     p.add_argument("--preflight-only", action="store_true")
@@ -513,13 +527,16 @@ def main() -> int:
         if not s["plugin"]:
             env["VLLM_PLUGINS"] = "none"
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        env.setdefault("VLLM_DEEP_GEMM_WARMUP", a.deep_gemm_warmup)
         cmd = [sys.executable, __file__, "--worker", "--name", name, "--model", str(a.model), "--json", str(js),
                "--max-model-len", str(a.max_model_len), "--gpu-util", str(a.gpu_util), "--repeats", str(a.repeats),
                "--decode-tokens", str(a.decode_tokens), "--concurrent", str(a.concurrent),
                "--load-steps", str(a.load_steps), "--deadline", str(deadline - 15), *(["--eager"] if a.eager else []),
                "--contexts", "" if name == "none" else ",".join(map(str, a.contexts)),
                "--concurrent-contexts", "" if name == "none" else ",".join(map(str, a.concurrent_contexts)),
-               "--check-lens", ",".join(map(str, a.check_lens))]
+               "--check-lens", ",".join(map(str, a.check_lens)),
+               "--capture-sizes", ",".join(map(str, a.capture_sizes)),
+               *(["--kv-cache-gib", str(a.kv_cache_gib)] if a.kv_cache_gib else [])]
         if s["pattern"]:
             cmd += ["--pattern", s["pattern"]]
         if s["plugin"]:

@@ -129,7 +129,8 @@ def _gap(step: dict) -> float | None:
     return round(best[0] - best[1], 5) if len(best) >= 2 else None
 
 
-def worker(model: str, pattern: str, num_spec: int, max_tokens: int, out_json: str, lengths=LENGTHS) -> None:
+def worker(model: str, pattern: str, num_spec: int, max_tokens: int, out_json: str, lengths=LENGTHS,
+           kv_cache_gib: float | None = None) -> None:
     """One engine (``num_spec`` 0: no speculation): greedy tokens per prompt and the spec-decode counters."""
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
     import torch
@@ -137,6 +138,8 @@ def worker(model: str, pattern: str, num_spec: int, max_tokens: int, out_json: s
 
     kwargs = dict(model=model, skip_tokenizer_init=True, enforce_eager=True, gpu_memory_utilization=0.4,
                   max_model_len=MAX_MODEL_LEN, disable_log_stats=False, seed=0)
+    if kv_cache_gib:   # a fixed KV cache: no memory profiling, so another process on the GPU cannot upset it
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
     if pattern != CONTROL:
         kwargs.update(attention_backend="indexcache", hf_overrides={"index_topk_pattern": pattern})
     if num_spec:
@@ -169,7 +172,7 @@ def _spawn(args, model: str, pattern: str, num_spec: int, tmp: str, timeout: flo
     out_json = os.path.join(tmp, f"{pattern}-{num_spec}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model-dir", model, "--pattern", pattern,
            "--num-spec", str(num_spec), "--max-tokens", str(args.max_tokens), "--out-json", out_json,
-           "--lengths", args.lengths]
+           "--lengths", args.lengths, *(["--kv-cache-gib", str(args.kv_cache_gib)] if args.kv_cache_gib else [])]
     env = dict(os.environ, **({"VLLM_PLUGINS": "none"} if pattern == CONTROL else {}))
     t0 = time.time()
     try:
@@ -232,6 +235,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300, help="seconds per engine process at most")
     ap.add_argument("--budget", type=float, default=480,
                     help="seconds from the start after which no engine starts; an engine's timeout is cut to it")
+    ap.add_argument("--kv-cache-gib", type=float, help="fixed KV cache per engine (kv_cache_memory_bytes; default: "
+                    "vLLM's profile at gpu_memory_utilization 0.4). Set it when another engine shares the GPU")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--pattern", help=argparse.SUPPRESS)
@@ -239,7 +244,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.worker:
         worker(args.model_dir, args.pattern, args.num_spec, args.max_tokens, args.out_json,
-               [int(x) for x in args.lengths.split(",")])
+               [int(x) for x in args.lengths.split(",")], args.kv_cache_gib)
         return 0
     if args.echo_only:
         with tempfile.TemporaryDirectory() as tmp:

@@ -17,6 +17,13 @@
 #   search         scripts/search_gpu.py: 61 layers of V3.2 geometry to 1/4 through vLLM's native kernels,
 #                  budget 440 s from the script's start; seconds per evaluation, projected total      (7.5-8.5 min)
 #   search-triton  the same on the plugin's Triton fallback (VLLM_INDEXCACHE_KERNELS=triton), budget 360 s
+#   v4parts        copy the carried V4 extras piece(s) (.device/v4extras/part*: TileLang, CUTLASS DSL, quack, ...;
+#                  scripts/pack_v4_device_extras.py) to /root/v4parts and, once all three are there, unpack them
+#                  into /root/site
+#   bg-v4          start scripts/bench_v4_gpu.py in the background (setsid; log and results in /root/res/v4,
+#                  engine logs in /tmp/bench-v4-logs); V4_ARGS adds arguments, V4_BUDGET (default 900) its budget
+#   bg-mtp         start the mtp step in the background (log and JSON in /root/res/mtp); MTP_ARGS adds arguments
+#   poll           tail of the background logs; copies /root/res and the engine logs to $OUT as one .tgz
 #
 # Environment: OUT (default ./out), PYTHON (default python3), SEARCH_BUDGET / MTP_BUDGET (seconds) override the
 # budgets. Code runs from this working tree (PYTHONPATH=$PWD first); /root/plug only supplies the plugin's entry
@@ -86,8 +93,9 @@ except Exception:
 
 mtp() {
   local budget=${MTP_BUDGET:-440}
+  # shellcheck disable=SC2086  # MTP_ARGS is a list of arguments
   timeout -k 15 $((budget + 80)) $PY scripts/check_mtp_gpu.py --out "$OUT/check_mtp_gpu.json" --budget "$budget" \
-    --timeout 300
+    --timeout 300 ${MTP_ARGS:-}
   log "check_mtp_gpu rc=$?"
 }
 
@@ -96,7 +104,43 @@ search() {
   log "search_gpu (${1:-auto}) rc=$?"
 }
 
-[ $# -ge 1 ] || { sed -n '2,25p' "$0"; exit 2; }
+v4parts() {
+  mkdir -p /root/v4parts
+  cp .device/v4extras/part* /root/v4parts/ 2>/dev/null
+  log "/root/v4parts holds: $(ls /root/v4parts | tr '\n' ' ')"
+  if [ "$(ls /root/v4parts | wc -l)" -ge 3 ] && [ ! -f /root/v4parts/.unpacked ]; then
+    mkdir -p /root/site && cat /root/v4parts/part* | xz -d -T0 | tar -x -C /root/site && touch /root/v4parts/.unpacked
+    log "V4 extras unpacked into /root/site"
+  fi
+}
+
+bg_v4() {
+  mkdir -p /root/res/v4
+  # shellcheck disable=SC2086
+  PYTHONPATH="$PYTHONPATH:/root/site/nvidia_cutlass_dsl/dsl_packages" setsid nohup timeout -k 20 \
+    $((${V4_BUDGET:-900} + 120)) $PY scripts/bench_v4_gpu.py --out /root/res/v4 --budget-s "${V4_BUDGET:-900}" \
+    ${V4_ARGS:-} > /root/res/v4/bench.log 2>&1 < /dev/null &
+  log "bench_v4_gpu started in the background (pid $!)"
+}
+
+bg_mtp() {
+  mkdir -p /root/res/mtp
+  OUT=/root/res/mtp setsid nohup bash "$0" mtp > /root/res/mtp/run.log 2>&1 < /dev/null &
+  log "check_mtp_gpu started in the background (pid $!)"
+}
+
+poll() {
+  for f in /root/res/v4/bench.log /root/res/mtp/run.log; do
+    [ -f "$f" ] && { echo "== $f"; tail -n "${POLL_LINES:-15}" "$f"; }
+  done
+  ls -t /tmp/bench-v4-logs/*.log 2>/dev/null | head -1 | while read -r f; do
+    echo "== $f"; tail -n 4 "$f" | cut -c1-300
+  done
+  tar -czf "$OUT/res.tgz" -C / root/res $(cd / && ls -d tmp/bench-v4-logs 2>/dev/null) 2>/dev/null
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+}
+
+[ $# -ge 1 ] || { sed -n '2,33p' "$0"; exit 2; }
 for step in "$@"; do
   log "step $step (OUT=$OUT)"
   case "$step" in
@@ -106,6 +150,11 @@ for step in "$@"; do
     mtp) mtp 2>&1 | tee "$OUT/mtp.log" ;;
     search) search auto 2>&1 | tee "$OUT/search.log" ;;
     search-triton) search triton 360 2>&1 | tee "$OUT/search-triton.log" ;;
-    *) echo "unknown step '$step' (parts, setup, smem, mtp, search, search-triton)"; exit 2 ;;
+    v4parts) v4parts ;;
+    bg-v4) bg_v4 ;;
+    bg-mtp) bg_mtp ;;
+    poll) poll ;;
+    *) echo "unknown step '$step' (parts, setup, smem, mtp, search, search-triton, v4parts, bg-v4, bg-mtp, poll)"
+       exit 2 ;;
   esac
 done
