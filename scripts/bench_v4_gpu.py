@@ -262,8 +262,13 @@ def worker(a) -> int:
     save()
     rng = random.Random(0)
     vocab = llm.llm_engine.vllm_config.model_config.hf_config.vocab_size
-    rand = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
+    rand = lambda n, r=rng: [r.randrange(3, vocab) for _ in range(n)]  # noqa: E731
+    # the token-check prompts come from their own generator: every configuration (timed or not, whatever its
+    # warm-ups) checks the same prompts
+    check_rng = random.Random(1234)
     sp = SamplingParams(max_tokens=a.decode_tokens, min_tokens=a.decode_tokens, ignore_eos=True, temperature=0.0)
+    sp_check = SamplingParams(max_tokens=a.decode_tokens, min_tokens=a.decode_tokens, ignore_eos=True,
+                              temperature=0.0, logprobs=2)   # the top-2 gap tells a near-tie from a real difference
     llm.generate([{"prompt_token_ids": rand(256)}], sp, use_tqdm=False)   # warm-up
     if a.contexts and dl.allows(15.0 * a.contexts[0] / 32768, "warm-up at the first context"):
         # kernels JIT-compiled on first use (DeepGEMM with VLLM_DEEP_GEMM_WARMUP=skip) compile here, not in a timing
@@ -272,8 +277,9 @@ def worker(a) -> int:
         if not dl.allows(10, f"check prompt {n}"):
             res["skipped"].append(f"check {n}")
             break
-        out = llm.generate([{"prompt_token_ids": rand(n)}], sp, use_tqdm=False)[0]
+        out = llm.generate([{"prompt_token_ids": rand(n, check_rng)}], sp_check, use_tqdm=False)[0]
         res["tokens"][str(n)] = list(out.outputs[0].token_ids)
+        res.setdefault("top2_gaps", {})[str(n)] = [_top2_gap(step) for step in out.outputs[0].logprobs or []]
     save()
     for ctx in a.contexts:
         ttft, tpot, cost = [], [], 15.0 * ctx / 32768
@@ -367,6 +373,12 @@ def show_log(log: Path, name: str, failed: bool) -> None:
         print(f"full log: {log}", flush=True)
 
 
+def _top2_gap(step: dict) -> float | None:
+    """Best minus second-best log-prob of one generated step (``logprobs=2``; nats), None without two entries."""
+    lps = sorted((lp.logprob for lp in step.values()), reverse=True)
+    return round(lps[0] - lps[1], 6) if len(lps) >= 2 else None
+
+
 def token_check(results: dict) -> dict | None:
     """Greedy tokens of ``none`` against ``plugin-1``: identical per prompt length, first mismatch."""
     a, b = results.get("none"), results.get("plugin-1")
@@ -379,7 +391,9 @@ def token_check(results: dict) -> dict | None:
         x, y = a["tokens"][k], b["tokens"][k]
         if x != y:
             i = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
-            check["first_mismatch"] = {"prompt_len": int(k), "index": i, "none": x[i:i + 4], "plugin-1": y[i:i + 4]}
+            gaps = a.get("top2_gaps", {}).get(k) or []
+            check["first_mismatch"] = {"prompt_len": int(k), "index": i, "none": x[i:i + 4], "plugin-1": y[i:i + 4],
+                                       "none_top2_gap": gaps[i] if i < len(gaps) else None}
             break
     return check
 

@@ -261,9 +261,9 @@ def main() -> int:
                     "kernels": os.environ.get("VLLM_INDEXCACHE_KERNELS", "auto")}
     try:
         import vllm
-        result["vllm"] = vllm.__version__
+        result["vllm_version"] = vllm.__version__
     except Exception as e:  # noqa: BLE001
-        result["vllm"] = f"not importable ({e})"
+        result["vllm_version"] = f"not importable ({e})"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     def dump() -> None:

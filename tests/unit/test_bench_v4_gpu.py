@@ -33,8 +33,17 @@ def test_token_check_reports_first_mismatch():
     other = {"tokens": {"3000": [5, 6, 7], "9000": [1, 9, 3]}}
     check = bench.token_check({"none": same, "plugin-1": other})
     assert not check["identical"]
-    assert check["first_mismatch"] == {"prompt_len": 9000, "index": 1, "none": [2, 3], "plugin-1": [9, 3]}
+    assert check["first_mismatch"] == {"prompt_len": 9000, "index": 1, "none": [2, 3], "plugin-1": [9, 3],
+                                       "none_top2_gap": None}
+    with_gaps = dict(same, top2_gaps={"9000": [0.5, 0.03125, 1.0]})
+    assert bench.token_check({"none": with_gaps, "plugin-1": other})["first_mismatch"]["none_top2_gap"] == 0.03125
     assert bench.token_check({"plugin-1": same}) is None
+
+
+def test_top2_gap_of_a_step():
+    lp = lambda v: type("Logprob", (), {"logprob": v})()  # noqa: E731  (vLLM's Logprob: .logprob)
+    assert bench._top2_gap({7: lp(-0.25), 3: lp(-1.0), 9: lp(-0.5)}) == 0.25
+    assert bench._top2_gap({7: lp(-0.25)}) is None
 
 
 #: vLLM 0.26's page bytes per 256-token block (``kv_cache_interface.py`` MLAAttentionSpec.real_page_size_bytes,
