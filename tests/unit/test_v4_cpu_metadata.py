@@ -155,6 +155,56 @@ def test_prefill_chunk_metadata_cpu_empty_last_request(first_chunk):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("ratio", [4, 128])
+def test_prefill_chunk_metadata_positions(seed, ratio):
+    """vLLM 0.34's ``positions=`` path (ShardQ: a request's query tokens are not its contiguous last ones): ``ke``
+    from each row's own position, against the naive transcription of the kernel's ``has_positions`` branch."""
+    qsl, seq_lens, _, _ = _batch(seed)
+    num_reqs, n = len(seq_lens), int(qsl[-1])
+    comp = seq_lens // ratio
+    cu = torch.tensor([0] + comp.cumsum(0).tolist(), dtype=torch.int32)
+    gen = torch.Generator().manual_seed(seed)
+    q_lens = (qsl[1:] - qsl[:-1]).tolist()
+    # each request's rows at distinct positions drawn from its whole sequence, in no order; 3 spare rows past n
+    positions = torch.cat([torch.randperm(int(s), generator=gen)[:q] for s, q in zip(seq_lens.tolist(), q_lens)]
+                          + [torch.tensor([5, 6, 7])]).to(torch.int64)
+    for lo, hi in ((0, n), (n // 3, n - n // 4)):
+        outs = [[torch.full((int(cu[-1]) + 2,), 9, dtype=torch.int32)] + [torch.full((n,), 9, dtype=torch.int32)
+                                                                           for _ in range(2)] for _ in range(2)]
+        for fn, (t2s, ks, ke) in zip((md.prefill_chunk_metadata, md.prefill_chunk_metadata_reference), outs):
+            fn(qsl, seq_lens, cu, cu, t2s, ks, ke, lo, hi, 0, 1, 1, num_reqs=num_reqs, COMPRESS_RATIO=ratio,
+               positions=positions)
+        for got, want in zip(*outs):
+            assert torch.equal(got, want)
+        assert (outs[0][2][hi - lo:] == 9).all()                # rows past the slice are left alone
+    # the positions, not the contiguous-tail rule, set ke (same ks): with ratio 4 the two differ on some row
+    ks_ke = {}
+    for pos in (positions, None):
+        ks_ke[pos is None] = [torch.full((n,), 9, dtype=torch.int32) for _ in range(2)]
+        md.prefill_chunk_metadata(qsl, seq_lens, cu, cu, torch.zeros(int(cu[-1]) + 2, dtype=torch.int32),
+                                  *ks_ke[pos is None], 0, n, 0, 1, 1, num_reqs=num_reqs, COMPRESS_RATIO=ratio,
+                                  positions=pos)
+    assert torch.equal(ks_ke[True][0], ks_ke[False][0])
+    assert ratio == 128 or not torch.equal(ks_ke[True][1], ks_ke[False][1])
+
+
+def test_prefill_chunk_metadata_positions_by_hand():
+    """One request of 3 query rows at positions 10, 3, 7 (ShardQ order), 301 tokens, row start 5, ratio 4:
+    ke = 5 + (pos + 1) // 4 = [7, 6, 7]; without positions the rows are the tail 298..300: 5 + [74, 75, 75].
+    A position below -1 shows the kernel's truncating ``//``: (-6 + 1) // 4 is -1 in Triton, -2 in Python."""
+    qsl, seq_lens = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([301], dtype=torch.int32)
+    cu, row_start = torch.tensor([0, 75], dtype=torch.int32), torch.tensor([5, 80], dtype=torch.int32)
+    t2s, ks, ke = torch.full((75,), 9, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), torch.zeros(
+        3, dtype=torch.int32)
+    for positions, want in ((torch.tensor([10, 3, 7]), [7, 6, 7]), (None, [79, 80, 80]),
+                            (torch.tensor([10, -6, -1]), [7, 4, 5])):
+        md.prefill_chunk_metadata(qsl, seq_lens, cu, row_start, t2s, ks, ke, 0, 3, 0, 1, 1, num_reqs=1,
+                                  COMPRESS_RATIO=4, positions=positions)
+        assert ks.tolist() == [5, 5, 5] and ke.tolist() == want
+    assert (t2s == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ratio", [4, 128])
 def test_compressed_slot_mapping(seed, ratio):
     qsl, seq_lens, block_table, _ = _batch(seed)
     n = int(qsl[-1])

