@@ -852,9 +852,19 @@ def apply_guards(results: list[dict], glue_package: str) -> list[dict]:
     adopt the model's indexer); add one line per architecture with the guard's reason."""
     guards = fallback_guards(glue_package)
     text = " ".join(guards.values())
+    try:   # the V4 KV-grouping patch's own guard: nothing installed, S CSA layers refused where vLLM lacks WRAPPED
+        kv = importlib.import_module(f"{glue_package}.cuda.deepseek_v4.kv_groups")
+        kv_guarded = {kv.WRAPPED, "_get_kv_cache_groups_uniform_groups"} if callable(kv.problem) else set()
+    except Exception:  # noqa: BLE001 — no such guard in this glue
+        kv_guarded = set()
     out = []
     for r in results:
         name = r["target"].rsplit(".", 1)[-1]
+        if (r["status"] in FAILURES and r.get("where", "").startswith("cuda/deepseek_v4/kv_groups.py")
+                and name.rsplit(":", 1)[-1] in kv_guarded):
+            out.append(dict(r, status="guarded", detail=f"{r['detail']} — the glue installs nothing here and refuses "
+                                                        "S CSA layers (cuda.deepseek_v4.kv_groups.problem)"))
+            continue
         if r["status"] in FAILURES and r.get("where", "").startswith(("cuda/sparse_mla.py", "cuda/indexer.py")) and (
                 (r.get("what") == "override" and name in text)
                 or (r.get("what") == "indexer class" and "own indexer the fallback does not adopt" in text)):

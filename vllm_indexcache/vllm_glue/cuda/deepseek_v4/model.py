@@ -18,6 +18,7 @@ from __future__ import annotations
 from vllm.models.deepseek_v4 import DeepseekV4ForCausalLM
 
 from vllm_indexcache.vllm_glue.cpu.deepseek_v4 import indexcache
+from vllm_indexcache.vllm_glue.cuda.deepseek_v4 import kv_groups
 
 
 class IndexCacheDeepseekV4ForCausalLM(DeepseekV4ForCausalLM):
@@ -25,6 +26,8 @@ class IndexCacheDeepseekV4ForCausalLM(DeepseekV4ForCausalLM):
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         csa_plan = indexcache.plan(vllm_config, handoff=False)
+        if csa_plan is not None and csa_plan.s_layers and (why := kv_groups.problem()) is not None:
+            raise ValueError(f"index_topk_pattern={csa_plan.pattern!r}: {why}")
         with indexcache.no_indexer_on(csa_plan.s_layers if csa_plan else frozenset()):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._indexcache_plan = csa_plan
