@@ -17,7 +17,10 @@ graphs on unless ``--eager``; ``disable_log_stats=False`` for engine timestamps)
 
 * ``plugin-1`` — ``attention_backend="indexcache"``, every CSA layer F: the timing baseline;
 * ``none`` — vLLM alone (``VLLM_PLUGINS=none``); greedy tokens and the KV spec only (it is not timed);
-* ``plugin-1/4``, ``plugin-1/2`` — every 4th / 2nd CSA layer F (``every:K``), the others S (no indexer).
+* ``plugin-1/4``, ``plugin-1/2`` — every 4th / 2nd CSA layer F (``every:K``), the others S (no indexer);
+* ``plugin-1+split`` (diagnostic, any plugin configuration + ``+split``) — the KV-cache groups an S pattern gets
+  (``VLLM_INDEXCACHE_V4_SPLIT_GROUPS=always``: the compressor-state group split by page size, 6 groups instead of
+  5) on all-F, to time the extra group apart from the S layers.
 
 Checks: greedy tokens of ``none`` and ``plugin-1`` for ``--check-lens`` prompts (printed: identical or the first
 mismatch). Timing: TTFT (engine: first token − scheduled) and TPOT at batch 1 for ``--contexts`` (medians of
@@ -330,20 +333,24 @@ CONFIGS = ("plugin-1", "none", "plugin-1/4", "plugin-1/2")
 
 
 def config_spec(name: str, num_csa: int) -> dict:
-    """``none`` | ``plugin-1`` | ``plugin-<spec>`` (``1/2`` = ``every:2``, any pattern spec) → pattern and plugin
-    flag. ``plugin-1`` passes the all-F pattern explicitly (the plugin's plan and report run)."""
+    """``none`` | ``plugin-1`` | ``plugin-<spec>`` (``1/2`` = ``every:2``, any pattern spec), optionally ``+split``
+    → pattern, plugin and split flags. ``plugin-1`` passes the all-F pattern explicitly (the plugin's plan and
+    report run)."""
     from vllm_indexcache.pattern import resolve_spec
 
     if name == "none":
-        return {"pattern": None, "plugin": False}
-    kind, _, spec = name.partition("-")
+        return {"pattern": None, "plugin": False, "split": False}
+    base, plus, extra = name.partition("+")
+    if plus and extra != "split":
+        raise SystemExit(f"--configs: bad entry {name!r} (the one suffix is +split)")
+    kind, _, spec = base.partition("-")
     if kind != "plugin" or not spec:
         raise SystemExit(f"--configs: bad entry {name!r} (expected none, plugin-1, plugin-1/2, plugin-FSFS..., ...)")
     try:
         pattern = resolve_spec("all-F" if spec == "1" else spec, num_csa, key="--configs")
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    return {"pattern": pattern, "plugin": True}
+    return {"pattern": pattern, "plugin": True, "split": bool(plus)}
 
 
 def run_child(cmd: list[str], env: dict, log: Path, timeout: float) -> int:
@@ -535,12 +542,14 @@ def main() -> int:
             print(f"budget: skipped {name} ({left:.0f}s left; an engine start takes 30–150 s)", flush=True)
             meta["failed"].append(f"{name} (not started: budget)")
             continue
-        stem = name.replace("/", "of")
+        stem = name.replace("/", "of").replace("+", "-")
         js = out / f"{stem}.json"
         env = dict(os.environ)
         if not s["plugin"]:
             env["VLLM_PLUGINS"] = "none"
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        if s["split"]:   # diagnostic: an S pattern's KV-cache groups without its S layers (kv_groups.SPLIT_ENV)
+            env["VLLM_INDEXCACHE_V4_SPLIT_GROUPS"] = "always"
         env.setdefault("VLLM_DEEP_GEMM_WARMUP", a.deep_gemm_warmup)
         cmd = [sys.executable, __file__, "--worker", "--name", name, "--model", str(a.model), "--json", str(js),
                "--max-model-len", str(a.max_model_len), "--gpu-util", str(a.gpu_util), "--repeats", str(a.repeats),

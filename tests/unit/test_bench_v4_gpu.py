@@ -17,8 +17,11 @@ _spec.loader.exec_module(bench)
 
 
 def test_config_names_resolve_over_csa_layers():
-    assert bench.config_spec("none", 8) == {"pattern": None, "plugin": False}
-    assert bench.config_spec("plugin-1", 8) == {"pattern": "FFFFFFFF", "plugin": True}
+    assert bench.config_spec("none", 8) == {"pattern": None, "plugin": False, "split": False}
+    assert bench.config_spec("plugin-1", 8) == {"pattern": "FFFFFFFF", "plugin": True, "split": False}
+    assert bench.config_spec("plugin-1+split", 8) == {"pattern": "FFFFFFFF", "plugin": True, "split": True}
+    with pytest.raises(SystemExit, match="the one suffix is"):
+        bench.config_spec("plugin-1+fast", 8)
     assert bench.config_spec("plugin-1/2", 8)["pattern"] == "FSFSFSFS"
     assert bench.config_spec("plugin-1/4", 8)["pattern"] == "FSSSFSSS"
     assert bench.config_spec("plugin-FFSS", 4)["pattern"] == "FFSS"

@@ -53,6 +53,18 @@ def test_groups_that_pair_up_are_kept():
     assert split_by_page_size(None) is None
 
 
+def test_diagnostic_split_gives_all_f_the_groups_of_a_pattern(monkeypatch):
+    """``VLLM_INDEXCACHE_V4_SPLIT_GROUPS=always`` (bench ``+split``): all-F's paired group split by page size as an
+    S pattern's is, 8 main and 8 indexer compressor states in two groups."""
+    full = object()
+    c4 = _c4_state_group(CSA, CSA)
+    monkeypatch.setenv("VLLM_INDEXCACHE_V4_SPLIT_GROUPS", "always")
+    out = split_by_page_size([full, c4])
+    assert out[0] is full and [len(g.kv_cache_specs) for g in out[1:]] == [8, 8]
+    assert [sorted({s.page_size_bytes for s in g.kv_cache_specs.values()}) for g in out[1:]] == [[32832], [8640]]
+    assert split_by_page_size([full, c4], always=False) == [full, c4]
+
+
 def test_unpaired_compressor_states_split_by_page_size():
     full = object()
     c4 = _c4_state_group([3, 7, 11, 15], CSA)       # 1/2: 8 main states, 4 indexer states

@@ -23,12 +23,23 @@ _PATCHED = False
 WRAPPED = "group_and_unify_kv_cache_specs"
 
 
-def split_by_page_size(groups):
+#: diagnostic only (``scripts/bench_v4_gpu.py`` configurations ending in ``+split``): ``always`` splits every
+#: sliding-window group with more than one page size, so an all-F engine gets the KV-cache groups of an S pattern
+#: (to time the extra group alone)
+SPLIT_ENV = "VLLM_INDEXCACHE_V4_SPLIT_GROUPS"
+
+
+def split_by_page_size(groups, always: bool | None = None):
     """``groups`` (vLLM's ``group_and_unify_kv_cache_specs`` result: a full-MLA ``UniformTypeKVCacheSpecs`` first, then
     sliding-window ones, or None) with every sliding-window group whose page sizes hold unequal numbers of layers
-    split into one ``UniformTypeKVCacheSpecs`` per page size (layer order kept); others unchanged."""
+    split into one ``UniformTypeKVCacheSpecs`` per page size (layer order kept); others unchanged. ``always``
+    (default: ``$VLLM_INDEXCACHE_V4_SPLIT_GROUPS == "always"``) splits every group with several page sizes."""
     if not groups:
         return groups
+    if always is None:
+        import os
+
+        always = os.environ.get(SPLIT_ENV, "") == "always"
     from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
 
     out = [groups[0]]
@@ -36,7 +47,7 @@ def split_by_page_size(groups):
         by_size = defaultdict(dict)
         for name, spec in group.kv_cache_specs.items():
             by_size[spec.page_size_bytes][name] = spec
-        if len({len(specs) for specs in by_size.values()}) > 1:
+        if len({len(specs) for specs in by_size.values()}) > 1 or (always and len(by_size) > 1):
             out.extend(UniformTypeKVCacheSpecs.from_specs(specs) for specs in by_size.values())
         else:
             out.append(group)
