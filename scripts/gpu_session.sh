@@ -30,6 +30,10 @@
 # point (vllm.general_plugins) to vLLM's processes.
 set -uo pipefail
 
+if [ $# -eq 0 ] || [ "$1" = -h ] || [ "$1" = --help ]; then   # the header comment above, before $OUT is made
+  sed -n '2,/^set -uo pipefail$/p' "$0" | sed '$d'
+  [ $# -eq 0 ] && exit 2 || exit 0
+fi
 OUT=${OUT:-$PWD/out}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -140,7 +144,6 @@ poll() {
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 }
 
-[ $# -ge 1 ] || { sed -n '2,33p' "$0"; exit 2; }
 for step in "$@"; do
   log "step $step (OUT=$OUT)"
   case "$step" in

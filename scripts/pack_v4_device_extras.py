@@ -19,6 +19,7 @@ call (``mkdir -p /root/v4parts && cp .device/v4extras/partN /root/v4parts/``), t
 path from a ``.pth`` file, which Python reads only in site directories, not from ``PYTHONPATH``;
 ``scripts/bench_v4_gpu.py`` also adds it itself).
 """
+import argparse
 import glob
 import os
 import shutil
@@ -40,10 +41,9 @@ PIECE = 52_000_000
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
-        print(__doc__.split("\n\n")[1])
-        return 2
-    out = os.path.abspath(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("outdir", metavar="OUTDIR", help="where the pieces go (e.g. .device/v4extras, ignored by git)")
+    out = os.path.abspath(parser.parse_args().outdir)
     wheels, site = os.path.join(out, "work", "wheels"), os.path.join(out, "work", "site")
     os.makedirs(wheels, exist_ok=True)
     for spec in WHEELS:

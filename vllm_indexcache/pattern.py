@@ -67,17 +67,38 @@ def check_chars(pattern: str, key: str = PATTERN_KEY) -> str:
     Indexer layer 0 must be F: an S layer reuses the top-k of a *preceding* F layer, and layer 0 has none.
 
     Raises:
-        ValueError: not a str, empty, a character other than ``F``/``S`` (lower case included), or layer 0 is S.
+        ValueError: not a str, empty, a character other than ``F``/``S`` (lower case included), or layer 0 is S. A
+            pattern spec given where only an F/S string is read (the ``index_topk_pattern`` config key) is named as
+            such, with the config keys that say the same (:func:`_config_keys_for_spec`).
     """
     if not isinstance(pattern, str) or not pattern:
         raise ValueError(f"{key}={pattern!r}: must be a non-empty string of 'F'/'S'")
-    bad = sorted(set(pattern) - {"F", "S"})
+    bad = "".join(dict.fromkeys(c for c in pattern if c not in "FS"))   # in order of first appearance
     if bad:
-        raise ValueError(f"{key}={pattern!r}: invalid character(s) {''.join(bad)!r}; only upper-case 'F' and 'S'")
+        keys = _config_keys_for_spec(pattern)
+        if keys is not None:
+            raise ValueError(f"{key}={pattern!r}: a pattern spec, not an F/S string (one per indexer layer); {keys} "
+                             f"(or the string `vllm-indexcache pattern MODEL --pattern {pattern}` prints)")
+        raise ValueError(f"{key}={pattern!r}: invalid character(s) {bad!r}; only upper-case 'F' and 'S'")
     if pattern[0] != "F":
         raise ValueError(f"{key}={pattern!r}: layer 0 is S, but the first DSA layer must be F "
                          "(an S layer reuses the top-k of a preceding F layer)")
     return pattern
+
+
+def _config_keys_for_spec(spec: str) -> str | None:
+    """The IndexCache config keys that say what a command-line pattern spec says (``every:4`` ->
+    ``index_topk_freq=4, index_skip_topk_offset=1``), or None when ``spec`` is not a spec of a uniform rule,
+    all-F or a preset with valid numbers (explicit F/S strings and malformed specs included)."""
+    if spec.lower() in ("all-f", "allf"):
+        return "all F is the default: give no IndexCache key"
+    if (m := _UNIFORM.match(spec)) and int(m.group(2)) >= 1 and int(m.group(3) or 2) >= 1:
+        return f"as config keys: index_topk_freq={m.group(2)}, index_skip_topk_offset={m.group(3) or 2}"
+    if (m := _EVERY.match(spec)) and int(m.group(1)) >= 1:
+        return f"as config keys: index_topk_freq={m.group(1)}, index_skip_topk_offset=1"
+    if spec.startswith("preset:"):
+        return f"as a config key: index_cache_preset={spec.removeprefix('preset:')!r}"
+    return None
 
 
 def parse_pattern(pattern: str, num_layers: int | None = None, key: str = PATTERN_KEY,

@@ -1,5 +1,6 @@
 """IndexCacheConfig: key reading, precedence, hf-config application, one-line errors, and the `pattern` CLI."""
 import json
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from vllm_indexcache.config import (
     resolve_hf_config,
     summary,
 )
-from vllm_indexcache.pattern import load_preset
+from vllm_indexcache.pattern import load_preset, resolve_spec
 from vllm_indexcache.tools.toy import toy_config
 
 V32, GLM = "DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"
@@ -143,6 +144,24 @@ def test_pattern_source_and_overrides_replace_the_models_keys():
 ])
 def test_errors_are_one_line_with_key_and_value(fn, fragments):
     one_line_error(fn, *fragments)
+
+
+@pytest.mark.parametrize("spec", ["every:2", "1/4", "freq:4", "freq:4:3", "uniform:3:1",
+                                  "preset:tiny-dsa-searched-1of4", "all-F"])
+def test_spec_in_the_pattern_key_names_the_keys_that_say_it(spec):
+    """A command-line spec written into index_topk_pattern is refused in one line naming it as a spec, and the keys
+    the line suggests resolve to the pattern the spec names (12 layers: the shipped model's count)."""
+    msg = one_line_error(lambda: IndexCacheConfig(index_topk_pattern=spec), f"index_topk_pattern={spec!r}",
+                         "a pattern spec, not an F/S string")
+    keys = {k: v.strip("'") for k, v in re.findall(r"(index_\w+)=('[^']*'|\d+)", msg.split(":", 1)[1])}
+    keys = {k: v if k == "index_cache_preset" else int(v) for k, v in keys.items()}
+    assert bool(keys) != (spec == "all-F"), msg   # all-F: the default, no key
+    architecture = V32 if spec.startswith("preset:") else None
+    assert IndexCacheConfig(**keys).resolve(12, architecture) == resolve_spec(spec, 12, architecture=architecture)
+
+
+def test_malformed_spec_in_the_pattern_key_lists_the_bad_characters_in_order():
+    one_line_error(lambda: IndexCacheConfig(index_topk_pattern="every:0"), "invalid character(s) 'evry:0'")
 
 
 def test_error_is_value_error():

@@ -62,3 +62,22 @@ def test_gpu_session_refuses_an_unknown_step(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_session.sh"), "nope"], capture_output=True, text=True,
                           env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert proc.returncode == 2 and "unknown step 'nope'" in proc.stdout
+
+
+@pytest.mark.parametrize("args, rc", [(["--help"], 0), ([], 2)])
+def test_gpu_session_usage_is_the_header_and_makes_no_out_dir(tmp_path, args, rc):
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_session.sh"), *args], capture_output=True, text=True,
+                          env={"OUT": str(out), "PATH": "/usr/bin:/bin"}, timeout=60)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == rc and lines[0].startswith("# One device command per step"), proc.stdout
+    assert all(line.startswith("#") for line in lines) and "bg-v4" in proc.stdout, proc.stdout
+    assert not out.exists()
+
+
+def test_pack_v4_device_extras_help_downloads_nothing(tmp_path):
+    """``--help`` prints the usage; it used to be taken as OUTDIR and ~116 MB of wheels were packed into ./--help."""
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "pack_v4_device_extras.py"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: pack_v4_device_extras.py [-h] OUTDIR"), proc
+    assert list(tmp_path.iterdir()) == []
