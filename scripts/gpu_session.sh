@@ -13,7 +13,8 @@
 #                  (scripts/check_triton_smem.py) and live checks against the naive references at fp32 and
 #                  bf16 (scripts/bench_triton_gpu.py --checks-only)                                    (1-3 min)
 #   mtp            scripts/check_mtp_gpu.py: greedy tokens with == without MTP speculation, acceptance rate,
-#                  all-F, vLLM alone (the control), FSFS (6 engines; MTP_BUDGET=600 for all six)        (5-10 min)
+#                  all-F, vLLM alone (the control), FSFS (6 engines; MTP_BUDGET=560 for all six: run it as
+#                  bg-mtp then, a foreground step must end inside one 600 s device call: MTP_BUDGET <= 500)
 #   search         scripts/search_gpu.py: 61 layers of V3.2 geometry to 1/4 through vLLM's native kernels,
 #                  budget 440 s from the script's start; seconds per evaluation, projected total      (7.5-8.5 min)
 #   search-triton  the same on the plugin's Triton fallback (VLLM_INDEXCACHE_KERNELS=triton), budget 360 s
