@@ -507,6 +507,7 @@ def main() -> int:
     deadline = t_start + a.budget_s
     from vllm_indexcache.families.deepseek_v4 import csa_layers
     from vllm_indexcache.tools.toy_v4_deepseek import deepseek_v4_config, flash_layout
+    from vllm_indexcache.vllm_glue.cuda.deepseek_v4.kv_groups import SPLIT_ENV
 
     num_csa = len(csa_layers(deepseek_v4_config(flash_layout(a.layers))))
     specs = {name: config_spec(name, num_csa) for name in a.configs}   # bad entries stop here, before any GPU work
@@ -548,8 +549,8 @@ def main() -> int:
         if not s["plugin"]:
             env["VLLM_PLUGINS"] = "none"
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-        if s["split"]:   # diagnostic: an S pattern's KV-cache groups without its S layers (kv_groups.SPLIT_ENV)
-            env["VLLM_INDEXCACHE_V4_SPLIT_GROUPS"] = "always"
+        if s["split"]:   # diagnostic: an S pattern's KV-cache groups without its S layers
+            env[SPLIT_ENV] = "always"
         env.setdefault("VLLM_DEEP_GEMM_WARMUP", a.deep_gemm_warmup)
         cmd = [sys.executable, __file__, "--worker", "--name", name, "--model", str(a.model), "--json", str(js),
                "--max-model-len", str(a.max_model_len), "--gpu-util", str(a.gpu_util), "--repeats", str(a.repeats),

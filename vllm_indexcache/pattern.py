@@ -92,10 +92,12 @@ def _config_keys_for_spec(spec: str) -> str | None:
     all-F or a preset with valid numbers (explicit F/S strings and malformed specs included)."""
     if spec.lower() in ("all-f", "allf"):
         return "all F is the default: give no IndexCache key"
-    if (m := _UNIFORM.match(spec)) and int(m.group(2)) >= 1 and int(m.group(3) or 2) >= 1:
-        return f"as config keys: index_topk_freq={m.group(2)}, index_skip_topk_offset={m.group(3) or 2}"
-    if (m := _EVERY.match(spec)) and int(m.group(1)) >= 1:
-        return f"as config keys: index_topk_freq={m.group(1)}, index_skip_topk_offset=1"
+    try:
+        rule = _rule_args(spec)
+    except ValueError:
+        return None
+    if rule is not None:
+        return f"as config keys: index_topk_freq={rule[0]}, index_skip_topk_offset={rule[1]}"
     if spec.startswith("preset:"):
         return f"as a config key: index_cache_preset={spec.removeprefix('preset:')!r}"
     return None
@@ -130,6 +132,25 @@ _UNIFORM = re.compile(r"^(freq|uniform):(\d+)(?::(\d+))?$")
 _EVERY = re.compile(r"^(?:every:|1/)(\d+)$")
 
 
+def _rule_args(spec: str) -> tuple[int, int] | None:
+    """``(index_topk_freq, index_skip_topk_offset)`` of a uniform-rule spec (``freq:K[:OFFSET]`` / ``uniform:``,
+    offset 2 by default; ``every:K`` / ``1/K``, offset 1), or None for any other string.
+
+    Raises:
+        ValueError: K or OFFSET below 1, naming the spec's K (and OFFSET).
+    """
+    if m := _UNIFORM.match(spec):
+        freq, offset = int(m.group(2)), int(m.group(3) or 2)
+        if freq < 1 or offset < 1:
+            raise ValueError(f"K and OFFSET of {m.group(1)}:K[:OFFSET] must be integers >= 1")
+        return freq, offset
+    if m := _EVERY.match(spec):
+        if int(m.group(1)) < 1:
+            raise ValueError("K of every:K (1/K) must be an integer >= 1: every K-th indexer layer is F")
+        return int(m.group(1)), 1
+    return None
+
+
 def resolve_spec(spec: str, num_layers: int, key: str = "pattern", architecture: str | None = None,
                  layers: list[int] | None = None) -> str:
     """The F/S pattern a spec (module docstring) names for a model with ``num_layers`` indexer layers.
@@ -155,14 +176,8 @@ def resolve_spec(spec: str, num_layers: int, key: str = "pattern", architecture:
             return parse_pattern(spec, num_layers, key, architecture or "the model")
         if spec.lower() in ("all-f", "allf"):
             return uniform_pattern(num_layers, 1)
-        if m := _UNIFORM.match(spec):
-            if int(m.group(2)) < 1 or (m.group(3) is not None and int(m.group(3)) < 1):
-                raise ValueError(f"K and OFFSET of {m.group(1)}:K[:OFFSET] must be integers >= 1")
-            return uniform_pattern(num_layers, int(m.group(2)), int(m.group(3) or 2))
-        if m := _EVERY.match(spec):
-            if int(m.group(1)) < 1:
-                raise ValueError("K of every:K (1/K) must be an integer >= 1: every K-th indexer layer is F")
-            return uniform_pattern(num_layers, int(m.group(1)), 1)
+        if (rule := _rule_args(spec)) is not None:
+            return uniform_pattern(num_layers, *rule)
         if spec.startswith("preset:") or spec.endswith(".json") or spec in list_presets():
             p = load_preset(spec.removeprefix("preset:"), key="preset")
             if architecture is not None and p.architecture != architecture:

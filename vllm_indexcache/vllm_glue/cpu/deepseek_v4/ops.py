@@ -110,13 +110,18 @@ def select() -> list[str]:
     return bound
 
 
+def _resolve(impl: str):
+    """The function a ``"module:function"`` entry of :data:`TORCH_OPS` / :data:`O_PROJ_TORCH` names."""
+    impl_module, impl_name = impl.split(":")
+    return getattr(importlib.import_module(impl_module), impl_name)
+
+
 def bind(op_names) -> list[str]:
     """Bind the torch version of each op of :data:`TORCH_OPS` in ``op_names`` into the module its callers read
     (and :data:`WRAPPERS`), whether or not ``torch.ops._C`` has it; return the ops bound."""
     for op in op_names:
         module_name, impl = TORCH_OPS[op]
-        impl_module, impl_name = impl.split(":")
-        fn = getattr(importlib.import_module(impl_module), impl_name)
+        fn = _resolve(impl)
         for name in {module_name, WRAPPERS}:
             setattr(torch.ops._C if name == C_NAMESPACE else importlib.import_module(name), op, fn)
     return list(op_names)
@@ -171,8 +176,7 @@ def _select_o_proj(dtype: torch.dtype = torch.bfloat16) -> None:
 
     wrappers = importlib.import_module(WRAPPERS)
     for op, impl in O_PROJ_TORCH.items():
-        impl_module, impl_name = impl.split(":")
-        setattr(wrappers, op, getattr(importlib.import_module(impl_module), impl_name))
+        setattr(wrappers, op, _resolve(impl))
 
     def _wrap_wo_a_process_weights_after_loading(self) -> None:
         quant_method = self.wo_a.quant_method

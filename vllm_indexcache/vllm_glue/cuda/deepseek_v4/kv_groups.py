@@ -15,6 +15,7 @@ model whose groups pair up (all F, or any model without S layers) is grouped exa
 """
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 
 _PATCHED = False
@@ -37,8 +38,6 @@ def split_by_page_size(groups, always: bool | None = None):
     if not groups:
         return groups
     if always is None:
-        import os
-
         always = os.environ.get(SPLIT_ENV, "") == "always"
     from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
 
