@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = "bench_v4.json"
 LOG_DIR = Path(os.environ.get("BENCH_LOG_DIR", "/tmp/bench-v4-logs"))   # not under --out: 8 files come back at most
+PROF_DIR = Path("/tmp/bench-v4-prof")   # vLLM's profiler traces (large; only their table is copied to --out)
 
 
 def add_site_dirs() -> None:
@@ -245,6 +246,11 @@ def worker(a) -> int:
         kwargs["compilation_config"] = {"cudagraph_capture_sizes": a.capture_sizes}
     if a.pattern:
         kwargs["hf_overrides"] = {"index_topk_pattern": a.pattern}
+    prof_dir = PROF_DIR / Path(a.json).stem
+    if a.profile_steps:   # the torch profiler is only started around the profiled decode steps (after all timing)
+        shutil.rmtree(prof_dir, ignore_errors=True)
+        kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": str(prof_dir),
+                                     "torch_profiler_with_stack": False}
     if a.plugin:
         import vllm_indexcache
 
@@ -311,19 +317,69 @@ def worker(a) -> int:
         save()
         print(f"[{a.name}] {a.concurrent}x{ctx}: decode {statistics.median(steps) * 1e3:.3f} ms/step "
               f"(median of {len(steps)} steps)", flush=True)
+    for ctx in a.concurrent_contexts[:1] if a.profile_steps else []:
+        if not dl.allows(20.0 * a.concurrent * ctx / 131072 + 30, f"profiled decode {a.concurrent}x{ctx}"):
+            res["skipped"].append(f"profile {a.concurrent}x{ctx}")
+            break
+        decode_under_load(llm, [rand(ctx) for _ in range(a.concurrent)], a.profile_steps, "prof", profile=True)
+        res["profile"] = profile_summary(prof_dir, Path(a.json).with_suffix(".profile.txt"), a.profile_steps)
+        res["profile"].update(context=ctx, concurrent=a.concurrent)
+        save()
+        print(f"[{a.name}] profile {a.concurrent}x{ctx}: {json.dumps(res['profile'])}", flush=True)
     res["done"] = True
     save()
     return 0
 
 
-def decode_under_load(llm, prompts: list[list[int]], steps: int, tag: str) -> list[float]:
+def profile_summary(prof_dir: Path, table_out: Path, steps: int) -> dict:
+    """vLLM's profiler table (``profiler_out_0.txt`` in vLLM 0.26: torch's ``key_averages`` by self CUDA time) copied to
+    ``table_out``; its totals per profiled decode step in ms (``self_cpu_ms``, ``self_cuda_ms``) and the 12 kernels
+    with the most self CUDA time (name → ms per step)."""
+    import re
+
+    table = None
+    for _ in range(60):   # the engine process writes it on stop: profiler_out_0.txt (0.26), *rank0.profiler_out.txt
+        table = next(iter(sorted(prof_dir.glob("*profiler_out*.txt"))), None)
+        if table is not None and "Self CPU time total" in table.read_text():
+            break
+        time.sleep(1)
+    if table is None:
+        return {"error": f"no profiler table in {prof_dir}"}
+    text = table.read_text()
+    table_out.write_text(text)
+    unit = {"s": 1e3, "ms": 1.0, "us": 1e-3}
+
+    def ms(v: str) -> float:
+        m = re.fullmatch(r"([0-9.]+)(s|ms|us)", v.strip())
+        return float(m.group(1)) * unit[m.group(2)] if m else float("nan")
+
+    out: dict = {"steps": steps, "top_kernels_ms_per_step": {}}
+    for key, label in (("self_cpu_ms", "Self CPU time total:"), ("self_cuda_ms", "Self CUDA time total:")):
+        m = re.search(re.escape(label) + r"\s*(\S+)", text)
+        out[key] = ms(m.group(1)) / steps if m else None
+    lines = text.splitlines()
+    header = next((ln for ln in lines if "Self CUDA" in ln and "Name" in ln), None)
+    if header:   # columns are fixed-width: the name column ends where the first header after "Name" starts
+        cols = re.split(r"\s{2,}", header.strip())
+        icuda = cols.index("Self CUDA")
+        for ln in lines[lines.index(header) + 2:]:
+            if ln.startswith("---") or len(out["top_kernels_ms_per_step"]) >= 12:
+                break
+            parts = re.split(r"\s{2,}", ln.strip())
+            if len(parts) != len(cols):
+                continue
+            out["top_kernels_ms_per_step"][parts[0][:80]] = round(ms(parts[icuda]) / steps, 4)
+    return out
+
+
+def decode_under_load(llm, prompts: list[list[int]], steps: int, tag: str, profile: bool = False) -> list[float]:
     """Seconds of each engine step in which every request of ``prompts`` decodes one token: the V3.2 benchmark's
     :func:`bench_vllm_gpu.decode_step_times` (prefill all together, count a step only once every request has its
     first tokens and only if it advanced every request, abort all afterwards)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_vllm_gpu import decode_step_times
 
-    return decode_step_times(llm, prompts, steps, tag)
+    return decode_step_times(llm, prompts, steps, tag, profile=profile)
 
 
 # ------------------------------------------------------------------------------------------------------------- parent
@@ -474,6 +530,9 @@ def main() -> int:
     p.add_argument("--load-steps", type=int, default=16)
     p.add_argument("--check-lens", type=ints, default=[3000, 9000])
     p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after the timings, profile this many decode-under-load steps (torch profiler through "
+                        "vLLM; table <config>.profile.txt, per-step totals in the JSON); 0: no profile")
     p.add_argument("--max-model-len", type=int, default=131072 + 256)
     p.add_argument("--gpu-util", type=float, default=0.85)
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: CUDA graphs on)")
@@ -555,7 +614,8 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--worker", "--name", name, "--model", str(a.model), "--json", str(js),
                "--max-model-len", str(a.max_model_len), "--gpu-util", str(a.gpu_util), "--repeats", str(a.repeats),
                "--decode-tokens", str(a.decode_tokens), "--concurrent", str(a.concurrent),
-               "--load-steps", str(a.load_steps), "--deadline", str(deadline - 15), *(["--eager"] if a.eager else []),
+               "--load-steps", str(a.load_steps), "--profile-steps", str(0 if name == "none" else a.profile_steps),
+               "--deadline", str(deadline - 15), *(["--eager"] if a.eager else []),
                "--contexts", "" if name == "none" else ",".join(map(str, a.contexts)),
                "--concurrent-contexts", "" if name == "none" else ",".join(map(str, a.concurrent_contexts)),
                "--check-lens", ",".join(map(str, a.check_lens)),

@@ -150,9 +150,11 @@ def decode_under_load(llm, prompts: list[list[int]], steps: int, tag: str) -> fl
     return statistics.median(decode_step_times(llm, prompts, steps, tag))
 
 
-def decode_step_times(llm, prompts: list[list[int]], steps: int, tag: str) -> list[float]:
+def decode_step_times(llm, prompts: list[list[int]], steps: int, tag: str, profile: bool = False) -> list[float]:
     """The seconds of each counted engine step of :func:`decode_under_load` (its median is that function's
-    result); also used by ``scripts/bench_v4_gpu.py``."""
+    result); also used by ``scripts/bench_v4_gpu.py``. ``profile``: vLLM's profiler (``LLM(profiler_config=...)``)
+    runs from the first step in which every request decodes to the last counted one (``LLM.start_profile`` /
+    ``stop_profile``, outside the timed steps; profiled step times are inflated by the profiler)."""
     from vllm import SamplingParams
 
     engine = llm.llm_engine
@@ -162,10 +164,14 @@ def decode_step_times(llm, prompts: list[list[int]], steps: int, tag: str) -> li
         engine.add_request(rid, {"prompt_token_ids": p}, sp)
     seen = dict.fromkeys(ids, 0)
     times = []
+    profiling = False
     for _ in range(20000):
         if len(times) >= steps:
             break
         before = min(seen.values())
+        if profile and before >= 2 and not profiling:
+            llm.start_profile()
+            profiling = True
         t = time.perf_counter()
         outs = engine.step()
         dt = time.perf_counter() - t
@@ -173,6 +179,8 @@ def decode_step_times(llm, prompts: list[list[int]], steps: int, tag: str) -> li
             seen[o.request_id] = len(o.outputs[0].token_ids)
         if before >= 2 and len({o.request_id for o in outs}) == len(ids):
             times.append(dt)
+    if profiling:
+        llm.stop_profile()
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
