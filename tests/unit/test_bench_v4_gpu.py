@@ -97,3 +97,26 @@ def test_render_shows_speedups_against_all_f():
     assert rows[0].startswith("| config | pattern | KV tokens | indexer-K layers | indexer K B/token")
     assert "| plugin-1/2 | `FSFS` | 1,000 | 2 | 67.5 |" in rows[3] and "1.000 [1.000–1.000] n=3 (2.00×)" in rows[3]
     assert "(2.00×)" not in rows[2]
+
+
+def test_profile_summary_reads_vllms_profiler_table(tmp_path):
+    """The table vLLM's torch profiler writes on stop (``key_averages().table(sort_by="self_cuda_time_total")``):
+    totals per profiled step in ms, the kernels' self CUDA time per step, the table copied beside the JSON."""
+    sep = "  ".join(["-" * 40] + ["-" * 12] * 10)
+    cols = ["Self CPU %", "Self CPU", "CPU total %", "CPU total", "CPU time avg", "Self CUDA", "Self CUDA %",
+            "CUDA total", "CUDA time avg", "# of Calls"]
+    row = lambda name, *v: "  ".join([f"{name:>40}"] + [f"{x:>12}" for x in v])  # noqa: E731
+    table = "\n".join([sep, row("Name", *cols), sep,
+                       row("flash_fwd_splitkv_mla_fp8_sparse", "0.00%", "0.000us", "0.00%", "0.000us", "0.000us",
+                           "12.000ms", "40.00%", "12.000ms", "75.000us", "160"),
+                       row("cudaLaunchKernel", "12.50%", "25.000ms", "12.50%", "25.000ms", "5.000us", "0.000us",
+                           "0.00%", "0.000us", "0.000us", "5000"),
+                       sep, "Self CPU time total: 1.500s", "Self CUDA time total: 30.000ms", ""])
+    prof = tmp_path / "prof"
+    prof.mkdir()
+    (prof / "profiler_out_0.txt").write_text(table)
+    out = bench.profile_summary(prof, tmp_path / "plugin-1.profile.txt", steps=10)
+    assert out["self_cpu_ms"] == pytest.approx(150.0) and out["self_cuda_ms"] == pytest.approx(3.0)
+    assert out["top_kernels_ms_per_step"] == {"flash_fwd_splitkv_mla_fp8_sparse": pytest.approx(1.2),
+                                              "cudaLaunchKernel": 0.0}
+    assert (tmp_path / "plugin-1.profile.txt").read_text() == table
