@@ -357,6 +357,7 @@ def profile_summary(prof_dir: Path, table_out: Path, steps: int) -> dict:
     for key, label in (("self_cpu_ms", "Self CPU time total:"), ("self_cuda_ms", "Self CUDA time total:")):
         m = re.search(re.escape(label) + r"\s*(\S+)", text)
         out[key] = ms(m.group(1)) / steps if m else None
+    total_cuda = (out["self_cuda_ms"] or float("inf")) * steps
     lines = text.splitlines()
     header = next((ln for ln in lines if "Self CUDA" in ln and "Name" in ln), None)
     if header:   # columns are fixed-width: the name column ends where the first header after "Name" starts
@@ -366,8 +367,8 @@ def profile_summary(prof_dir: Path, table_out: Path, steps: int) -> dict:
             if ln.startswith("---") or len(out["top_kernels_ms_per_step"]) >= 12:
                 break
             parts = re.split(r"\s{2,}", ln.strip())
-            if len(parts) != len(cols):
-                continue
+            if len(parts) != len(cols) or ms(parts[icuda]) > total_cuda:
+                continue   # more than all kernels together: a range annotation (execute_context_...)
             out["top_kernels_ms_per_step"][parts[0][:80]] = round(ms(parts[icuda]) / steps, 4)
     return out
 

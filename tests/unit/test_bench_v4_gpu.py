@@ -107,6 +107,8 @@ def test_profile_summary_reads_vllms_profiler_table(tmp_path):
             "CUDA total", "CUDA time avg", "# of Calls"]
     row = lambda name, *v: "  ".join([f"{name:>40}"] + [f"{x:>12}" for x in v])  # noqa: E731
     table = "\n".join([sep, row("Name", *cols), sep,
+                       row("execute_context_0(0)_generation_16(16)", "0.00%", "0.000us", "0.00%", "0.000us",
+                           "0.000us", "120.000ms", "400.00%", "120.000ms", "700.000us", "180"),   # a range
                        row("flash_fwd_splitkv_mla_fp8_sparse", "0.00%", "0.000us", "0.00%", "0.000us", "0.000us",
                            "12.000ms", "40.00%", "12.000ms", "75.000us", "160"),
                        row("cudaLaunchKernel", "12.50%", "25.000ms", "12.50%", "25.000ms", "5.000us", "0.000us",
