@@ -505,7 +505,8 @@ def render(results: dict, meta: dict) -> str:
              f"greedy tokens, vLLM alone vs plugin all-F: {json.dumps(check) if check else 'not compared'}",
              "speed-ups (×) against plugin-1 (all F); KV B/token = page bytes / block size summed over layers",
              *(f"profile {n} ({r['profile'].get('concurrent')}×{r['profile'].get('context')}, per decode step): self "
-               f"CUDA {r['profile'].get('self_cuda_ms')} ms, self CPU {r['profile'].get('self_cpu_ms')} ms"
+               f"CUDA {r['profile'].get('self_cuda_ms') or 0:.3f} ms, "
+               f"self CPU {r['profile'].get('self_cpu_ms') or 0:.3f} ms"
                for n, r in results.items() if r.get("profile")),
              f"skipped: {json.dumps({n: r.get('skipped') for n, r in results.items() if r.get('skipped')})}",
              f"failed: {meta.get('failed') or []}; device: {meta.get('device')}"]
