@@ -317,15 +317,16 @@ def worker(a) -> int:
         save()
         print(f"[{a.name}] {a.concurrent}x{ctx}: decode {statistics.median(steps) * 1e3:.3f} ms/step "
               f"(median of {len(steps)} steps)", flush=True)
-    for ctx in a.concurrent_contexts[:1] if a.profile_steps else []:
-        if not dl.allows(20.0 * a.concurrent * ctx / 131072 + 30, f"profiled decode {a.concurrent}x{ctx}"):
+    if a.profile_steps and a.concurrent_contexts:   # profiled at the first load context, after all timing
+        ctx = a.concurrent_contexts[0]
+        if dl.allows(20.0 * a.concurrent * ctx / 131072 + 30, f"profiled decode {a.concurrent}x{ctx}"):
+            decode_under_load(llm, [rand(ctx) for _ in range(a.concurrent)], a.profile_steps, "prof", profile=True)
+            res["profile"] = profile_summary(prof_dir, Path(a.json).with_suffix(".profile.txt"), a.profile_steps)
+            res["profile"].update(context=ctx, concurrent=a.concurrent)
+            save()
+            print(f"[{a.name}] profile {a.concurrent}x{ctx}: {json.dumps(res['profile'])}", flush=True)
+        else:
             res["skipped"].append(f"profile {a.concurrent}x{ctx}")
-            break
-        decode_under_load(llm, [rand(ctx) for _ in range(a.concurrent)], a.profile_steps, "prof", profile=True)
-        res["profile"] = profile_summary(prof_dir, Path(a.json).with_suffix(".profile.txt"), a.profile_steps)
-        res["profile"].update(context=ctx, concurrent=a.concurrent)
-        save()
-        print(f"[{a.name}] profile {a.concurrent}x{ctx}: {json.dumps(res['profile'])}", flush=True)
     res["done"] = True
     save()
     return 0
@@ -353,11 +354,13 @@ def profile_summary(prof_dir: Path, table_out: Path, steps: int) -> dict:
         m = re.fullmatch(r"([0-9.]+)(s|ms|us)", v.strip())
         return float(m.group(1)) * unit[m.group(2)] if m else float("nan")
 
-    out: dict = {"steps": steps, "top_kernels_ms_per_step": {}}
-    for key, label in (("self_cpu_ms", "Self CPU time total:"), ("self_cuda_ms", "Self CUDA time total:")):
-        m = re.search(re.escape(label) + r"\s*(\S+)", text)
-        out[key] = ms(m.group(1)) / steps if m else None
-    total_cuda = (out["self_cuda_ms"] or float("inf")) * steps
+    totals = {}   # ms over all profiled steps
+    for kind in ("CPU", "CUDA"):
+        m = re.search(rf"Self {kind} time total:\s*(\S+)", text)
+        totals[kind] = ms(m.group(1)) if m else None
+    out: dict = {"steps": steps, "top_kernels_ms_per_step": {},
+                 **{f"self_{kind.lower()}_ms": t / steps if t is not None else None for kind, t in totals.items()}}
+    total_cuda = totals["CUDA"] or float("inf")
     lines = text.splitlines()
     header = next((ln for ln in lines if "Self CUDA" in ln and "Name" in ln), None)
     if header:   # columns are fixed-width: the name column ends where the first header after "Name" starts

@@ -90,7 +90,7 @@ def _config_keys_for_spec(spec: str) -> str | None:
     """The IndexCache config keys that say what a command-line pattern spec says (``every:4`` ->
     ``index_topk_freq=4, index_skip_topk_offset=1``), or None when ``spec`` is not a spec of a uniform rule,
     all-F or a preset with valid numbers (explicit F/S strings and malformed specs included)."""
-    if spec.lower() in ("all-f", "allf"):
+    if spec.lower() in _ALL_F:
         return "all F is the default: give no IndexCache key"
     try:
         rule = _rule_args(spec)
@@ -128,6 +128,7 @@ def f_layers(pattern: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------------------- specs
+_ALL_F = ("all-f", "allf")   # the all-F spec, compared lower-cased
 _UNIFORM = re.compile(r"^(freq|uniform):(\d+)(?::(\d+))?$")
 _EVERY = re.compile(r"^(?:every:|1/)(\d+)$")
 
@@ -174,7 +175,7 @@ def resolve_spec(spec: str, num_layers: int, key: str = "pattern", architecture:
     try:
         if set(spec) <= set("FSfs"):
             return parse_pattern(spec, num_layers, key, architecture or "the model")
-        if spec.lower() in ("all-f", "allf"):
+        if spec.lower() in _ALL_F:
             return uniform_pattern(num_layers, 1)
         if (rule := _rule_args(spec)) is not None:
             return uniform_pattern(num_layers, *rule)
