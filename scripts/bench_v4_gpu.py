@@ -332,12 +332,18 @@ def worker(a) -> int:
     return 0
 
 
-def profile_summary(prof_dir: Path, table_out: Path, steps: int) -> dict:
-    """vLLM's profiler table (``profiler_out_0.txt`` in vLLM 0.26: torch's ``key_averages`` by self CUDA time) copied to
-    ``table_out``; its totals per profiled decode step in ms (``self_cpu_ms``, ``self_cuda_ms``) and the 12 kernels
-    with the most self CUDA time (name → ms per step)."""
-    import re
+#: kernels (substrings of the profiler's names) that only V4's lightning indexer runs, in vLLM 0.26 on SM90 at this
+#: script's toy geometry: DeepGEMM's (paged) MQA logits, the top-512 over them, the head-128 indexer compressor's
+#: fused compress + insert (``deepseek_v4/common/ops/fused_compress_quant_cache.py``) and the indexer's query
+#: up-projection, an FP8 GEMM q_lora 1024 → 64 heads × 128 (its template names N=8192, K=1024)
+INDEXER_KERNELS = ("mqa_logits", "cooperative_topk", "_fused_kv_compress_norm_rope_insert_indexer",
+                   "fp8_gemm_kernel_swapAB<8192u, 1024u")
 
+
+def profile_summary(prof_dir: Path, table_out: Path, steps: int) -> dict:
+    """vLLM's profiler table (``profiler_out_0.txt`` in vLLM 0.26: torch's ``key_averages`` by self CUDA time) found
+    in ``prof_dir`` (waiting up to 60 s for the engine process to write it), copied to ``table_out`` and summarised
+    (:func:`summarize_profile`)."""
     table = None
     for _ in range(60):   # the engine process writes it on stop: profiler_out_0.txt (0.26), *rank0.profiler_out.txt
         table = next(iter(sorted(prof_dir.glob("*profiler_out*.txt"))), None)
@@ -348,6 +354,15 @@ def profile_summary(prof_dir: Path, table_out: Path, steps: int) -> dict:
         return {"error": f"no profiler table in {prof_dir}"}
     text = table.read_text()
     table_out.write_text(text)
+    return summarize_profile(text, steps)
+
+
+def summarize_profile(text: str, steps: int) -> dict:
+    """A profiler table's totals per profiled step in ms (``self_cpu_ms``, ``self_cuda_ms``), the 12 kernels with the
+    most self CUDA time (name → ms per step), and the lightning indexer's kernels (:data:`INDEXER_KERNELS`):
+    ``indexer_ms_per_step`` and ``indexer_share`` of the self CUDA time."""
+    import re
+
     unit = {"s": 1e3, "ms": 1.0, "us": 1e-3}
 
     def ms(v: str) -> float:
@@ -363,16 +378,23 @@ def profile_summary(prof_dir: Path, table_out: Path, steps: int) -> dict:
     total_cuda = totals["CUDA"] or float("inf")
     lines = text.splitlines()
     header = next((ln for ln in lines if "Self CUDA" in ln and "Name" in ln), None)
-    if header:   # columns are fixed-width: the name column ends where the first header after "Name" starts
+    if header:   # columns are separated by two or more spaces (names are cut to fit, never contain two spaces)
         cols = re.split(r"\s{2,}", header.strip())
         icuda = cols.index("Self CUDA")
+        indexer = 0.0
         for ln in lines[lines.index(header) + 2:]:
-            if ln.startswith("---") or len(out["top_kernels_ms_per_step"]) >= 12:
+            if ln.startswith("---"):
                 break
             parts = re.split(r"\s{2,}", ln.strip())
             if len(parts) != len(cols) or ms(parts[icuda]) > total_cuda:
                 continue   # more than all kernels together: a range annotation (execute_context_...)
-            out["top_kernels_ms_per_step"][parts[0][:80]] = round(ms(parts[icuda]) / steps, 4)
+            cuda = ms(parts[icuda])
+            if any(k in parts[0] for k in INDEXER_KERNELS):
+                indexer += cuda
+            if len(out["top_kernels_ms_per_step"]) < 12:
+                out["top_kernels_ms_per_step"][parts[0][:80]] = round(cuda / steps, 4)
+        out["indexer_ms_per_step"] = round(indexer / steps, 4)
+        out["indexer_share"] = round(indexer / total_cuda, 4) if totals["CUDA"] else None
     return out
 
 
@@ -541,6 +563,8 @@ def main() -> int:
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after the timings, profile this many decode-under-load steps (torch profiler through "
                         "vLLM; table <config>.profile.txt, per-step totals in the JSON); 0: no profile")
+    p.add_argument("--profile-table", help="only summarise this profiler table (<config>.profile.txt of a run, "
+                   "--profile-steps: the steps it covers) and print the JSON; no GPU")
     p.add_argument("--max-model-len", type=int, default=131072 + 256)
     p.add_argument("--gpu-util", type=float, default=0.85)
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: CUDA graphs on)")
@@ -564,6 +588,9 @@ def main() -> int:
     p.add_argument("--plugin", action="store_true")
     p.add_argument("--deadline", type=float)
     a = p.parse_args()
+    if a.profile_table:   # re-read a table written by an earlier run (e.g. one kept under docs/benchmarks/)
+        print(json.dumps(summarize_profile(Path(a.profile_table).read_text(), a.profile_steps or 1), indent=1))
+        return 0
     if a.prepare:
         return prepare(a)
     if a.worker:

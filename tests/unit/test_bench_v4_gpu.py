@@ -111,6 +111,8 @@ def test_profile_summary_reads_vllms_profiler_table(tmp_path):
                            "0.000us", "120.000ms", "400.00%", "120.000ms", "700.000us", "180"),   # a range
                        row("flash_fwd_splitkv_mla_fp8_sparse", "0.00%", "0.000us", "0.00%", "0.000us", "0.000us",
                            "12.000ms", "40.00%", "12.000ms", "75.000us", "160"),
+                       row("void deep_gemm::sm90_fp8_paged_mqa_logits<1u,...", "0.00%", "0.000us", "0.00%",
+                           "0.000us", "0.000us", "3.000ms", "10.00%", "3.000ms", "9.000us", "48"),
                        row("cudaLaunchKernel", "12.50%", "25.000ms", "12.50%", "25.000ms", "5.000us", "0.000us",
                            "0.00%", "0.000us", "0.000us", "5000"),
                        sep, "Self CPU time total: 1.500s", "Self CUDA time total: 30.000ms", ""])
@@ -120,5 +122,7 @@ def test_profile_summary_reads_vllms_profiler_table(tmp_path):
     out = bench.profile_summary(prof, tmp_path / "plugin-1.profile.txt", steps=10)
     assert out["self_cpu_ms"] == pytest.approx(150.0) and out["self_cuda_ms"] == pytest.approx(3.0)
     assert out["top_kernels_ms_per_step"] == {"flash_fwd_splitkv_mla_fp8_sparse": pytest.approx(1.2),
+                                              "void deep_gemm::sm90_fp8_paged_mqa_logits<1u,...": pytest.approx(0.3),
                                               "cudaLaunchKernel": 0.0}
+    assert out["indexer_ms_per_step"] == pytest.approx(0.3) and out["indexer_share"] == pytest.approx(0.1)
     assert (tmp_path / "plugin-1.profile.txt").read_text() == table
